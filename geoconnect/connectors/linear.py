@@ -1,0 +1,116 @@
+"""The straight line between two networks in parameter space."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+from sklearn.utils._param_validation import Interval
+from torch import nn
+
+from ..divergences import jensen_shannon
+from ..path import ModelPath
+from ._base import _BaseConnector
+
+
+class LinearConnector(_BaseConnector):
+    """Linear interpolation ``θ(t) = (1 − t) θ_a + t θ_b``: the baseline path.
+
+    The straight line in parameter space is what mode-connectivity studies measure
+    barriers on. Fitting it needs no optimisation; ``X`` is optional and, when given,
+    is used to recompute the interior points' BatchNorm statistics (required for
+    networks with BatchNorm) and to measure the path's Fisher–Rao length.
+
+    Parameters
+    ----------
+    n_points : int, default=25
+        Number of points on the path, ends included (≥ 2).
+    device : str or torch.device, default="auto"
+        Where the path lives: ``"auto"`` picks CUDA, then MPS, then the CPU.
+
+    Attributes
+    ----------
+    path_ : ModelPath
+        The path; ``path_[0]`` and ``path_[-1]`` compute what model_a and model_b do.
+    length_ : float or None
+        Fisher–Rao length on the fit data (radians); None when fit without X.
+    energy_ : float or None
+        Sum of the Jensen–Shannon divergences between neighbouring points on the fit
+        data (nats), comparable with a default :class:`GeodesicConnector`'s; None when
+        fit without X.
+    euclidean_length_ : float
+        Length in parameter space, ``‖θ_b − θ_a‖₂``.
+    n_classes_ : int
+        Number of classes the models output (set when fit with X).
+    classes_ : ndarray of shape (n_classes_,)
+        ``0 … n_classes_ − 1``.
+    n_features_in_ : int
+        Number of features of a 2-D X.
+
+    See Also
+    --------
+    GeodesicConnector : the low-loss path through distribution space.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import LinearConnector
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> X, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+    >>> len(line.path_)
+    5
+    >>> line.evaluate(X, y).barrier >= 0
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_points": [Interval(Integral, 2, None, closed="left")],
+        "device": [str, torch.device],
+    }
+
+    def __init__(self, n_points: int = 25, device: str = "auto"):
+        self.n_points = n_points
+        self.device = device
+
+    def fit(
+        self,
+        X: object = None,
+        y: object = None,
+        *,
+        model_a: nn.Module | None = None,
+        model_b: nn.Module | None = None,
+    ) -> LinearConnector:
+        """Build the straight line between ``model_a`` and ``model_b``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, *input_shape), tensor, Dataset or \
+DataLoader, optional
+            Data to recompute BatchNorm statistics on and to measure lengths with.
+            Required when the models have BatchNorm layers.
+        y : ignored
+            Accepted for pipeline compatibility.
+        model_a, model_b : nn.Module
+            The ends: classifiers of the same architecture mapping X to logits.
+            Not modified; the path holds copies.
+
+        Returns
+        -------
+        self : LinearConnector
+        """
+        self._validate_params()
+        inputs = self._fit_inputs(X, y, model_a, model_b, require_X=False)
+        path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        if path.has_batchnorm:
+            if inputs.data is None:
+                raise ValueError(
+                    "The models have BatchNorm layers, whose statistics cannot be "
+                    "interpolated: pass X to LinearConnector.fit so that the interior "
+                    "points' statistics are recomputed on it."
+                )
+            path.recompute_batchnorm(inputs.data, batch_size=self._eval_batch_size())
+        self._set_path_summary(path, inputs.data, jensen_shannon)
+        return self

@@ -1,0 +1,357 @@
+"""The numbers of a path: energy, Fisher–Rao and Euclidean length, barriers.
+
+Each number of DESIGN.md's table is computed here and only here; the connectors,
+plots, command line and benchmarks call these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._data import StreamData, TensorData, as_data, check_labels
+from .divergences import Divergence, fisher_rao_squared
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .path import ModelPath
+
+__all__ = [
+    "PathEvaluation",
+    "accuracy_barrier",
+    "arc_length_positions",
+    "euclidean_length",
+    "evaluate_path",
+    "fisher_rao_length",
+    "loss_barrier",
+    "path_statistics",
+    "segment_divergences",
+]
+
+
+def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
+    """Per-sample divergences between neighbouring points: shape (K − 1, batch).
+
+    ``logits`` is the sequence of the points' logits on one batch, shape
+    ``(K, batch, n_classes)``. A neighbour block's boundary logits can be prepended or
+    appended to it, so a path split into blocks sums to the same energy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.divergences import jensen_shannon
+    >>> from geoconnect.evaluation import segment_divergences
+    >>> segment_divergences(torch.zeros(4, 8, 3), jensen_shannon).shape
+    torch.Size([3, 8])
+    """
+    values = divergence(logits[:-1], logits[1:])
+    expected = logits.shape[:2]
+    expected = (expected[0] - 1, expected[1])
+    if not isinstance(values, Tensor) or tuple(values.shape) != expected:
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            "The divergence must return one value per sample over the leading "
+            f"dimensions of its inputs: for logits of shape {tuple(logits[1:].shape)} "
+            f"it should return shape {expected}, got {got}. Reduce over the last "
+            "(class) dimension only."
+        )
+    return values
+
+
+def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:
+    """Length ``Σ_i √(E_x d_FR(p_i, p_{i+1})²)`` from the per-segment means of d_FR².
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import fisher_rao_length
+    >>> fisher_rao_length([0.25, 0.25])
+    1.0
+    """
+    values = torch.as_tensor(segment_squared, dtype=torch.float64).clamp_min(0.0)
+    return float(values.sqrt().sum())
+
+
+def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
+    """Positions in [0, 1] of the points by cumulative Fisher–Rao arc length.
+
+    Uniform positions when the path has zero length.
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import arc_length_positions
+    >>> arc_length_positions([1.0, 4.0]).tolist()
+    [0.0, 0.3333333333333333, 1.0]
+    """
+    steps = torch.as_tensor(segment_squared, dtype=torch.float64).clamp_min(0.0).sqrt()
+    total = float(steps.sum())
+    n_points = steps.numel() + 1
+    if total <= 0.0:
+        return np.linspace(0.0, 1.0, n_points)
+    cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)]) / total
+    positions = cumulative.numpy()
+    positions[-1] = 1.0
+    return positions
+
+
+@torch.no_grad()
+def euclidean_length(path: ModelPath) -> float:
+    """Length ``Σ_i ‖θ_{i+1} − θ_i‖₂`` of the path in parameter space.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.evaluation import euclidean_length
+    >>> a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    >>> with torch.no_grad():
+    ...     _ = a.weight.fill_(0.0), a.bias.fill_(0.0), b.weight.fill_(3.0), b.bias.fill_(4.0)
+    >>> round(euclidean_length(ModelPath.linear(a, b, 6)), 6)
+    5.0
+    """
+    squared = None
+    for stack in path.params.values():
+        diff = (stack[1:] - stack[:-1]).double().reshape(stack.shape[0] - 1, -1)
+        term = diff.square().sum(1)
+        squared = term if squared is None else squared + term
+    assert squared is not None
+    return float(squared.sqrt().sum())
+
+
+def _barrier(values: np.ndarray, sign: float) -> float:
+    values = np.asarray(values, dtype=float)
+    t = np.linspace(0.0, 1.0, values.size)
+    chord = (1.0 - t) * values[0] + t * values[-1]
+    return float(max(0.0, np.max(sign * (values - chord))))
+
+
+def loss_barrier(loss: np.ndarray) -> float:
+    """``max_i [L_i − ((1 − t_i) L_0 + t_i L_{N−1})]``, ``t_i = i/(N−1)``; ≥ 0.
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import loss_barrier
+    >>> loss_barrier([0.1, 0.9, 0.3])
+    0.7
+    """
+    return _barrier(loss, 1.0)
+
+
+def accuracy_barrier(accuracy: np.ndarray) -> float:
+    """``max_i [((1 − t_i) A_0 + t_i A_{N−1}) − A_i]``, ``t_i = i/(N−1)``; ≥ 0.
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import accuracy_barrier
+    >>> round(accuracy_barrier([0.9, 0.5, 1.0]), 6)
+    0.45
+    """
+    return _barrier(accuracy, -1.0)
+
+
+@dataclass
+class PathStatistics:
+    """Sums gathered in one pass of the data over every point of a path."""
+
+    n_samples: int
+    segment_fisher_rao_sq: np.ndarray  # (N − 1,) means of d_FR²
+    segment_costs: np.ndarray | None  # (N − 1,) means of the divergence, if asked
+    loss: np.ndarray | None  # (N,) mean cross-entropy, if labels
+    accuracy: np.ndarray | None  # (N,) if labels
+    proba: Tensor | None = field(default=None, repr=False)  # (n, C) ensemble mean
+
+
+@torch.no_grad()
+def path_statistics(
+    path: ModelPath,
+    data: TensorData | StreamData,
+    *,
+    batch_size: int = 256,
+    divergence: Divergence | None = None,
+    with_proba: bool = False,
+) -> PathStatistics:
+    """One pass over ``data`` evaluating every point in eval mode.
+
+    Gathers the per-segment means of d_FR² (always), of ``divergence`` (when given),
+    and the per-point loss and accuracy (when the data carry labels).
+    """
+    n = 0
+    fr_sum = costs_sum = loss_sum = correct = None
+    probas = []
+    for batch in data.batches(batch_size):
+        logits = path.logits(batch.x)  # (N, B, C)
+        if logits.ndim != 3:
+            raise ValueError(
+                "The models must map a batch of X to logits of shape (batch, n_classes); "
+                f"got outputs of shape {tuple(logits.shape[1:])}."
+            )
+        logits = logits.double() if logits.dtype != torch.float64 else logits
+        fr = segment_divergences(logits, fisher_rao_squared).sum(1)
+        fr_sum = fr if fr_sum is None else fr_sum + fr
+        if divergence is not None:
+            c = segment_divergences(logits, divergence).double().sum(1)
+            costs_sum = c if costs_sum is None else costs_sum + c
+        if batch.y is not None:
+            n_points, b, n_classes = logits.shape
+            check_labels(batch.y, n_classes)
+            ce = F.cross_entropy(
+                logits.reshape(n_points * b, n_classes),
+                batch.y.repeat(n_points),
+                reduction="none",
+            ).reshape(n_points, b)
+            hits = (logits.argmax(-1) == batch.y).double()
+            loss_sum = ce.sum(1) if loss_sum is None else loss_sum + ce.sum(1)
+            correct = hits.sum(1) if correct is None else correct + hits.sum(1)
+        if with_proba:
+            probas.append(torch.softmax(logits, -1).mean(0).cpu())
+        n += batch.x.shape[0]
+    if n == 0:
+        raise ValueError("X is empty: no samples to evaluate the path on.")
+
+    def mean(total: Tensor | None) -> np.ndarray | None:
+        return None if total is None else (total / n).cpu().numpy()
+
+    return PathStatistics(
+        n_samples=n,
+        segment_fisher_rao_sq=mean(fr_sum),  # type: ignore[arg-type]
+        segment_costs=mean(costs_sum),
+        loss=mean(loss_sum),
+        accuracy=mean(correct),
+        proba=torch.cat(probas) if with_proba else None,
+    )
+
+
+@dataclass
+class PathEvaluation:
+    """Loss and accuracy along a path, its barriers and lengths, on one data set.
+
+    Attributes
+    ----------
+    t : ndarray of shape (n_points,)
+        Point positions ``i / (n_points − 1)``, the ones the barriers use.
+    loss : ndarray of shape (n_points,)
+        Mean cross-entropy of each point, in nats.
+    accuracy : ndarray of shape (n_points,)
+        Accuracy of each point, in [0, 1].
+    barrier : float
+        Loss barrier (nats), ≥ 0.
+    accuracy_barrier : float
+        Accuracy barrier (fraction), ≥ 0.
+    length : float
+        Fisher–Rao length on this data (radians).
+    euclidean_length : float
+        Length in parameter space.
+    t_arc : ndarray of shape (n_points,)
+        Point positions by Fisher–Rao arc length on this data.
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import PathEvaluation
+    >>> ev = PathEvaluation.from_arrays(loss=[0.1, 0.5, 0.2], accuracy=[1.0, 0.8, 1.0])
+    >>> round(ev.barrier, 6), round(ev.accuracy_barrier, 6)
+    (0.35, 0.2)
+    """
+
+    t: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    barrier: float
+    accuracy_barrier: float
+    length: float = float("nan")
+    euclidean_length: float = float("nan")
+    t_arc: np.ndarray | None = None
+
+    @classmethod
+    def from_arrays(
+        cls,
+        loss: np.ndarray,
+        accuracy: np.ndarray,
+        *,
+        length: float = float("nan"),
+        euclidean_length: float = float("nan"),
+        t_arc: np.ndarray | None = None,
+    ) -> PathEvaluation:
+        """Build an evaluation from per-point losses and accuracies."""
+        loss = np.asarray(loss, dtype=float)
+        accuracy = np.asarray(accuracy, dtype=float)
+        return cls(
+            t=np.linspace(0.0, 1.0, loss.size),
+            loss=loss,
+            accuracy=accuracy,
+            barrier=loss_barrier(loss),
+            accuracy_barrier=accuracy_barrier(accuracy),
+            length=float(length),
+            euclidean_length=float(euclidean_length),
+            t_arc=t_arc,
+        )
+
+    @property
+    def min_accuracy(self) -> float:
+        """The lowest accuracy of any point on the path."""
+        return float(np.min(self.accuracy))
+
+    def plot(self, ax: Axes | None = None, **kwargs: object) -> Axes:
+        """Plot loss (and accuracy) along the path; see ``plotting.plot_loss_profile``.
+
+        Examples
+        --------
+        >>> from geoconnect.evaluation import PathEvaluation
+        >>> ev = PathEvaluation.from_arrays(loss=[0.1, 0.5, 0.2], accuracy=[1, 0.8, 1])
+        >>> ax = ev.plot()
+        """
+        from .plotting import plot_loss_profile
+
+        return plot_loss_profile(self, ax=ax, **kwargs)
+
+
+def evaluate_path(
+    path: ModelPath, X: object, y: object, *, batch_size: int = 256
+) -> PathEvaluation:
+    """Evaluate ``path`` on labelled data.
+
+    Parameters
+    ----------
+    path : ModelPath
+    X : array-like, tensor, Dataset or DataLoader
+        Inputs (a Dataset/DataLoader yields ``(x, y)`` and ``y`` is None).
+    y : array-like of shape (n_samples,) or None
+        Class indices.
+    batch_size : int, default=256
+
+    Returns
+    -------
+    PathEvaluation
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.evaluation import evaluate_path
+    >>> path = ModelPath.linear(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 5)
+    >>> ev = evaluate_path(path, torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    >>> ev.loss.shape
+    (5,)
+    """
+    data = as_data(X, y, device=path.device, dtype=_float_dtype(path))
+    stats = path_statistics(path, data, batch_size=batch_size)
+    if stats.loss is None:
+        raise ValueError("evaluate needs labels: pass y, or a Dataset/DataLoader yielding (x, y).")
+    return PathEvaluation.from_arrays(
+        stats.loss,
+        stats.accuracy,  # type: ignore[arg-type]
+        length=fisher_rao_length(stats.segment_fisher_rao_sq),
+        euclidean_length=euclidean_length(path),
+        t_arc=arc_length_positions(stats.segment_fisher_rao_sq),
+    )
+
+
+def _float_dtype(path: ModelPath) -> torch.dtype:
+    for stack in path.params.values():
+        if stack.is_floating_point():
+            return stack.dtype
+    return torch.float32

@@ -1,0 +1,201 @@
+"""Small reference classifiers, a trainer, and the offline digits pair.
+
+Used by the ``geoconnect demo`` command, the examples and the benchmarks so that
+they all connect the same kind of model pair. Nothing here is downloaded: the data
+are scikit-learn's bundled handwritten digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+__all__ = ["DigitsSplit", "load_digits_split", "make_cnn", "make_mlp", "train_classifier"]
+
+
+@dataclass
+class DigitsSplit:
+    """Standardised digits, split into train and test (float32 inputs, int64 labels)."""
+
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def images_train(self) -> np.ndarray:
+        """Train inputs as 1×8×8 images."""
+        return self.X_train.reshape(-1, 1, 8, 8)
+
+    @property
+    def images_test(self) -> np.ndarray:
+        """Test inputs as 1×8×8 images."""
+        return self.X_test.reshape(-1, 1, 8, 8)
+
+
+def load_digits_split(test_size: float = 0.3, random_state: int = 0) -> DigitsSplit:
+    """scikit-learn's 8×8 digits (1,797 images, 10 classes), standardised and split.
+
+    Parameters
+    ----------
+    test_size : float, default=0.3
+    random_state : int, default=0
+
+    Returns
+    -------
+    DigitsSplit
+
+    Examples
+    --------
+    >>> from geoconnect.models import load_digits_split
+    >>> split = load_digits_split()
+    >>> split.X_train.shape, split.X_test.shape
+    ((1257, 64), (540, 64))
+    """
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=test_size, random_state=random_state, stratify=y
+    )
+    scaler = StandardScaler().fit(X_train)  # constant pixels keep scale 1
+    return DigitsSplit(
+        scaler.transform(X_train).astype(np.float32),
+        scaler.transform(X_test).astype(np.float32),
+        y_train.astype(np.int64),
+        y_test.astype(np.int64),
+    )
+
+
+def make_mlp(
+    sizes: tuple[int, ...] = (64, 16, 16, 10), *, seed: int | None = None
+) -> nn.Sequential:
+    """A ReLU multilayer perceptron, e.g. 64-16-16-10 for digits.
+
+    Parameters
+    ----------
+    sizes : tuple of int, default=(64, 16, 16, 10)
+        Layer widths, input first, classes last.
+    seed : int, optional
+        Seed of the initialisation.
+
+    Returns
+    -------
+    nn.Sequential
+
+    Examples
+    --------
+    >>> from geoconnect.models import make_mlp
+    >>> make_mlp(seed=0)
+    Sequential(
+      (0): Linear(in_features=64, out_features=16, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=16, out_features=16, bias=True)
+      (3): ReLU()
+      (4): Linear(in_features=16, out_features=10, bias=True)
+    )
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_cnn(
+    n_classes: int = 10, width: int = 16, *, in_channels: int = 1, seed: int | None = None
+) -> nn.Sequential:
+    """A small convolutional network with BatchNorm for 8×8 images.
+
+    Parameters
+    ----------
+    n_classes : int, default=10
+    width : int, default=16
+        Channels of the first convolution (the second has twice as many).
+    in_channels : int, default=1
+    seed : int, optional
+
+    Returns
+    -------
+    nn.Sequential
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.models import make_cnn
+    >>> make_cnn(seed=0)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, n_classes),
+    )
+
+
+def train_classifier(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 60,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
+    """Train ``model`` in place with Adam and cross-entropy; return it in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+    X : ndarray of shape (n_samples, *input_shape)
+    y : ndarray of shape (n_samples,)
+    epochs : int, default=60
+    lr : float, default=1e-2
+    batch_size : int, default=64
+    weight_decay : float, default=0.0
+    seed : int, default=0
+        Seed of the batch order.
+
+    Returns
+    -------
+    nn.Module
+
+    Examples
+    --------
+    >>> from geoconnect.models import load_digits_split, make_mlp, train_classifier
+    >>> split = load_digits_split()
+    >>> net = train_classifier(make_mlp(seed=0), split.X_train, split.y_train, epochs=2)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    X_t = torch.as_tensor(X, dtype=torch.float32)
+    y_t = torch.as_tensor(y, dtype=torch.long)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(X_t), generator=generator)
+        for start in range(0, len(X_t), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(X_t[idx]), y_t[idx]).backward()
+            optimizer.step()
+    return model.eval()

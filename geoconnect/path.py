@@ -1,0 +1,481 @@
+"""ModelPath: a chain of networks held as stacked parameters, evaluated in one call."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._models import batchnorm_buffer_names, has_batchnorm
+
+__all__ = ["ModelPath"]
+
+Strategy = Literal["vmap", "loop"]
+
+
+class ModelPath:
+    """A piecewise-linear path of networks ``θ_0 … θ_{N−1}`` of one architecture.
+
+    The points' parameters are held stacked, one tensor of shape
+    ``(n_points, *shape)`` per parameter, so that all points are evaluated on a batch
+    in one call (:meth:`logits`). BatchNorm running statistics are held per point;
+    every other buffer is shared and comes from the first model. The path owns its
+    tensors: it never aliases the modules it was built from.
+
+    Build one with :meth:`linear` or get one from a fitted connector's ``path_``.
+
+    Parameters
+    ----------
+    template : nn.Module
+        A module of the architecture; its parameter values are not used, its non-
+        BatchNorm buffers are shared by all points. Copied.
+    params : dict of str to Tensor
+        For each parameter name of ``template``, a tensor ``(n_points, *shape)``.
+    batchnorm_buffers : dict of str to Tensor, optional
+        For each BatchNorm statistic of ``template``, a tensor ``(n_points, *shape)``.
+    t : array-like of shape (n_points,), optional
+        Positions of the points in [0, 1]; default ``i / (n_points − 1)``.
+
+    Attributes
+    ----------
+    t_ : ndarray of shape (n_points,)
+        Positions of the points along the path, from 0 to 1. Connectors set them to
+        the cumulative Fisher–Rao arc length on the fit data, normalised.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> path = ModelPath.linear(a, b, n_points=5)
+    >>> len(path), path.parameters_vector().shape
+    (5, torch.Size([5, 15]))
+    >>> torch.allclose(path[0](torch.ones(1, 4)), a(torch.ones(1, 4)))
+    True
+    """
+
+    def __init__(
+        self,
+        template: nn.Module,
+        params: dict[str, Tensor],
+        batchnorm_buffers: dict[str, Tensor] | None = None,
+        t: Sequence[float] | np.ndarray | None = None,
+    ):
+        self.template = copy.deepcopy(template).eval()
+        for p in self.template.parameters():
+            p.requires_grad_(False)
+        names = [name for name, _ in self.template.named_parameters()]
+        if sorted(names) != sorted(params):
+            raise ValueError("params must have one stacked tensor per template parameter.")
+        self.params = {name: params[name].detach() for name in names}
+        self.batchnorm_buffers = {k: v.detach() for k, v in (batchnorm_buffers or {}).items()}
+        sizes = {v.shape[0] for v in self.params.values()}
+        sizes |= {v.shape[0] for v in self.batchnorm_buffers.values()}
+        if len(sizes) != 1:
+            raise ValueError("every stacked tensor must have the same n_points.")
+        self.n_points = sizes.pop()
+        if self.n_points < 2:
+            raise ValueError(f"a path needs at least 2 points; got {self.n_points}.")
+        bn_names = set(self.batchnorm_buffers)
+        self.shared_buffers = {k: v for k, v in self.template.named_buffers() if k not in bn_names}
+        self.t_ = (
+            np.linspace(0.0, 1.0, self.n_points) if t is None else np.asarray(t, dtype=float).copy()
+        )
+        self._strategy: Strategy | None = None
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def linear(
+        cls,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        n_points: int,
+        device: torch.device | str | None = None,
+    ) -> ModelPath:
+        """The straight line ``θ_i = (1 − t_i) θ_a + t_i θ_b``, ``t_i = i/(n_points−1)``.
+
+        BatchNorm statistics are the models' own at the ends; the interior points get
+        placeholders (model_a's) that must be recomputed on data with
+        :meth:`recompute_batchnorm` before the path is evaluated — interpolating
+        running statistics gives a barrier that is not real.
+
+        Parameters
+        ----------
+        model_a, model_b : nn.Module
+            The ends, of the same architecture. Not modified.
+        n_points : int
+            Number of points, ends included (≥ 2).
+        device : torch.device or str, optional
+            Where the path lives; default model_a's device.
+
+        Returns
+        -------
+        ModelPath
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 3)
+        >>> path.t_.tolist()
+        [0.0, 0.5, 1.0]
+        """
+        if device is None:
+            device = next(model_a.parameters()).device
+        t = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)
+        params_b = dict(model_b.named_parameters())
+        params = {}
+        with torch.no_grad():
+            for name, pa in model_a.named_parameters():
+                a = pa.detach().to(device)
+                b = params_b[name].detach().to(device)
+                shape = (n_points,) + (1,) * a.ndim
+                w = t.to(device=device).reshape(shape)
+                params[name] = ((1 - w) * a.double() + w * b.double()).to(a.dtype)
+            bn = {}
+            buffers_b = dict(model_b.named_buffers())
+            for name in batchnorm_buffer_names(model_a):
+                a = dict(model_a.named_buffers())[name].detach().to(device)
+                stack = a.unsqueeze(0).repeat((n_points,) + (1,) * a.ndim).clone()
+                stack[-1] = buffers_b[name].detach().to(device)
+                bn[name] = stack
+        template = copy.deepcopy(model_a).to(device)
+        return cls(template, params, bn)
+
+    # -- container protocol -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.n_points
+
+    def __getitem__(self, i: int) -> nn.Module:
+        """The module of point ``i``, a fresh copy in eval mode."""
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"path indices must be integers; got {type(i).__name__}.")
+        if not -self.n_points <= i < self.n_points:
+            raise IndexError(f"point {i} is out of range for a path of {self.n_points}.")
+        i = int(i) % self.n_points
+        return self._module_from(
+            {k: v[i] for k, v in self.params.items()},
+            {k: v[i] for k, v in self.batchnorm_buffers.items()},
+        )
+
+    def __iter__(self):
+        for i in range(self.n_points):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelPath(n_points={self.n_points}, n_params={self.n_params}, "
+            f"architecture={type(self.template).__name__}, device={self.device})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters of one point."""
+        return sum(v[0].numel() for v in self.params.values())
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return bool(self.batchnorm_buffers)
+
+    def to(self, device: torch.device | str) -> ModelPath:
+        """Move the path to ``device`` in place and return it.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 3)
+        >>> path.to("cpu").device.type
+        'cpu'
+        """
+        self.template.to(device)
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.batchnorm_buffers = {k: v.to(device) for k, v in self.batchnorm_buffers.items()}
+        bn_names = set(self.batchnorm_buffers)
+        self.shared_buffers = {k: v for k, v in self.template.named_buffers() if k not in bn_names}
+        self._strategy = None
+        return self
+
+    def parameters_vector(self) -> Tensor:
+        """All points' parameters, flattened: a tensor of shape (n_points, n_params).
+
+        The order within a row is that of ``named_parameters()``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 4)
+        >>> path.parameters_vector().shape
+        torch.Size([4, 6])
+        """
+        return torch.cat([v.reshape(self.n_points, -1) for v in self.params.values()], 1)
+
+    # -- modules -----------------------------------------------------------------------
+
+    def _module_from(self, params: dict[str, Tensor], bn: dict[str, Tensor]) -> nn.Module:
+        module = copy.deepcopy(self.template)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(params[name])
+            if bn:
+                buffers = dict(module.named_buffers())
+                for name, value in bn.items():
+                    buffers[name].copy_(value)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return module.eval()
+
+    def at(self, t: float, X: object = None, *, batch_size: int = 256) -> nn.Module:
+        """The module at position ``t`` ∈ [0, 1] along the path.
+
+        Between two points the parameters are interpolated linearly; ``t`` is measured
+        by :attr:`t_` (Fisher–Rao arc length for fitted paths). For a network with
+        BatchNorm, a module between points needs ``X`` to recompute its statistics,
+        since interpolated statistics are wrong.
+
+        Parameters
+        ----------
+        t : float
+            Position in [0, 1].
+        X : array-like, tensor, Dataset or DataLoader, optional
+            Data to recompute BatchNorm statistics on (needed only for BatchNorm
+            networks between points).
+        batch_size : int, default=256
+            Batch size for that recomputation.
+
+        Returns
+        -------
+        nn.Module
+            A fresh module in eval mode.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> mid = ModelPath.linear(a, b, 3).at(0.25)
+        >>> expected = 0.75 * a.weight + 0.25 * b.weight
+        >>> torch.allclose(mid.weight, expected)
+        True
+        """
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            raise TypeError(f"t must be a number in [0, 1]; got {t!r}.") from None
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"t must lie in [0, 1]; got {t}.")
+        hits = np.flatnonzero(np.isclose(self.t_, t, rtol=0.0, atol=1e-12))
+        if hits.size:
+            return self[int(hits[0])]
+        i = int(np.clip(np.searchsorted(self.t_, t, side="right") - 1, 0, self.n_points - 2))
+        width = self.t_[i + 1] - self.t_[i]
+        frac = 0.0 if width <= 0 else (t - self.t_[i]) / width
+        params = {k: torch.lerp(v[i], v[i + 1], frac) for k, v in self.params.items()}
+        if not self.has_batchnorm:
+            return self._module_from(params, {})
+        if X is None:
+            raise ValueError(
+                f"t={t} lies between points {i} and {i + 1} of a network with BatchNorm, "
+                "whose statistics cannot be interpolated. Pass X to recompute them: "
+                "path.at(t, X)."
+            )
+        from ._data import as_data
+
+        module = self._module_from(params, {k: v[i] for k, v in self.batchnorm_buffers.items()})
+        recompute_module_batchnorm(module, as_data(X, device=self.device), batch_size)
+        return module
+
+    # -- batched evaluation ------------------------------------------------------------
+
+    def functional_forward(
+        self,
+        params: dict[str, Tensor],
+        x: Tensor,
+        batchnorm_buffers: dict[str, Tensor] | None = None,
+        *,
+        module: nn.Module | None = None,
+    ) -> Tensor:
+        """Logits of a stack of K points on one batch: shape (K, batch, n_classes).
+
+        ``params`` holds tensors ``(K, *shape)``; ``batchnorm_buffers`` likewise, or
+        ``None`` with a ``module`` whose BatchNorm layers use batch statistics. The
+        stack is evaluated with ``torch.func.vmap`` or a Python loop, whichever
+        :meth:`choose_strategy` found faster for this model on this device.
+        """
+        module = self.template if module is None else module
+        bn = batchnorm_buffers or {}
+        strategy = self._strategy or "loop"
+        if strategy == "vmap":
+
+            def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+                return functional_call(module, (p, b, self.shared_buffers), (x,))
+
+            return vmap(one, in_dims=(0, 0), randomness="same")(params, bn)
+        names, stacks = list(params), [params[n].unbind(0) for n in params]
+        bn_names, bn_stacks = list(bn), [bn[n].unbind(0) for n in bn]
+        outputs = []
+        for k in range(len(stacks[0])):
+            p = {n: s[k] for n, s in zip(names, stacks)}
+            b = {n: s[k] for n, s in zip(bn_names, bn_stacks)}
+            outputs.append(functional_call(module, (p, b, self.shared_buffers), (x,)))
+        return torch.stack(outputs)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, points: slice | Sequence[int] | None = None) -> Tensor:
+        """Eval-mode logits of the points on a batch: shape (n_points, batch, n_classes).
+
+        Parameters
+        ----------
+        x : Tensor, shape=[batch, *input_shape]
+            A batch on the path's device.
+        points : slice or sequence of int, optional
+            Which points (a contiguous block, or indices); default all.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 5)
+        >>> path.logits(torch.zeros(8, 4)).shape
+        torch.Size([5, 8, 3])
+        """
+        points = slice(None) if points is None else points
+        params = {k: v[points] for k, v in self.params.items()}
+        bn = {k: v[points] for k, v in self.batchnorm_buffers.items()}
+        return self.functional_forward(params, x, bn)
+
+    def batch_statistics_module(self) -> nn.Module:
+        """A copy of the template whose BatchNorm layers always use batch statistics.
+
+        Used during fitting: interior points have no valid running statistics yet.
+        Dropout is off (eval mode).
+        """
+        module = copy.deepcopy(self.template)
+        replace_all_batch_norm_modules_(module)
+        return module.eval()
+
+    def choose_strategy(
+        self, x: Tensor, n_stack: int, *, module: nn.Module | None = None, repeats: int = 3
+    ) -> Strategy:
+        """Time vmap against a loop for a forward+backward of ``n_stack`` points on ``x``.
+
+        The choice is cached per architecture, device, batch shape and stack size for
+        the life of the process, so repeated fits with one ``random_state`` follow the
+        same code path and give identical results.
+        """
+        module = self.template if module is None else module
+        key = (
+            type(module).__qualname__,
+            tuple((k, tuple(v.shape[1:])) for k, v in self.params.items()),
+            str(self.device),
+            tuple(x.shape),
+            n_stack,
+        )
+        if key in _STRATEGY_CACHE:
+            self._strategy = _STRATEGY_CACHE[key]
+            return self._strategy
+        params = {
+            k: v[:1].expand(n_stack, *v.shape[1:]).clone().requires_grad_(True)
+            for k, v in self.params.items()
+        }
+        timings = {}
+        for strategy in ("loop", "vmap"):
+            self._strategy = strategy
+            try:
+                times = []
+                for _ in range(repeats + 1):
+                    start = time.perf_counter()
+                    out = self.functional_forward(params, x, module=module)
+                    out.float().square().mean().backward()
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize(x.device)
+                    times.append(time.perf_counter() - start)
+                timings[strategy] = float(np.median(times[1:]))
+            except Exception:
+                timings[strategy] = float("inf")
+        self._strategy = min(timings, key=timings.get)  # type: ignore[arg-type]
+        _STRATEGY_CACHE[key] = self._strategy
+        return self._strategy
+
+    # -- BatchNorm ----------------------------------------------------------------------
+
+    def recompute_batchnorm(
+        self, data: object, points: Iterable[int] | None = None, *, batch_size: int = 256
+    ) -> None:
+        """Recompute the BatchNorm statistics of ``points`` (default: interior) on data.
+
+        As ``torch.optim.swa_utils.update_bn`` does: statistics reset, then the
+        cumulative average over one pass of the data, with dropout off.
+
+        Parameters
+        ----------
+        data : array-like, tensor, Dataset or DataLoader
+            The inputs.
+        points : iterable of int, optional
+            Which points; default all but the ends, which keep their own statistics.
+        batch_size : int, default=256
+            Batch size of the pass.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> net = lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> path = ModelPath.linear(net(), net(), 3)
+        >>> path.recompute_batchnorm(torch.randn(64, 3))
+        >>> bool(path.batchnorm_buffers["1.running_mean"][1].abs().sum() > 0)
+        True
+        """
+        if not self.has_batchnorm:
+            return
+        from ._data import StreamData, TensorData, as_data
+
+        source = (
+            data
+            if isinstance(data, (TensorData, StreamData))
+            else as_data(data, device=self.device)
+        )
+        points = range(1, self.n_points - 1) if points is None else points
+        for i in points:
+            module = self[i]
+            recompute_module_batchnorm(module, source, batch_size)
+            buffers = dict(module.named_buffers())
+            for name, stack in self.batchnorm_buffers.items():
+                stack[i] = buffers[name].detach()
+
+
+_STRATEGY_CACHE: dict[tuple, Strategy] = {}
+
+
+@torch.no_grad()
+def recompute_module_batchnorm(module: nn.Module, data: object, batch_size: int) -> None:
+    """Reset and recompute the running statistics of ``module``'s BatchNorm layers."""
+    if not has_batchnorm(module):
+        return
+    batchnorms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    momenta = {}
+    module.eval()
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None  # cumulative average over the pass
+        bn.train()
+    for batch in data.batches(batch_size):  # type: ignore[attr-defined]
+        module(batch.x)
+    for bn in batchnorms:
+        bn.momentum = momenta[bn]
+    module.eval()
