@@ -150,6 +150,50 @@ class ModelPath:
         template = copy.deepcopy(model_a).to(device)
         return cls(template, params, bn)
 
+    def resample(self, n_points: int) -> ModelPath:
+        """The same polygon in parameter space through ``n_points`` evenly spaced points.
+
+        Point j of the result lies at index position ``j (N − 1)/(n_points − 1)`` of
+        this path, linearly interpolated between its neighbours; so ``2N − 1`` points
+        insert the midpoints and keep every existing point. The ends are kept exactly,
+        with their BatchNorm statistics; interior statistics are placeholders (the
+        nearest point's) until :meth:`recompute_batchnorm`.
+
+        Parameters
+        ----------
+        n_points : int
+            Number of points of the result (≥ 2).
+
+        Returns
+        -------
+        ModelPath
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 3)
+        >>> finer = path.resample(5)
+        >>> torch.equal(finer.parameters_vector()[::2], path.parameters_vector())
+        True
+        """
+        if not isinstance(n_points, (int, np.integer)) or n_points < 2:
+            raise ValueError(f"n_points must be an int ≥ 2; got {n_points!r}.")
+        device = self.device
+        u = torch.linspace(0.0, self.n_points - 1, int(n_points), dtype=torch.float64)
+        low = u.floor().long().clamp_max(self.n_points - 2)
+        frac = u - low
+        nearest = u.round().long()
+        params = {}
+        for name, stack in self.params.items():
+            w = frac.to(device=device, dtype=stack.dtype).reshape(-1, *([1] * (stack.ndim - 1)))
+            a, b = stack[low.to(device)], stack[(low + 1).to(device)]
+            params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
+        bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
+        resampled = ModelPath(self.template, params, bn)
+        resampled._strategy = self._strategy
+        return resampled
+
     # -- container protocol -----------------------------------------------------------
 
     def __len__(self) -> int:

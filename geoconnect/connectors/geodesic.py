@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from numbers import Integral, Real
 
 import numpy as np
@@ -54,17 +55,38 @@ class GeodesicConnector(_BaseConnector):
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU; any torch device string works.
     random_state : int, RandomState instance or None, default=None
-        Seeds the batch order (the only randomness of the fit).
+        Seeds the batch order and the order of weight matching with ``align``.
     verbose : int, default=0
         1: a progress bar with energy and length; 2: a line per epoch.
     warm_start : bool, default=False
         Continue from the previous ``path_`` instead of the straight line.
+    model_factory : callable, default=None
+        Used only when fit gets neither ``model_a`` nor ``model_b``: fit then trains
+        the two ends itself, as ``model_factory(X, y, seed)`` with two seeds drawn
+        from ``random_state`` (X a float tensor, y int64 class indices, both on the
+        device), and connects them. None trains a small ReLU MLP sized from the
+        number of features and classes (two hidden layers of
+        ``clip(2·(n_features + n_classes), 16, 64)`` units, Adam, ~300 steps).
+    align : {"weight_matching"} or None, default=None
+        Align model_b's hidden units to model_a's before connecting them:
+        ``"weight_matching"`` permutes model_b's units by
+        :func:`geoconnect.align.weight_matching` (Git Re-Basin), which leaves its
+        function unchanged but brings it close to model_a in parameter space. Then
+        ``path_[-1]`` is the permuted copy of model_b (same outputs, reordered
+        units). None connects the models as given.
+    coarse_to_fine : bool, default=True
+        Start with a coarse path (25 → 13 → 7 → 4 points) and refine it: the
+        coarser levels run 2, 4, 8, … epochs (cheap: few interior points), then the
+        full path runs up to ``max_iter`` epochs with early stopping. On the digits
+        pairs this reaches a given barrier with about a third of the computation (see
+        ``benchmarks/``). Not used with ``warm_start`` continuing a fitted path.
 
     Attributes
     ----------
     path_ : ModelPath
         The fitted path. ``path_[0]`` and ``path_[-1]`` compute what model_a and
-        model_b do; interior BatchNorm statistics are recomputed on X.
+        model_b do (with ``align``, ``path_[-1]`` is model_b with its units
+        permuted); interior BatchNorm statistics are recomputed on X.
     energy_ : float
         Energy of the path on X, in the divergence's units.
     length_ : float
@@ -73,9 +95,11 @@ class GeodesicConnector(_BaseConnector):
         Length in parameter space.
     history_ : dict of str to list of float
         Per epoch: ``energy`` and ``length`` (means over the epoch's batches, as the
-        path moved), ``euclidean_length`` (at the epoch's end).
+        path moved), ``euclidean_length`` (at the epoch's end), and ``n_points``
+        (the level's number of points with ``coarse_to_fine``; energy and length of
+        a coarser level are those of its coarser polygon).
     n_iter_ : int
-        Number of epochs run.
+        Number of epochs run, coarse levels included (``len(history_["energy"])``).
     n_classes_ : int
         Number of classes the models output.
     classes_ : ndarray of shape (n_classes_,)
@@ -120,6 +144,9 @@ class GeodesicConnector(_BaseConnector):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
+        "coarse_to_fine": ["boolean"],
+        "align": [StrOptions({"weight_matching"}), None],
+        "model_factory": [callable, None],
     }
 
     def __init__(
@@ -136,6 +163,9 @@ class GeodesicConnector(_BaseConnector):
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
         warm_start: bool = False,
+        align: str | None = None,
+        model_factory: Callable[..., nn.Module] | None = None,
+        coarse_to_fine: bool = True,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -149,6 +179,9 @@ class GeodesicConnector(_BaseConnector):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.model_factory = model_factory
+        self.coarse_to_fine = coarse_to_fine
+        self.align = align
 
     def fit(
         self,
@@ -164,11 +197,14 @@ class GeodesicConnector(_BaseConnector):
         ----------
         X : array-like of shape (n_samples, *input_shape), tensor, Dataset or DataLoader
             Inputs the predictive distributions are compared on. No labels needed.
-        y : ignored
-            Accepted for pipeline compatibility; the fit is label-free.
-        model_a, model_b : nn.Module
+        y : array-like of shape (n_samples,), optional
+            The path's fit is label-free: with the models given, y is only checked
+            (length, labels within the models' classes). Without models, the labels
+            the two ends are trained on.
+        model_a, model_b : nn.Module, optional
             The ends: classifiers of the same architecture mapping X to logits.
-            Not modified; the path holds copies.
+            Not modified; the path holds copies. Pass both, or neither to have fit
+            train two from ``model_factory``.
 
         Returns
         -------
@@ -176,16 +212,17 @@ class GeodesicConnector(_BaseConnector):
         """
         self._validate_params()
         divergence = get_divergence(self.divergence)
-        inputs = self._fit_inputs(X, None, model_a, model_b, require_X=True)
+        inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
         path = self._initial_path(inputs)
         history = (
             self.history_
             if self.warm_start and hasattr(self, "history_")
-            else {"energy": [], "length": [], "euclidean_length": []}
+            else {"energy": [], "length": [], "euclidean_length": [], "n_points": []}
         )
-        n_iter = self.n_iter_ if self.warm_start and hasattr(self, "n_iter_") else 0
+        continuing = self.warm_start and hasattr(self, "path_")
+        n_iter = self.n_iter_ if continuing and hasattr(self, "n_iter_") else 0
         if path.n_points > 2:
-            n_iter += self._optimise(path, inputs, divergence, history)
+            n_iter += self._optimise(path, inputs, divergence, history, continuing)
         assert inputs.data is not None
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         self.history_ = history
@@ -209,17 +246,104 @@ class GeodesicConnector(_BaseConnector):
             stack[1:-1] = previous.params[name][1:-1].to(inputs.device)
         return path
 
+    def _levels(self, n_points: int, continuing: bool) -> list[tuple[int, int]]:
+        """Coarse-to-fine schedule: (n_points, epochs) per level, the last being the fit's.
+
+        Each coarser level has about half the points of the next (25 → 13 → 7 → 4)
+        and twice its epochs (2, 4, 8, …): a few interior points find the geodesic's
+        shape at a fraction of the cost, and the finer levels start close to it.
+        """
+        sizes = [n_points]
+        if self.coarse_to_fine and not continuing:
+            while sizes[0] > 5:
+                sizes.insert(0, (sizes[0] + 2) // 2)
+        n_coarse = len(sizes) - 1
+        epochs = [2 ** (n_coarse - k) for k in range(n_coarse)] + [self.max_iter]
+        return list(zip(sizes, epochs))
+
     def _optimise(
         self,
         path: ModelPath,
         inputs: FitInputs,
         divergence: object,
         history: dict[str, list[float]],
+        continuing: bool,
     ) -> int:
         data = inputs.data
         assert data is not None
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        module = path.batch_statistics_module()
+        ends = _EndLogits(path, data, self.batch_size)
+        first = next(iter(data.batches(self.batch_size)))
+        path.choose_strategy(first.x, path.n_points - 2, module=module)
+        levels = self._levels(path.n_points, continuing)
+        bar = tqdm(
+            total=sum(e for _, e in levels),
+            disable=self.verbose != 1,
+            desc="geodesic",
+            unit="epoch",
+        )
+        current = path if len(levels) == 1 else path.resample(levels[0][0])
+        epochs = 0
+        try:
+            for level, (n_points, budget) in enumerate(levels):
+                if current.n_points != n_points:
+                    current = current.resample(n_points)
+                if n_points == path.n_points and current is not path:
+                    for name, stack in path.params.items():
+                        stack[1:-1] = current.params[name][1:-1]
+                    current = path
+                current._strategy = path._strategy
+                final = level == len(levels) - 1
+                epochs += self._descend(
+                    current,
+                    data,
+                    module,
+                    ends,
+                    divergence,
+                    history,
+                    generator,
+                    budget,
+                    early_stopping=final,
+                    bar=bar,
+                    epochs_before=epochs,
+                )
+        except KeyboardInterrupt:
+            warnings.warn(
+                f"Fitting interrupted after {epochs} complete epoch(s); the path keeps "
+                "what was learned so far.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            if current is not path:  # interrupted at a coarse level: spread it out
+                current = current.resample(path.n_points)
+                for name, stack in path.params.items():
+                    stack[1:-1] = current.params[name][1:-1]
+        finally:
+            bar.close()
+        return epochs
+
+    def _descend(
+        self,
+        path: ModelPath,
+        data: object,
+        module: nn.Module,
+        ends: _EndLogits,
+        divergence: object,
+        history: dict[str, list[float]],
+        generator: torch.Generator,
+        max_epochs: int,
+        *,
+        early_stopping: bool,
+        bar: tqdm,
+        epochs_before: int,
+    ) -> int:
+        """Minimise the energy of ``path``'s interior for up to ``max_epochs`` epochs.
+
+        The interior is written back to ``path.params`` after every epoch, so an
+        interruption leaves the last complete epoch's path.
+        """
         n_points = path.n_points
         interior = {
             name: stack[1:-1].clone().requires_grad_(True) for name, stack in path.params.items()
@@ -229,54 +353,52 @@ class GeodesicConnector(_BaseConnector):
             optimizer = torch.optim.Adam(tensors, lr=self.learning_rate_init)
         else:
             optimizer = torch.optim.SGD(tensors, lr=self.learning_rate_init)
-        module = path.batch_statistics_module()
-        ends = _EndLogits(path, data, self.batch_size)
-        first = next(iter(data.batches(self.batch_size)))
-        path.choose_strategy(first.x, n_points - 2, module=module)
-
+        device = next(iter(path.params.values())).device
         best, stale, epochs = np.inf, 0, 0
-        bar = tqdm(total=self.max_iter, disable=self.verbose != 1, desc="geodesic", unit="epoch")
-        try:
-            for epoch in range(self.max_iter):
-                energy_sum = torch.zeros(n_points - 1, device=inputs.device, dtype=torch.float64)
-                length_sum = torch.zeros_like(energy_sum)
-                seen = 0
-                for batch in data.batches(self.batch_size, generator=generator):
-                    inner = path.functional_forward(interior, batch.x, module=module)
-                    end = ends.logits(batch)
-                    logits = torch.cat([end[:1], inner, end[1:]])
-                    costs = segment_divergences(logits, divergence)
-                    optimizer.zero_grad(set_to_none=True)
-                    costs.mean(1).sum().backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        energy_sum += costs.detach().double().sum(1)
-                        length_sum += segment_divergences(
-                            logits.detach().double(), fisher_rao_squared
-                        ).sum(1)
-                    seen += batch.x.shape[0]
-                energy = float(energy_sum.sum()) / seen
-                if not np.isfinite(energy):
-                    raise ValueError(
-                        f"The energy became {energy} in epoch {epoch + 1}. Lower "
-                        f"learning_rate_init (now {self.learning_rate_init}) or check "
-                        "that the divergence is finite for these models."
-                    )
-                epochs += 1
+        for _ in range(max_epochs):
+            energy_sum = torch.zeros(n_points - 1, device=device, dtype=torch.float64)
+            length_sum = torch.zeros_like(energy_sum)
+            seen = 0
+            for batch in data.batches(self.batch_size, generator=generator):  # type: ignore[attr-defined]
+                inner = path.functional_forward(interior, batch.x, module=module)
+                end = ends.logits(batch)
+                logits = torch.cat([end[:1], inner, end[1:]])
+                costs = segment_divergences(logits, divergence)
+                optimizer.zero_grad(set_to_none=True)
+                costs.mean(1).sum().backward()
+                optimizer.step()
                 with torch.no_grad():
-                    for name, stack in path.params.items():
-                        stack[1:-1] = interior[name].detach()
-                length = fisher_rao_length(length_sum / seen)
-                history["energy"].append(energy)
-                history["length"].append(length)
-                history["euclidean_length"].append(euclidean_length(path))
-                bar.update(1)
-                bar.set_postfix(energy=f"{energy:.4g}", length=f"{length:.4g}")
-                if self.verbose >= 2:
-                    print(
-                        f"epoch {epoch + 1:4d}  energy {energy:.6g}  length {length:.6g}  "
-                        f"euclidean length {history['euclidean_length'][-1]:.6g}"
-                    )
+                    energy_sum += costs.detach().double().sum(1)
+                    length_sum += segment_divergences(
+                        logits.detach().double(), fisher_rao_squared
+                    ).sum(1)
+                seen += batch.x.shape[0]
+            # One host-device synchronisation per epoch, here.
+            energy = float(energy_sum.sum()) / seen
+            if not np.isfinite(energy):
+                raise ValueError(
+                    f"The energy became {energy} in epoch {epochs_before + epochs + 1}. "
+                    f"Lower learning_rate_init (now {self.learning_rate_init}) or check "
+                    "that the divergence is finite for these models."
+                )
+            epochs += 1
+            with torch.no_grad():
+                for name, stack in path.params.items():
+                    stack[1:-1] = interior[name].detach()
+            length = fisher_rao_length(length_sum / seen)
+            history["energy"].append(energy)
+            history["length"].append(length)
+            history["euclidean_length"].append(euclidean_length(path))
+            history["n_points"].append(n_points)
+            bar.update(1)
+            bar.set_postfix(points=n_points, energy=f"{energy:.4g}", length=f"{length:.4g}")
+            if self.verbose >= 2:
+                print(
+                    f"epoch {epochs_before + epochs:4d}  points {n_points:3d}  "
+                    f"energy {energy:.6g}  length {length:.6g}  "
+                    f"euclidean length {history['euclidean_length'][-1]:.6g}"
+                )
+            if early_stopping:
                 if energy > best - self.tol:
                     stale += 1
                     if stale >= self.n_iter_no_change:
@@ -284,18 +406,6 @@ class GeodesicConnector(_BaseConnector):
                 else:
                     stale = 0
                 best = min(best, energy)
-        except KeyboardInterrupt:
-            warnings.warn(
-                f"Fitting interrupted after {epochs} complete epoch(s); the path keeps "
-                "what was learned so far.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        finally:
-            bar.close()
-        with torch.no_grad():
-            for name, stack in path.params.items():
-                stack[1:-1] = interior[name].detach()
         return epochs
 
 
