@@ -1,0 +1,356 @@
+"""geoconnect.testing: each planted defect is caught and named; the strategies keep their word."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geoconnect.divergences import fisher_rao, fisher_rao_squared, jensen_shannon
+from geoconnect.testing import PROPERTIES, DivergenceCheckError, check_divergence
+from geoconnect.testing.strategies import (
+    classifier_pairs,
+    logits,
+    nearby_pairs,
+    probability_vectors,
+    triples,
+)
+
+FAST = settings(max_examples=20, deadline=None, database=None)
+
+
+# ----------------------------------------------------------------------------------
+# Planted defects, each of one kind.
+
+
+def forward_kl(logits_p, logits_q):
+    """KL(p‖q): a fine divergence, but not a symmetric one."""
+    log_p, log_q = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def jsd_with_log_of_softmax(logits_p, logits_q):
+    """JSD through log(softmax(...)): log(0) = -inf and 0 · -inf = nan once p underflows."""
+    p, q = logits_p.softmax(-1), logits_q.softmax(-1)
+    m = (p + q) / 2
+    return 0.5 * (p * (p.log() - m.log())).sum(-1) + 0.5 * (q * (q.log() - m.log())).sum(-1)
+
+
+def jsd_without_the_half(logits_p, logits_q):
+    """KL(p‖m) + KL(q‖m), twice the JSD: locally ds²/4, not ds²/8."""
+    return 2 * jensen_shannon(logits_p, logits_q)
+
+
+def jsd_centred_over_the_batch(logits_p, logits_q):
+    """Subtracts the batch mean of the logits: each row now depends on the others."""
+    return jensen_shannon(logits_p - logits_p.mean(0), logits_q - logits_q.mean(0))
+
+
+def failures_of(fn, **declaration) -> dict[str, str]:
+    declaration.setdefault("max_examples", 30)
+    with pytest.raises(DivergenceCheckError) as caught:
+        check_divergence(fn, **declaration)
+    assert isinstance(caught.value, AssertionError)
+    for prop in caught.value.failures:
+        assert f"[{prop}]" in str(caught.value)
+    return caught.value.failures
+
+
+def counter_example(message: str) -> dict[str, torch.Tensor]:
+    """The tensors a failure message shows, evaluated back into tensors."""
+    found = re.findall(r"^ +(logits_\w) = (torch\.tensor\(.*\))$", message, flags=re.M)
+    return {name: eval(source, {"torch": torch}) for name, source in found}
+
+
+def test_an_asymmetric_divergence_declared_symmetric_is_caught():
+    failures = failures_of(forward_kl, symmetric=True)
+    assert list(failures) == ["symmetric"]
+    shown = counter_example(failures["symmetric"])
+    p, q = shown["logits_p"], shown["logits_q"]
+    assert not torch.isclose(forward_kl(p, q), forward_kl(q, p))
+    assert p.shape == (2,)  # shrunk to one distribution over two classes
+
+
+def test_a_distance_without_the_triangle_inequality_is_caught():
+    failures = failures_of(fisher_rao_squared, triangle=True, power=1)
+    assert list(failures) == ["triangle"]
+    shown = counter_example(failures["triangle"])
+    a, b, c = shown["logits_a"], shown["logits_b"], shown["logits_c"]
+    assert fisher_rao_squared(a, c) > fisher_rao_squared(a, b) + fisher_rao_squared(b, c)
+
+
+def test_the_square_root_of_the_same_function_passes_the_triangle_check():
+    checked = check_divergence(fisher_rao_squared, triangle=True, power=2, max_examples=30)
+    assert "triangle" in checked
+
+
+def test_log_of_zero_at_extreme_logits_is_caught_as_not_finite():
+    failures = failures_of(jsd_with_log_of_softmax, upper_bound=math.log(2))
+    assert list(failures) == ["finite"]
+    shown = counter_example(failures["finite"])
+    assert torch.isnan(jsd_with_log_of_softmax(shown["logits_p"], shown["logits_q"]))
+
+
+def test_a_nan_gradient_is_caught_as_not_finite():
+    def naive_fisher_rao(logits_p, logits_q):  # sqrt has an infinite slope at p_k = 0
+        bc = (logits_p.softmax(-1) * logits_q.softmax(-1)).sqrt().sum(-1)
+        return 2 * torch.acos(bc.clamp(-1.0, 1.0))
+
+    failures = failures_of(naive_fisher_rao)
+    assert "finite" in failures
+    assert "gradient" in failures["finite"]
+
+
+def test_a_wrong_local_constant_is_caught():
+    failures = failures_of(jsd_without_the_half, power=2, local_constant=1 / 8)
+    assert list(failures) == ["local_constant"]
+    assert "ds^2.00" in failures["local_constant"]
+
+
+def test_a_distance_declared_as_a_squared_distance_fails_the_local_law_with_a_hint():
+    failures = failures_of(fisher_rao, power=2, local_constant=1.0)
+    assert list(failures) == ["local_constant"]
+    assert "fn scales like ds^1.00; power=2 declares ds^2" in failures["local_constant"]
+
+
+def test_a_batch_that_differs_from_its_rows_is_caught():
+    failures = failures_of(jsd_centred_over_the_batch)
+    assert next(iter(failures)) == "batch"
+    assert "a batch must equal its rows" in failures["batch"]
+
+
+def test_a_wrong_output_shape_is_caught_as_a_batch_failure():
+    failures = failures_of(lambda p, q: jensen_shannon(p, q).sum())
+    assert "batch" in failures
+    assert "one value per distribution" in failures["batch"]
+
+
+def test_an_exceeded_bound_is_caught():
+    failures = failures_of(jsd_without_the_half, upper_bound=math.log(2))
+    assert list(failures) == ["upper_bound"]
+
+
+def test_negative_values_and_nonzero_self_divergence_are_caught():
+    failures = failures_of(lambda p, q: jensen_shannon(p, q) - 0.01)
+    assert {"non_negative", "zero_on_equal"} <= set(failures)
+
+
+def test_a_divergence_blind_to_some_differences_is_caught():
+    def argmax_disagreement(logits_p, logits_q):
+        return (logits_p.argmax(-1) != logits_q.argmax(-1)).to(logits_p.dtype)
+
+    failures = failures_of(argmax_disagreement)
+    assert "positive_on_distinct" in failures
+
+
+def test_every_failure_names_a_known_property():
+    failures = failures_of(lambda p, q: 2 * jensen_shannon(p, q) - 0.01, upper_bound=0.5)
+    assert set(failures) <= set(PROPERTIES)
+
+
+# ----------------------------------------------------------------------------------
+# The declarations and the arguments of check_divergence.
+
+
+def test_a_sound_declaration_returns_the_properties_checked():
+    checked = check_divergence(
+        fisher_rao, triangle=True, power=1, upper_bound=math.pi, max_examples=20
+    )
+    assert checked == (
+        "finite",
+        "batch",
+        "non_negative",
+        "zero_on_equal",
+        "positive_on_distinct",
+        "symmetric",
+        "upper_bound",
+        "triangle",
+    )
+
+
+def test_the_check_is_deterministic_for_a_seed():
+    first = failures_of(forward_kl, seed=3, max_examples=10)
+    assert failures_of(forward_kl, seed=3, max_examples=10) == first
+
+
+@pytest.mark.parametrize("declaration", [{"triangle": True}, {"local_constant": 0.125}])
+def test_triangle_and_local_constant_need_a_power(declaration):
+    with pytest.raises(ValueError, match=r"needs 'power'.*power=1 if fn is a distance"):
+        check_divergence(jensen_shannon, **declaration)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error"),
+    [
+        ("upper_bound", -1.0, ValueError),
+        ("upper_bound", math.inf, ValueError),
+        ("local_constant", 0.0, ValueError),
+        ("power", "2", TypeError),
+        ("max_examples", 0, ValueError),
+        ("dtype", torch.int64, TypeError),
+        ("symmetric", "yes", TypeError),
+        ("seed", 1.5, TypeError),
+    ],
+)
+def test_invalid_arguments_are_named(argument, value, error):
+    declaration = {argument: value}
+    if argument in ("local_constant",):
+        declaration["power"] = 2
+    with pytest.raises(error, match=f"'{argument}'"):
+        check_divergence(jensen_shannon, **declaration)
+
+
+def test_fn_must_be_callable_and_return_a_tensor():
+    with pytest.raises(TypeError, match="'fn'"):
+        check_divergence("jsd")
+    with pytest.raises(TypeError, match=r"must return a torch\.Tensor"):
+        check_divergence(lambda p, q: jensen_shannon(p, q).numpy())
+
+
+def test_the_check_restores_torch_thread_count():
+    before = torch.get_num_threads()
+    with pytest.raises(DivergenceCheckError):
+        check_divergence(forward_kl, max_examples=10)
+    assert torch.get_num_threads() == before
+
+
+def test_a_clear_import_error_without_hypothesis(monkeypatch):
+    for name in list(sys.modules):
+        if name == "geoconnect.testing" or name.startswith("geoconnect.testing."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    with pytest.raises(ImportError, match=r"pip install 'geoconnect\[testing\]'"):
+        importlib.import_module("geoconnect.testing")
+
+
+# ----------------------------------------------------------------------------------
+# Strategies.
+
+
+@FAST
+@given(st.data())
+def test_logits_have_the_requested_layout(data):
+    k = data.draw(st.integers(2, 6))
+    shape = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    z = data.draw(logits(n_classes=k, batch_shape=shape, dtype=dtype))
+    assert z.shape == (*shape, k)
+    assert z.dtype == dtype
+    assert torch.isfinite(z).all()
+
+
+@FAST
+@given(logits(batch_shape=(3,), scale=0.0))
+def test_scale_zero_gives_the_uniform_distribution(z):
+    assert (z == 0).all()
+
+
+@FAST
+@given(logits(batch_shape=(3,), scale=st.floats(0.0, 2.0)))
+def test_logits_stay_within_their_scale(z):
+    assert z.abs().max() <= 2.0
+
+
+@FAST
+@given(probability_vectors(batch_shape=(2, 3), dtype=torch.float32, scale=1e4))
+def test_probability_vectors_are_distributions(p):
+    assert (p >= 0).all()
+    assert torch.allclose(p.sum(-1), torch.ones(2, 3))
+
+
+@FAST
+@given(nearby_pairs(batch_shape=(4,), step=st.floats(1e-3, 1e-2)))
+def test_nearby_pairs_are_one_step_apart_and_distinct(pair):
+    p, q = pair
+    step = (q - p).norm(dim=-1)
+    assert ((step >= 1e-3 * (1 - 1e-9)) & (step <= 1e-2 * (1 + 1e-9))).all()
+    assert torch.allclose((q - p).sum(-1), torch.zeros(4, dtype=p.dtype), atol=1e-12)
+    assert (p.softmax(-1) != q.softmax(-1)).any(-1).all()
+
+
+@FAST
+@given(triples(batch_shape=(2,), n_classes=3))
+def test_triples_share_one_layout(abc):
+    assert {t.shape for t in abc} == {torch.Size([2, 3])}
+    assert all(torch.isfinite(t).all() for t in abc)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: logits(n_classes=1), "'n_classes' argument of logits"),
+        (lambda: logits(n_classes=2.0), "'n_classes' argument of logits"),
+        (lambda: logits(batch_shape=(0,)), "'batch_shape' argument of logits"),
+        (lambda: logits(batch_shape=4), "'batch_shape' argument of logits"),
+        (lambda: logits(dtype=torch.int64), "'dtype' argument of logits"),
+        (lambda: logits(scale=-1.0), "'scale' argument of logits"),
+        (lambda: probability_vectors(scale=math.nan), "'scale' argument of probability_vec"),
+        (lambda: nearby_pairs(step=0.0), "'step' argument of nearby_pairs"),
+        (lambda: triples(n_classes=0), "'n_classes' argument of triples"),
+        (lambda: classifier_pairs(architecture="rnn"), "'architecture' argument of classifier"),
+        (lambda: classifier_pairs(n_samples=0), "'n_samples' argument of classifier_pairs"),
+    ],
+)
+def test_bad_arguments_fail_when_the_strategy_is_built(make, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        make()
+
+
+def test_a_bad_value_drawn_from_an_argument_strategy_fails_at_draw_time():
+    strategy = logits(n_classes=st.just(1))  # building is fine: the value is not known yet
+
+    @FAST
+    @given(strategy)
+    def draw(_):
+        pass
+
+    with pytest.raises(ValueError, match="'n_classes' argument of logits"):
+        draw()
+
+
+@settings(max_examples=10, deadline=None, database=None)
+@given(st.data())
+def test_classifier_pairs_match_and_leave_the_global_rng_alone(data):
+    before = torch.random.get_rng_state()
+    pair = data.draw(classifier_pairs(n_classes=3))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    a, b = dict(pair.model_a.named_parameters()), dict(pair.model_b.named_parameters())
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert not pair.model_a.training and not pair.model_b.training
+    with torch.no_grad():
+        assert pair.model_a(pair.X).shape == pair.model_b(pair.X).shape == (len(pair.X), 3)
+
+
+def test_torch_randomness_inside_a_test_replays():
+    def run() -> list[float]:
+        seen: list[float] = []
+
+        @settings(max_examples=5, database=None, derandomize=True)
+        @given(st.integers())
+        def record(_):
+            seen.append(torch.rand(()).item())
+
+        record()
+        return seen
+
+    first = run()
+    assert run() == first
+    assert len(set(first)) == 1  # hypothesis seeds torch afresh for every example
+
+
+def test_hypothesis_restores_the_torch_rng_after_a_test():
+    @FAST
+    @given(st.integers())
+    def consume(_):
+        torch.rand(10)
+
+    before = torch.random.get_rng_state()
+    consume()
+    assert torch.equal(torch.random.get_rng_state(), before)
