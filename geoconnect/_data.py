@@ -121,6 +121,20 @@ class StreamData:
             return batch.x[:n]
         raise ValueError("X is empty: the Dataset/DataLoader yielded no batch.")
 
+    def materialise(self, batch_size: int = 256) -> TensorData:
+        """Gather every batch into one in-memory :class:`TensorData`."""
+        xs, ys = [], []
+        for batch in self.batches(batch_size):
+            xs.append(batch.x)
+            ys.append(batch.y)
+        if not xs:
+            raise ValueError("X is empty: the Dataset/DataLoader yielded no batch.")
+        labelled = [y is not None for y in ys]
+        if any(labelled) and not all(labelled):
+            raise ValueError("X yielded some batches with labels and some without.")
+        y = torch.cat(ys) if all(labelled) else None  # type: ignore[arg-type]
+        return TensorData(torch.cat(xs), y, self.device)
+
 
 def _stream_length(source: Dataset | DataLoader) -> int | None:
     dataset = source.dataset if isinstance(source, DataLoader) else source
@@ -164,6 +178,10 @@ def as_data(
     """
     if X is None:
         raise ValueError("X is required: pass an array of shape (n_samples, *input_shape).")
+    if isinstance(X, (TensorData, StreamData)):
+        if y is not None:
+            raise ValueError("y must be None when X is already a batch source.")
+        return X
     if isinstance(X, (Dataset, DataLoader)):
         if y is not None:
             raise ValueError(

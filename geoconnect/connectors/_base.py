@@ -8,12 +8,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    check_array,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from .._data import StreamData, TensorData, as_data, check_labels
 from .._device import resolve_device
-from .._models import check_model, check_same_architecture, has_batchnorm
+from .._models import (
+    check_model,
+    check_same_architecture,
+    default_model_factory,
+    has_batchnorm,
+)
 from ..evaluation import (
     PathEvaluation,
     arc_length_positions,
@@ -55,31 +68,180 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def _fit_inputs(
         self, X: object, y: object, model_a: object, model_b: object, *, require_X: bool
     ) -> FitInputs:
+        """Validate fit's inputs; train the two models when neither is given.
+
+        Returns copies of the models on the device (the user's modules are never
+        touched) and the data as a batch source. Sets ``n_features_in_`` (2-D array
+        X) and the private label encoding used by ``classes_``.
+        """
         owner = type(self).__name__
-        model_a = check_model(model_a, "model_a", owner)
-        model_b = check_model(model_b, "model_b", owner)
-        check_same_architecture(model_a, model_b)
+        self._label_classes = None
+        if (model_a is None) != (model_b is None):
+            given, missing = ("model_a", "model_b") if model_b is None else ("model_b", "model_a")
+            raise ValueError(
+                f"{owner}.fit got {given} but not {missing}: pass both model_a and "
+                "model_b, or neither (then fit trains two models on (X, y) itself, "
+                "from model_factory)."
+            )
+        train = model_a is None
+        if not train:
+            model_a = check_model(model_a, "model_a", owner)
+            model_b = check_model(model_b, "model_b", owner)
+            check_same_architecture(model_a, model_b)
         device = resolve_device(self.device, owner)
-        # Copies: fit never touches the user's modules (no .to(), no .eval()).
-        copy_a = copy.deepcopy(model_a).to(device).eval()
-        copy_b = copy.deepcopy(model_b).to(device).eval()
-        dtype = _float_dtype(copy_a)
-        data = None
         if X is None:
-            if require_X:
-                raise ValueError(f"{owner}.fit needs X: the data to fit the path on.")
+            if require_X or train:
+                raise ValueError(
+                    f"{owner}.fit needs X: the data to "
+                    + ("train the two models and " if train else "")
+                    + "fit the path on, an array of shape (n_samples, *input_shape)."
+                )
             if y is not None:
                 raise ValueError("y was given without X; pass X too, or neither.")
-            n_classes = -1
+            for attr in ("n_features_in_", "feature_names_in_"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+            copy_a = copy.deepcopy(model_a).to(device).eval()
+            copy_b = copy.deepcopy(model_b).to(device).eval()
+            copy_b = self._align_models(copy_a, copy_b, None)
+            return FitInputs(device, copy_a, copy_b, None, -1, _float_dtype(copy_a))
+        X = self._validate_X(X, reset=True)
+        if train:
+            copy_a, copy_b, data = self._train_models(X, y, device)
         else:
-            data = as_data(X, y, device=device, dtype=dtype)
-            n_classes = _probe_model(copy_a, data, "model_a")
-            _probe_model(copy_b, data, "model_b")
-            if isinstance(data, TensorData):
-                check_labels(data.y, n_classes)
-                if data.x.ndim == 2:
-                    self.n_features_in_ = int(data.x.shape[1])
-        return FitInputs(device, copy_a, copy_b, data, n_classes, dtype)
+            # Copies: fit never touches the user's modules (no .to(), no .eval()).
+            copy_a = copy.deepcopy(model_a).to(device).eval()
+            copy_b = copy.deepcopy(model_b).to(device).eval()
+            data = as_data(X, y, device=device, dtype=_float_dtype(copy_a))
+        n_classes = _probe_model(copy_a, data, "model_a")
+        _probe_model(copy_b, data, "model_b")
+        copy_b = self._align_models(copy_a, copy_b, data)
+        if isinstance(data, TensorData):
+            check_labels(data.y, n_classes)
+        return FitInputs(device, copy_a, copy_b, data, n_classes, _float_dtype(copy_a))
+
+    def _align_models(
+        self, model_a: nn.Module, model_b: nn.Module, data: TensorData | StreamData | None
+    ) -> nn.Module:
+        """Apply ``align`` to the copy of model_b; check on data that it still agrees."""
+        if getattr(self, "align", None) is None:
+            return model_b
+        from ..align import weight_matching
+
+        aligned = weight_matching(
+            model_a, model_b, random_state=getattr(self, "random_state", None)
+        ).eval()
+        if data is not None:
+            with torch.no_grad():
+                x = data.head(64)
+                before, after = model_b(x), aligned(x)
+            if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * before.abs().max()):
+                raise ValueError(
+                    f"align={self.align!r}: the permutation structure derived for "
+                    f"{type(model_b).__name__} changes what model_b computes, so it is "
+                    "wrong for this network. Align model_b yourself with "
+                    "geoconnect.align.weight_matching(model_a, model_b, spec=...) and an "
+                    "explicit PermutationSpec, and fit with align=None."
+                )
+        return aligned
+
+    def _validate_X(self, X: object, *, reset: bool) -> object:
+        """scikit-learn's validation of array-like X; tensors and loaders pass through.
+
+        A 2-D array-like sets (``reset``) or checks ``n_features_in_`` and
+        ``feature_names_in_``; arrays with more dimensions are checked but carry no
+        feature count. Tensors, Datasets and DataLoaders are validated by
+        :func:`~geoconnect._data.as_data`; a 2-D tensor sets ``n_features_in_`` too.
+        """
+        if X is None or isinstance(X, (Dataset, DataLoader)):
+            return X
+        if isinstance(X, torch.Tensor):
+            if X.ndim == 2:
+                if reset:
+                    self.n_features_in_ = int(X.shape[1])
+                    if hasattr(self, "feature_names_in_"):
+                        del self.feature_names_in_
+                elif hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
+                    raise ValueError(
+                        f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                        f"expecting {self.n_features_in_} features as input."
+                    )
+            elif reset and hasattr(self, "n_features_in_"):
+                del self.n_features_in_
+            return X
+        try:
+            ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim  # type: ignore[attr-defined]
+        except (TypeError, ValueError):  # ragged or odd input: let check_array say so
+            ndim = 2
+        dtype = getattr(X, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.kind in "USV":
+            raise TypeError(
+                f"X must hold numbers; got an array of dtype {dtype}. Convert it with "
+                "np.asarray(X, dtype=np.float32)."
+            )
+        if ndim > 2:
+            if reset:
+                for attr in ("n_features_in_", "feature_names_in_"):
+                    if hasattr(self, attr):
+                        delattr(self, attr)
+            return check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+        return validate_data(self, X, reset=reset, dtype="numeric")
+
+    def _train_models(
+        self, X: object, y: object, device: torch.device
+    ) -> tuple[nn.Module, nn.Module, TensorData]:
+        """Train two models from ``model_factory`` with two seeds from random_state."""
+        owner = type(self).__name__
+        if y is None and not isinstance(X, (Dataset, DataLoader)):
+            raise ValueError(
+                f"{owner} requires y to be passed, but the target y is None. Without "
+                "model_a and model_b, fit trains two models on (X, y): pass y (class "
+                "labels), or pass both models."
+            )
+        if isinstance(X, (Dataset, DataLoader)):
+            data = as_data(X, y, device=device).materialise()
+            if data.y is None:
+                raise ValueError(
+                    f"{owner} requires y to be passed, but the target y is None: X yields "
+                    "no labels. Without model_a and model_b, fit trains two models on "
+                    "(X, y); yield (x, y) pairs from X, or pass both models."
+                )
+            labels = data.y.cpu().numpy()
+        else:
+            labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+            labels = column_or_1d(np.asarray(labels), warn=True)
+            data = as_data(X, None, device=device)
+            if labels.shape[0] != data.n_samples:
+                raise ValueError(
+                    f"y has {labels.shape[0]} labels but X has {data.n_samples} samples; "
+                    "they must have the same length."
+                )
+        check_classification_targets(labels)
+        classes, encoded = np.unique(labels, return_inverse=True)
+        if classes.size < 2:
+            raise ValueError(
+                f"y has 1 class ({classes[0]!r}); training the two models needs at least "
+                "2 classes. Pass y with two or more classes, or pass model_a and model_b."
+            )
+        data.y = torch.as_tensor(encoded.reshape(-1), dtype=torch.long, device=data.x.device)
+        factory = default_model_factory if self.model_factory is None else self.model_factory
+        if not callable(factory):
+            raise TypeError(
+                f"The 'model_factory' parameter of {owner} must be a callable "
+                f"model_factory(X, y, seed) -> trained nn.Module, or None. Got "
+                f"{type(factory).__name__} instead."
+            )
+        rng = check_random_state(self.random_state)
+        seeds = rng.randint(np.iinfo(np.int32).max, size=2)
+        x_train, y_train = data.x.to(device), data.y.to(device)
+        models = []
+        for name, seed in zip(("model_a", "model_b"), seeds):
+            model = factory(x_train, y_train, int(seed))
+            model = check_model(model, f"model_factory's {name}", owner)
+            models.append(copy.deepcopy(model).to(device).eval())
+        check_same_architecture(*models)
+        self._label_classes = classes
+        return models[0], models[1], data
 
     def _set_path_summary(
         self, path: ModelPath, data: TensorData | StreamData | None, divergence: object
@@ -90,6 +252,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         if data is None:
             self.length_ = None
             self.energy_ = None
+            for attr in ("n_classes_", "classes_"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
             return
         stats = path_statistics(
             path, data, batch_size=self._eval_batch_size(), divergence=divergence
@@ -98,19 +263,45 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         self.energy_ = float(np.sum(stats.segment_costs))
         path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
         self.n_classes_ = int(path.logits(_first_batch(data)[:1]).shape[-1])
-        self.classes_ = np.arange(self.n_classes_)
+        classes = getattr(self, "_label_classes", None)
+        self.classes_ = np.arange(self.n_classes_) if classes is None else classes
 
     def _eval_batch_size(self) -> int:
         return int(getattr(self, "batch_size", _EVAL_BATCH_SIZE))
 
     # -- using a fitted path ---------------------------------------------------------
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Without model_a and model_b, fit trains two classifiers on (X, y).
+        tags.target_tags.required = True
+        tags.input_tags.three_d_array = True
+        return tags
+
     def _data(self, X: object, y: object = None) -> TensorData | StreamData:
         check_is_fitted(self, "path_")
         path = self.path_
+        X = self._validate_X(X, reset=False)
+        y = self._encode_labels(y)
         data = as_data(X, y, device=path.device, dtype=_float_dtype(path.template))
         _probe_model(path.template, data, "the path's models", params=path)
         return data
+
+    def _encode_labels(self, y: object) -> object:
+        """Map labels to class indices when fit trained the models on its own labels."""
+        classes = getattr(self, "_label_classes", None)
+        if y is None or classes is None:
+            return y
+        labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        labels = column_or_1d(labels)
+        index = np.searchsorted(classes, labels).clip(0, classes.size - 1)
+        unknown = classes[index] != labels
+        if np.any(unknown):
+            raise ValueError(
+                f"y contains labels the path was not fit on: {labels[unknown][:5].tolist()}"
+                f"; fit saw classes_ = {classes.tolist()}."
+            )
+        return index
 
     def evaluate(self, X: object, y: object = None) -> PathEvaluation:
         """Loss and accuracy of every point on (X, y), with barriers and lengths.
@@ -128,8 +319,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             Arrays ``t``, ``loss``, ``accuracy``; floats ``barrier``,
             ``accuracy_barrier``, ``length``, ``euclidean_length``.
         """
-        self._data(X, y)  # validation with clear messages
-        return evaluate_path(self.path_, X, y, batch_size=self._eval_batch_size())
+        data = self._data(X, y)
+        return evaluate_path(self.path_, data, None, batch_size=self._eval_batch_size())
 
     def score(self, X: object, y: object = None, sample_weight: None = None) -> float:
         """Minus the loss barrier on (X, y): higher is better, 0 is the best.
@@ -177,7 +368,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        index = self.predict_proba(X).argmax(axis=1)
+        return self.classes_[index] if hasattr(self, "classes_") else index
 
     @torch.no_grad()
     def transform(self, X: object) -> np.ndarray:

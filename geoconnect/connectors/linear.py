@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from numbers import Integral
 
+import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..divergences import jensen_shannon
@@ -27,11 +29,29 @@ class LinearConnector(_BaseConnector):
         Number of points on the path, ends included (≥ 2).
     device : str or torch.device, default="auto"
         Where the path lives: ``"auto"`` picks CUDA, then MPS, then the CPU.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the two models fit trains when it gets neither model_a nor model_b,
+        and the order of weight matching with ``align``; the line itself involves
+        no randomness.
+    model_factory : callable, default=None
+        Used only when fit gets neither ``model_a`` nor ``model_b``: fit then trains
+        the two ends as ``model_factory(X, y, seed)`` (X a float tensor, y int64
+        class indices, both on the device) with two seeds drawn from
+        ``random_state``. None trains a small ReLU MLP sized from the number of
+        features and classes; see :class:`GeodesicConnector`.
+    align : {"weight_matching"} or None, default=None
+        Align model_b's hidden units to model_a's before connecting them:
+        ``"weight_matching"`` permutes model_b's units by
+        :func:`geoconnect.align.weight_matching` (Git Re-Basin), which leaves its
+        function unchanged but brings it close to model_a in parameter space. Then
+        ``path_[-1]`` is the permuted copy of model_b (same outputs, reordered
+        units). None connects the models as given.
 
     Attributes
     ----------
     path_ : ModelPath
-        The path; ``path_[0]`` and ``path_[-1]`` compute what model_a and model_b do.
+        The path; ``path_[0]`` and ``path_[-1]`` compute what model_a and model_b do
+        (with ``align``, ``path_[-1]`` is model_b with its units permuted).
     length_ : float or None
         Fisher–Rao length on the fit data (radians); None when fit without X.
     energy_ : float or None
@@ -43,7 +63,7 @@ class LinearConnector(_BaseConnector):
     n_classes_ : int
         Number of classes the models output (set when fit with X).
     classes_ : ndarray of shape (n_classes_,)
-        ``0 … n_classes_ − 1``.
+        ``0 … n_classes_ − 1``; the labels of y when fit trained the models.
     n_features_in_ : int
         Number of features of a 2-D X.
 
@@ -69,11 +89,24 @@ class LinearConnector(_BaseConnector):
     _parameter_constraints: dict = {
         "n_points": [Interval(Integral, 2, None, closed="left")],
         "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "model_factory": [callable, None],
+        "align": [StrOptions({"weight_matching"}), None],
     }
 
-    def __init__(self, n_points: int = 25, device: str = "auto"):
+    def __init__(
+        self,
+        n_points: int = 25,
+        device: str = "auto",
+        random_state: int | np.random.RandomState | None = None,
+        model_factory: Callable[..., nn.Module] | None = None,
+        align: str | None = None,
+    ):
         self.n_points = n_points
         self.device = device
+        self.random_state = random_state
+        self.model_factory = model_factory
+        self.align = align
 
     def fit(
         self,
@@ -91,11 +124,13 @@ class LinearConnector(_BaseConnector):
 DataLoader, optional
             Data to recompute BatchNorm statistics on and to measure lengths with.
             Required when the models have BatchNorm layers.
-        y : ignored
-            Accepted for pipeline compatibility.
-        model_a, model_b : nn.Module
+        y : array-like of shape (n_samples,), optional
+            With the models given, only checked (length, labels within the models'
+            classes). Without models, the labels the two ends are trained on.
+        model_a, model_b : nn.Module, optional
             The ends: classifiers of the same architecture mapping X to logits.
-            Not modified; the path holds copies.
+            Not modified; the path holds copies. Pass both, or neither to have fit
+            train two from ``model_factory`` (then X and y are required).
 
         Returns
         -------

@@ -1,0 +1,358 @@
+"""The path invariants of DESIGN.md, as laws.
+
+Each test states one invariant; where there is an input space (model pairs, number of
+points, permutations, loss profiles) it is a hypothesis property test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_mlp, random_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import nn
+
+from geoconnect import GeodesicConnector, LinearConnector, ModelPath
+from geoconnect._data import as_data
+from geoconnect.divergences import (
+    fisher_rao,
+    fisher_rao_squared,
+    hellinger,
+    jensen_shannon,
+    symmetric_kl,
+)
+from geoconnect.evaluation import fisher_rao_length, loss_barrier, path_statistics
+
+SETTINGS = settings(deadline=None, max_examples=12, derandomize=True)
+
+pair_seeds = st.integers(0, 10_000)
+n_points_st = st.integers(2, 6)
+scales = st.sampled_from([0.5, 1.0, 3.0])
+
+
+def logits_of(model: nn.Module, X: np.ndarray) -> torch.Tensor:
+    """Eval-mode logits of a copy of ``model`` (the model itself is left alone)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()(torch.as_tensor(X, dtype=torch.float32))
+
+
+def rms_fisher_rao(model_a: nn.Module, model_b: nn.Module, X: np.ndarray) -> float:
+    """√(E_x d_FR(p_a(x), p_b(x))²): the length of the shortest possible path."""
+    d = fisher_rao(logits_of(model_a, X).double(), logits_of(model_b, X).double())
+    return float(d.square().mean().sqrt())
+
+
+def fit_geodesic(pair, n_points: int, **kwargs) -> GeodesicConnector:
+    params = {"max_iter": 5, "device": "cpu", "random_state": 0, **kwargs}
+    return GeodesicConnector(n_points=n_points, **params).fit(
+        pair.X, model_a=pair.model_a, model_b=pair.model_b
+    )
+
+
+def fit_linear(pair, n_points: int) -> LinearConnector:
+    return LinearConnector(n_points=n_points, device="cpu").fit(
+        pair.X, model_a=pair.model_a, model_b=pair.model_b
+    )
+
+
+def segment_fisher_rao_sq(path: ModelPath, X: np.ndarray) -> np.ndarray:
+    data = as_data(X, device=path.device)
+    return path_statistics(path, data).segment_fisher_rao_sq
+
+
+# -- the ends ------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(seed=pair_seeds, n_points=n_points_st, geodesic=st.booleans())
+def test_ends_of_the_path_compute_what_the_given_models_compute(seed, n_points, geodesic):
+    pair = random_pair(seed=seed)
+    conn = fit_geodesic(pair, n_points) if geodesic else fit_linear(pair, n_points)
+    x = torch.as_tensor(pair.X)
+    with torch.no_grad():
+        first, last = conn.path_[0](x), conn.path_[-1](x)
+        stacked = conn.path_.logits(x)
+    torch.testing.assert_close(first, logits_of(pair.model_a, pair.X))
+    torch.testing.assert_close(last, logits_of(pair.model_b, pair.X))
+    torch.testing.assert_close(stacked[0], logits_of(pair.model_a, pair.X))
+    torch.testing.assert_close(stacked[-1], logits_of(pair.model_b, pair.X))
+
+
+def test_ends_of_a_batchnorm_path_keep_their_own_statistics():
+    def net(seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+    a, b = net(0), net(1)
+    X = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    for model in (a, b):  # give each end running statistics of its own
+        model.train()
+        with torch.no_grad():
+            model(torch.as_tensor(X) * 2 + 1)
+        model.eval()
+    conn = GeodesicConnector(n_points=4, max_iter=3, device="cpu", random_state=0)
+    conn.fit(X, model_a=a, model_b=b)
+    with torch.no_grad():
+        torch.testing.assert_close(conn.path_[0](torch.as_tensor(X)), a(torch.as_tensor(X)))
+        torch.testing.assert_close(conn.path_[-1](torch.as_tensor(X)), b(torch.as_tensor(X)))
+
+
+# -- the inputs are left alone -------------------------------------------------------
+
+
+class _Net(nn.Module):
+    """BatchNorm, dropout and a frozen layer: every kind of state fit could touch."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+            self.drop = nn.Dropout(0.5)
+            self.head = nn.Linear(8, 3)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.drop(self.body(x)))
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": {name: m.training for name, m in model.named_modules()},
+        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "grad": {k: p.grad for k, p in model.named_parameters()},
+        "device": {k: p.device for k, p in model.named_parameters()},
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), f"{key} changed"
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(g is None for g in after["grad"].values())
+    assert before["device"] == after["device"]
+
+
+@SETTINGS
+@given(seed=pair_seeds, train_mode=st.booleans(), geodesic=st.booleans())
+def test_fit_leaves_the_input_modules_and_data_unchanged(seed, train_mode, geodesic):
+    a, b = _Net(2 * seed), _Net(2 * seed + 1)
+    a.train(train_mode)
+    b.train(not train_mode)
+    X = np.random.default_rng(seed).standard_normal((32, 4)).astype(np.float32)
+    X_before = X.copy()
+    before_a, before_b = _snapshot(a), _snapshot(b)
+    if geodesic:
+        conn = GeodesicConnector(n_points=4, max_iter=2, device="cpu", random_state=seed)
+    else:
+        conn = LinearConnector(n_points=4, device="cpu")
+    conn.fit(X, model_a=a, model_b=b)
+    conn.evaluate(X, np.zeros(32, dtype=int))
+    conn.predict_proba(X)
+    _assert_same(before_a, _snapshot(a))
+    _assert_same(before_b, _snapshot(b))
+    np.testing.assert_array_equal(X, X_before)
+    # The path holds copies: changing the user's model later does not move the path.
+    with torch.no_grad():
+        a.head.weight.add_(1.0)
+    assert not torch.equal(conn.path_.params["head.weight"][0], a.head.weight)
+
+
+# -- lengths -------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(seed=pair_seeds, n_points=n_points_st, scale=scales, geodesic=st.booleans())
+def test_length_is_at_least_the_direct_fisher_rao_distance(seed, n_points, scale, geodesic):
+    pair = random_pair(seed=seed, scale=scale)
+    conn = fit_geodesic(pair, n_points) if geodesic else fit_linear(pair, n_points)
+    direct = rms_fisher_rao(pair.model_a, pair.model_b, pair.X)
+    assert conn.length_ >= direct - 1e-6
+
+
+@SETTINGS
+@given(seed=pair_seeds, n_points=st.integers(2, 9), scale=scales)
+def test_refining_a_linear_path_never_shortens_it(seed, n_points, scale):
+    pair = random_pair(seed=seed, scale=scale)
+    coarse = ModelPath.linear(pair.model_a, pair.model_b, n_points)
+    fine = ModelPath.linear(pair.model_a, pair.model_b, 2 * n_points - 1)
+    # The fine path contains the coarse one's points.
+    torch.testing.assert_close(fine.parameters_vector()[::2], coarse.parameters_vector())
+    coarse_length = fisher_rao_length(segment_fisher_rao_sq(coarse, pair.X))
+    fine_length = fisher_rao_length(segment_fisher_rao_sq(fine, pair.X))
+    assert fine_length >= coarse_length - 1e-9
+
+
+@SETTINGS
+@given(seed=pair_seeds, n_points=n_points_st, scale=scales, fitted=st.booleans())
+def test_fisher_rao_energy_bounds_squared_length_over_segments(seed, n_points, scale, fitted):
+    pair = random_pair(seed=seed, scale=scale)
+    if fitted:
+        conn = fit_geodesic(pair, n_points, divergence="fisher_rao")
+    else:
+        conn = fit_linear(pair, n_points)
+    steps = segment_fisher_rao_sq(conn.path_, pair.X)
+    energy = float(np.sum(steps))
+    if fitted:  # energy_ is the fitted path's energy, in d_FR² units here
+        assert conn.energy_ == pytest.approx(energy, rel=1e-9, abs=1e-12)
+    bound = conn.length_**2 / (n_points - 1)
+    assert energy >= bound - 1e-9
+    # The gap is the spread of the segments' speeds: zero only at constant speed.
+    speeds = np.sqrt(steps)
+    gap = float(np.sum((speeds - speeds.mean()) ** 2))
+    assert energy - bound == pytest.approx(gap, rel=1e-6, abs=1e-9)
+
+
+def test_fisher_rao_energy_equals_squared_length_over_segments_at_constant_speed(digits_pair):
+    line = fit_linear(digits_pair, 7)
+    geodesic = GeodesicConnector(
+        n_points=7, divergence="fisher_rao", max_iter=40, device="cpu", random_state=0
+    ).fit(digits_pair.X, model_a=digits_pair.model_a, model_b=digits_pair.model_b)
+
+    def relative_gap(conn):
+        energy = float(np.sum(segment_fisher_rao_sq(conn.path_, digits_pair.X)))
+        return energy / (conn.length_**2 / 6) - 1
+
+    # The line moves at uneven speed through distribution space; the minimiser of
+    # the energy moves at (nearly) constant speed, where the bound is an equality.
+    assert relative_gap(line) > 0.05
+    assert relative_gap(geodesic) < 0.02
+    assert relative_gap(geodesic) < relative_gap(line) / 5
+
+
+def test_a_two_point_path_meets_the_energy_bound_with_equality(small_pair):
+    conn = fit_linear(small_pair, 2)
+    energy = float(np.sum(segment_fisher_rao_sq(conn.path_, small_pair.X)))
+    assert energy == pytest.approx(conn.length_**2, rel=1e-9)
+
+
+def test_geodesic_is_no_longer_than_the_line_on_trained_models(digits_pair):
+    line = fit_linear(digits_pair, 9)
+    geodesic = fit_geodesic(digits_pair, 9, max_iter=20)
+    assert geodesic.length_ <= line.length_
+    assert geodesic.length_ >= rms_fisher_rao(
+        digits_pair.model_a, digits_pair.model_b, digits_pair.X
+    )
+
+
+@SETTINGS
+@given(seed=pair_seeds, n_points=st.integers(3, 6), scale=scales)
+def test_geodesic_is_no_longer_than_the_line(seed, n_points, scale):
+    pair = random_pair(seed=seed, scale=scale)
+    line = fit_linear(pair, n_points)
+    geodesic = fit_geodesic(pair, n_points, max_iter=10)
+    assert geodesic.length_ <= line.length_ + 1e-9
+
+
+# -- symmetry of hidden units -------------------------------------------------------
+
+
+def permute_hidden_units(model: nn.Sequential, perm: list[int]) -> nn.Sequential:
+    """The same function with the first hidden layer's units in another order."""
+    permuted = copy.deepcopy(model)
+    index = torch.as_tensor(perm)
+    with torch.no_grad():
+        permuted[0].weight.copy_(model[0].weight[index])
+        permuted[0].bias.copy_(model[0].bias[index])
+        permuted[2].weight.copy_(model[2].weight[:, index])
+    return permuted
+
+
+@SETTINGS
+@given(seed=pair_seeds, perm=st.permutations(list(range(8))))
+def test_permuting_hidden_units_leaves_every_divergence_unchanged(seed, perm):
+    a = random_mlp((5, 8, 3), 2 * seed)
+    b = random_mlp((5, 8, 3), 2 * seed + 1)
+    b_perm = permute_hidden_units(b, perm)
+    X = np.random.default_rng(seed).standard_normal((30, 5)).astype(np.float32)
+    torch.testing.assert_close(logits_of(b_perm, X), logits_of(b, X))
+    la, lb, lp = logits_of(a, X), logits_of(b, X), logits_of(b_perm, X)
+    for divergence in (jensen_shannon, fisher_rao, fisher_rao_squared, hellinger, symmetric_kl):
+        torch.testing.assert_close(divergence(la, lp), divergence(la, lb))
+        torch.testing.assert_close(divergence(lp, la), divergence(lb, la))
+    # ...and so the shortest-path bound and a 2-point path's length, too.
+    assert rms_fisher_rao(a, b_perm, X) == pytest.approx(rms_fisher_rao(a, b, X), rel=1e-5)
+    assert fit_linear_models(a, b_perm, X).length_ == pytest.approx(
+        fit_linear_models(a, b, X).length_, rel=1e-5
+    )
+
+
+def fit_linear_models(a, b, X) -> LinearConnector:
+    return LinearConnector(n_points=2, device="cpu").fit(X, model_a=a, model_b=b)
+
+
+# -- barriers ----------------------------------------------------------------------------
+
+
+profiles = arrays(
+    np.float64, st.integers(2, 30), elements=st.floats(0, 10, allow_nan=False, width=32)
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(loss=profiles)
+def test_barrier_is_never_negative(loss):
+    assert loss_barrier(loss) >= 0.0
+
+
+@settings(deadline=None, max_examples=60)
+@given(start=st.floats(0, 10), end=st.floats(0, 10), n_points=st.integers(2, 30))
+def test_a_profile_on_the_chord_between_the_ends_has_no_barrier(start, end, n_points):
+    t = np.linspace(0.0, 1.0, n_points)
+    assert loss_barrier((1 - t) * start + t * end) == pytest.approx(0.0, abs=1e-12)
+
+
+@SETTINGS
+@given(seed=pair_seeds)
+def test_a_path_of_just_the_ends_has_no_barrier(seed):
+    pair = random_pair(seed=seed)
+    evaluation = fit_linear(pair, 2).evaluate(pair.X, pair.y)
+    assert evaluation.barrier == 0.0
+    assert evaluation.accuracy_barrier == 0.0
+
+
+def test_barriers_of_a_fitted_path_are_not_negative(digits_pair):
+    evaluation = fit_linear(digits_pair, 9).evaluate(digits_pair.X_test, digits_pair.y_test)
+    assert evaluation.barrier > 0.0  # trained MLPs from two seeds: the line crosses one
+    assert evaluation.accuracy_barrier >= 0.0
+
+
+# -- positions along the path ------------------------------------------------------------
+
+
+def test_at_the_points_positions_returns_the_points(small_pair):
+    conn = fit_geodesic(small_pair, 5)
+    path = conn.path_
+    assert path.t_[0] == 0.0 and path.t_[-1] == 1.0
+    assert np.all(np.diff(path.t_) >= 0)
+    x = torch.as_tensor(small_pair.X)
+    with torch.no_grad():
+        for i, t in enumerate(path.t_):
+            torch.testing.assert_close(path.at(float(t))(x), path[i](x))
+
+
+def test_at_interpolates_parameters_between_neighbouring_points(small_pair):
+    path = fit_geodesic(small_pair, 4).path_
+    t = 0.5 * (path.t_[1] + path.t_[2])
+    module = path.at(float(t))
+    expected = 0.5 * (path.params["0.weight"][1] + path.params["0.weight"][2])
+    torch.testing.assert_close(module[0].weight.detach(), expected)
+
+
+def test_path_points_are_fresh_modules_in_eval_mode(small_pair):
+    path = fit_linear(small_pair, 3).path_
+    point = path[1]
+    assert not point.training
+    with torch.no_grad():
+        point[0].weight.add_(1.0)
+    assert not torch.equal(path[1][0].weight, point[0].weight)
+    assert path.parameters_vector().shape == (3, path.n_params)
