@@ -16,7 +16,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-__all__ = ["DigitsSplit", "load_digits_split", "make_cnn", "make_mlp", "train_classifier"]
+__all__ = [
+    "DigitsSplit",
+    "ResidualBlock",
+    "load_digits_split",
+    "make_cnn",
+    "make_mlp",
+    "make_resnet",
+    "train_classifier",
+]
 
 
 @dataclass
@@ -143,6 +151,86 @@ def make_cnn(
         nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, n_classes),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """A basic residual block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
+
+    The shortcut is the identity, or a 1×1 convolution with BatchNorm when the block
+    changes the number of channels or the resolution.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    stride : int, default=1
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.models import ResidualBlock
+    >>> ResidualBlock(4, 8, stride=2)(torch.zeros(2, 4, 8, 8)).shape
+    torch.Size([2, 8, 4, 4])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def make_resnet(
+    n_classes: int = 10, width: int = 16, *, in_channels: int = 1, seed: int | None = None
+) -> nn.Sequential:
+    """A small residual network with BatchNorm for 8×8 images (a miniature ResNet).
+
+    A 3×3 stem convolution, a residual block at full resolution, a downsampling
+    residual block with twice the channels, global average pooling and a linear
+    layer.
+
+    Parameters
+    ----------
+    n_classes : int, default=10
+    width : int, default=16
+        Channels of the stem and the first block (the second has twice as many).
+    in_channels : int, default=1
+    seed : int, optional
+
+    Returns
+    -------
+    nn.Sequential
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.models import make_resnet
+    >>> make_resnet(width=4, seed=0)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        ResidualBlock(width, width),
+        ResidualBlock(width, 2 * width, stride=2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(2 * width, n_classes),
