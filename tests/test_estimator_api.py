@@ -264,3 +264,21 @@ def test_warm_start_keeps_the_newly_given_ends(small_pair):
     with torch.no_grad():
         torch.testing.assert_close(conn.path_[0](x), other.model_a(x))
         torch.testing.assert_close(conn.path_[-1](x), other.model_b(x))
+
+
+# -- output containers and feature names --------------------------------------------
+
+
+@pytest.mark.parametrize("make", CONNECTORS)
+def test_set_output_pandas_names_the_columns_by_point_and_class(make, small_pair):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(small_pair.X, columns=[f"f{i}" for i in range(5)])
+    conn = make().set_output(transform="pandas").fit(frame, **models(small_pair))
+    assert conn.feature_names_in_.tolist() == ["f0", "f1", "f2", "f3", "f4"]
+    out = conn.transform(frame)
+    assert isinstance(out, pd.DataFrame)
+    assert out.columns.tolist() == conn.get_feature_names_out().tolist()
+    assert out.columns[-1] == "point3_class2"
+    np.testing.assert_allclose(
+        out.to_numpy(), conn.set_output(transform="default").transform(frame)
+    )

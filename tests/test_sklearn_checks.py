@@ -8,6 +8,9 @@ with its reason; keep that list short and honest.
 
 from __future__ import annotations
 
+import pytest
+from sklearn.base import clone
+from sklearn.utils import estimator_checks
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from geoconnect import GeodesicConnector, LinearConnector
@@ -34,3 +37,23 @@ def expected_failed_checks(estimator) -> dict[str, str]:
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
+
+
+# scikit-learn runs these in its own suite but not in check_estimator: the output
+# container (set_output), column names, and feature names of DataFrame input.
+OUTPUT_CHECKS = [
+    "check_set_output_transform",
+    "check_set_output_transform_pandas",
+    "check_global_output_transform_pandas",
+    "check_transformer_get_feature_names_out",
+    "check_transformer_get_feature_names_out_pandas",
+    "check_dataframe_column_names_consistency",
+]
+
+
+@pytest.mark.filterwarnings("ignore:X (does not have valid|has) feature names")
+@pytest.mark.parametrize("check_name", OUTPUT_CHECKS)
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: type(e).__name__)
+def test_set_output_and_feature_names(estimator, check_name):
+    pytest.importorskip("pandas")
+    getattr(estimator_checks, check_name)(type(estimator).__name__, clone(estimator))

@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
+    _check_feature_names_in,
     check_array,
     check_is_fitted,
     column_or_1d,
@@ -399,6 +400,13 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         ndarray of str of shape (n_points * n_classes,)
         """
         check_is_fitted(self, "path_")
+        if input_features is not None:  # only validated: the outputs are not features
+            _check_feature_names_in(self, input_features)
+        if not hasattr(self, "n_classes_"):
+            raise ValueError(
+                "The number of classes is unknown: this LinearConnector was fit without "
+                "X. Fit it with X to name transform's columns."
+            )
         return np.asarray(
             [f"point{i}_class{k}" for i in range(len(self.path_)) for k in range(self.n_classes_)],
             dtype=object,
