@@ -93,15 +93,15 @@ def run_demo(
             f"{row['Fisher-Rao length']:>12.3f}{row['Euclidean length']:>13.2f}"
             f"{row['fit seconds']:>8.2f}"
         )
-    ax = plot_loss_profile(
+    axes = plot_loss_profile(
         evaluations,
         accuracy=True,
         title="Test loss along the linear and geodesic paths (digits MLPs)",
     )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    ax.figure.savefig(output, dpi=120)
-    plt.close(ax.figure)
+    axes[0].figure.savefig(output, dpi=120)
+    plt.close(axes[0].figure)
     print(f"\nFigure written to {output.resolve()}")
     return rows
 

@@ -296,7 +296,22 @@ class PathEvaluation:
         return float(np.min(self.accuracy))
 
     def plot(self, ax: Axes | None = None, **kwargs: object) -> Axes:
-        """Plot loss (and accuracy) along the path; see ``plotting.plot_loss_profile``.
+        """Plot loss (and accuracy) along the path with ``plotting.plot_loss_profile``.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw (a pair of Axes with ``accuracy=True``); a new figure when
+            omitted.
+        **kwargs
+            Passed to :func:`geoconnect.plotting.plot_loss_profile`: ``test``,
+            ``accuracy``, ``position``, ``title``.
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+            The loss axes; with ``accuracy=True`` an array ``[loss_axes,
+            accuracy_axes]``.
 
         Examples
         --------
