@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -147,6 +148,17 @@ class ModelPath:
                 stack = a.unsqueeze(0).repeat((n_points,) + (1,) * a.ndim).clone()
                 stack[-1] = buffers_b[name].detach().to(device)
                 bn[name] = stack
+            for name, a in model_a.named_buffers():
+                b = buffers_b[name]
+                if name not in bn and a.is_floating_point() and not torch.equal(a, b.to(a)):
+                    warnings.warn(
+                        f"Buffer {name!r} differs between model_a and model_b. Buffers "
+                        "that are not BatchNorm statistics are shared along the path and "
+                        "taken from model_a, so the path's last point will not compute "
+                        "exactly what model_b computes.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
         template = copy.deepcopy(model_a).to(device)
         return cls(template, params, bn)
 
@@ -493,13 +505,96 @@ class ModelPath:
             if isinstance(data, (TensorData, StreamData))
             else as_data(data, device=self.device)
         )
-        points = range(1, self.n_points - 1) if points is None else points
+        points = list(range(1, self.n_points - 1) if points is None else points)
+        if not points:
+            return
+        if self._strategy == "vmap":
+            try:
+                statistics = self._batchnorm_statistics(source, points, batch_size)
+            except Exception:  # a model vmap cannot trace uses the loop
+                statistics = None
+            if statistics is not None:
+                for name, value in statistics.items():
+                    self.batchnorm_buffers[name][points] = value.to(
+                        self.batchnorm_buffers[name].dtype
+                    )
+                return
         for i in points:
             module = self[i]
             recompute_module_batchnorm(module, source, batch_size)
             buffers = dict(module.named_buffers())
             for name, stack in self.batchnorm_buffers.items():
                 stack[i] = buffers[name].detach()
+
+    @torch.no_grad()
+    def _batchnorm_statistics(
+        self, data: object, points: list[int], batch_size: int
+    ) -> dict[str, Tensor] | None:
+        """The statistics ``recompute_module_batchnorm`` gives, for all points at once.
+
+        One vmapped forward per batch through a copy whose BatchNorm layers use batch
+        statistics; pre-hooks record each layer's batch mean and unbiased variance, and
+        the cumulative average over batches (``momentum=None``) is their plain mean.
+        """
+        module = self.batch_statistics_module()
+        layers = {
+            name: m
+            for name, m in module.named_modules()
+            if isinstance(m, _BatchNorm)
+            and f"{name}.running_mean" in self.batchnorm_buffers
+            and f"{name}.running_var" in self.batchnorm_buffers
+        }
+        tracked = {
+            name[: -len(".running_mean")]
+            for name in self.batchnorm_buffers
+            if name.endswith(".running_mean")
+        }
+        if set(layers) != tracked or any(m.momentum == 0 for m in layers.values()):
+            return None
+        recorded: list[tuple[Tensor, Tensor]] = []
+
+        def record(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            dims = [0, *range(2, x.ndim)]
+            n = x.numel() // x.shape[1]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, unbiased=n > 1)
+            recorded.append((mean, var))
+
+        handles = [m.register_forward_pre_hook(record) for m in layers.values()]
+        params = {k: v[points] for k, v in self.params.items()}
+
+        def one(p: dict[str, Tensor], x: Tensor) -> tuple[Tensor, ...]:
+            recorded.clear()
+            functional_call(module, (p, self.shared_buffers), (x,))
+            return tuple(t for pair in recorded for t in pair)
+
+        try:
+            sums: list[Tensor] | None = None
+            n_batches = 0
+            for batch in data.batches(batch_size):  # type: ignore[attr-defined]
+                out = vmap(one, in_dims=(0, None), randomness="same")(params, batch.x)
+                sums = (
+                    [o.double() for o in out]
+                    if sums is None
+                    else [s + o.double() for s, o in zip(sums, out)]
+                )
+                n_batches += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+        if sums is None or len(sums) != 2 * len(layers):
+            return None
+        statistics: dict[str, Tensor] = {}
+        for k, name in enumerate(layers):
+            statistics[f"{name}.running_mean"] = sums[2 * k] / n_batches
+            statistics[f"{name}.running_var"] = sums[2 * k + 1] / n_batches
+            counter = f"{name}.num_batches_tracked"
+            if counter in self.batchnorm_buffers:
+                statistics[counter] = torch.full(
+                    (len(points),), n_batches, dtype=torch.long, device=self.device
+                )
+        return statistics
 
 
 _STRATEGY_CACHE: dict[tuple, Strategy] = {}

@@ -341,13 +341,12 @@ class GeodesicConnector(_BaseConnector):
     ) -> int:
         """Minimise the energy of ``path``'s interior for up to ``max_epochs`` epochs.
 
-        The interior is written back to ``path.params`` after every epoch, so an
-        interruption leaves the last complete epoch's path.
+        The interior is updated in place in ``path.params``.
         """
         n_points = path.n_points
-        interior = {
-            name: stack[1:-1].clone().requires_grad_(True) for name, stack in path.params.items()
-        }
+        # The interior is a view of the stacked points: the optimiser updates the path
+        # in place, with no second copy of the parameters.
+        interior = {name: stack[1:-1].requires_grad_(True) for name, stack in path.params.items()}
         tensors = list(interior.values())
         if self.solver == "adam":
             optimizer = torch.optim.Adam(tensors, lr=self.learning_rate_init)
@@ -382,9 +381,6 @@ class GeodesicConnector(_BaseConnector):
                     "that the divergence is finite for these models."
                 )
             epochs += 1
-            with torch.no_grad():
-                for name, stack in path.params.items():
-                    stack[1:-1] = interior[name].detach()
             length = fisher_rao_length(length_sum / seen)
             history["energy"].append(energy)
             history["length"].append(length)
@@ -406,6 +402,9 @@ class GeodesicConnector(_BaseConnector):
                 else:
                     stale = 0
                 best = min(best, energy)
+        for tensor in tensors:
+            tensor.grad = None
+            tensor.requires_grad_(False)
         return epochs
 
 
