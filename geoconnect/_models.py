@@ -15,6 +15,14 @@ def check_model(model: object, name: str, owner: str) -> nn.Module:
             f"{owner}.fit needs {name}: call fit(X, y, model_a=..., model_b=...) with two "
             "torch.nn.Module classifiers of the same architecture."
         )
+    if isinstance(model, list) and model and all(isinstance(m, nn.Module) for m in model):
+        raise TypeError(
+            f"{name} must be a torch.nn.Module mapping a batch of X to logits; got a list "
+            f"of {len(model)} modules. scikit-learn's cross-validation splits fit "
+            "parameters whose length equals the number of samples, and an nn.Sequential "
+            "has a length: wrap the model, e.g. nn.Sequential(model), so its length "
+            "differs from n_samples."
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"{name} must be a torch.nn.Module mapping a batch of X to logits; got "

@@ -237,7 +237,8 @@ def test_non_batchnorm_buffers_come_from_model_a(small_pair):
     a, b = small_pair.copies()
     a.register_buffer("scale", torch.tensor(2.0))
     b.register_buffer("scale", torch.tensor(5.0))
-    path = fit_linear(small_pair.__class__(a, b, small_pair.X, small_pair.y), n_points=3).path_
+    with pytest.warns(UserWarning, match="Buffer 'scale' differs between model_a and model_b"):
+        path = fit_linear(small_pair.__class__(a, b, small_pair.X, small_pair.y), n_points=3).path_
     assert all(float(point.scale) == 2.0 for point in path)
 
 

@@ -282,3 +282,12 @@ def test_set_output_pandas_names_the_columns_by_point_and_class(make, small_pair
     np.testing.assert_allclose(
         out.to_numpy(), conn.set_output(transform="default").transform(frame)
     )
+
+
+def test_a_sequential_split_by_cross_validation_gets_a_hint():
+    # _is_arraylike: a Sequential with as many layers as samples is split row-wise.
+    pair = random_pair(n_samples=3)
+    assert len(pair.model_a) == 3
+    search = GridSearchCV(linear(), {"n_points": [2]}, cv=3, error_score="raise")
+    with pytest.raises(TypeError, match=r"got a list of 2 modules.*nn\.Sequential\(model\)"):
+        search.fit(pair.X, pair.y, **models(pair))

@@ -277,6 +277,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         # Without model_a and model_b, fit trains two classifiers on (X, y).
         tags.target_tags.required = True
         tags.input_tags.three_d_array = True
+        # transform returns float64 probabilities whatever X's dtype (the networks
+        # have their own): only float64 input comes back as float64.
+        tags.transformer_tags.preserves_dtype = ["float64"]
         return tags
 
     def _data(self, X: object, y: object = None) -> TensorData | StreamData:
