@@ -7,14 +7,12 @@ they are differentiable everywhere, including where the two distributions are eq
 
 Local behaviour, for ``q = p + dp`` and the Fisher metric ``ds² = Σ dp_k² / p_k``:
 
-===================  ===========  =========================================
-function             bound        as ``q → p``
-===================  ===========  =========================================
-``jensen_shannon``   ``ln 2``     ``ds² / 8``
-``hellinger``        ``1``        ``ds² / 8`` (squared Hellinger distance)
-``fisher_rao``       ``π``        ``ds`` (the geodesic distance itself)
-``symmetric_kl``     none         ``ds²``
-===================  ===========  =========================================
+| function | bound | as ``q → p`` |
+| --- | --- | --- |
+| ``jensen_shannon`` | ``ln 2`` | ``ds² / 8`` |
+| ``hellinger`` | ``1`` | ``ds² / 8`` (squared Hellinger distance) |
+| ``fisher_rao`` | ``π`` | ``ds`` (the geodesic distance itself) |
+| ``symmetric_kl`` | none | ``ds²`` |
 """
 
 from __future__ import annotations
