@@ -291,3 +291,14 @@ def test_a_sequential_split_by_cross_validation_gets_a_hint():
     search = GridSearchCV(linear(), {"n_points": [2]}, cv=3, error_score="raise")
     with pytest.raises(TypeError, match=r"got a list of 2 modules.*nn\.Sequential\(model\)"):
         search.fit(pair.X, pair.y, **models(pair))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_device_fits_on_cuda_and_agrees_with_the_cpu(small_pair):
+    on_gpu = LinearConnector(n_points=4).fit(small_pair.X, **models(small_pair))
+    on_cpu = linear().fit(small_pair.X, **models(small_pair))
+    assert on_gpu.path_.device.type == "cuda"
+    np.testing.assert_allclose(
+        on_gpu.predict_proba(small_pair.X), on_cpu.predict_proba(small_pair.X), atol=1e-5
+    )
+    assert next(small_pair.model_a.parameters()).device.type == "cpu"
