@@ -379,3 +379,18 @@ def test_an_unknown_align_is_rejected_like_scikit_learn_does(connector):
     a, b = build("mlp", 0), build("mlp", 1)
     with pytest.raises(ValueError, match=r"The 'align' parameter of .* must be .*Got 'magic'"):
         connector(align="magic", device="cpu").fit(inputs("mlp", 0).numpy(), model_a=a, model_b=b)
+
+
+def test_a_structure_that_would_change_the_function_is_caught_when_fitting():
+    # Linear layers on (batch, 5, 4) sequences, then a flatten: units end up on the
+    # inner axis, where the derivation (which takes Linear inputs as (batch, features))
+    # assumes blocks. The connectors check the aligned copy on X and refuse it.
+    def net(seed: int) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Flatten(), nn.Linear(30, 3))
+
+    X = torch.randn(20, 5, 4, generator=torch.Generator().manual_seed(0))
+    line = LinearConnector(n_points=3, device="cpu", random_state=0, align="weight_matching")
+    with pytest.raises(ValueError, match="changes what model_b computes"):
+        line.fit(X, model_a=net(0), model_b=net(1))
