@@ -200,6 +200,19 @@ def _history(source: object) -> tuple[dict[str, list[float]], object]:
     return dict(history), divergence
 
 
+def _levels(n_points: object, n_epochs: int) -> list[tuple[int, int, int]]:
+    """Runs of epochs with one number of points: (first, last, n_points), 0-based."""
+    if n_points is None or len(n_points) != n_epochs:  # type: ignore[arg-type]
+        return []
+    runs: list[tuple[int, int, int]] = []
+    for i, n in enumerate(n_points):  # type: ignore[union-attr]
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], i, int(n))
+        else:
+            runs.append((i, i, int(n)))
+    return runs
+
+
 def plot_history(
     connector: object,
     *,
@@ -212,6 +225,10 @@ def plot_history(
     The seed paper's Figure 2 (left): as the energy falls, the path's length in the
     space of predictive distributions (Fisher–Rao) falls while its length in
     parameter space (Euclidean) rises — the path bends away from the straight line.
+    When the history records a coarse-to-fine fit (``history_["n_points"]`` changes),
+    dotted lines mark each refinement and each level is labelled with its number of
+    points; a coarse level's numbers are those of its coarser polygon, measured at
+    its points only, so the lengths can jump when points are added.
 
     Parameters
     ----------
@@ -267,8 +284,22 @@ def plot_history(
             "euclidean_length_",
         ),
     ]
+    levels = _levels(history.get("n_points"), len(epochs))
     for axis, (key, ylabel, panel_title, attr) in zip(axes, panels):
         axis.plot(epochs, history[key], marker="o", markersize=3, label="geodesic fit")
+        for start, stop, n_points in levels if len(levels) > 1 else []:
+            if start > 0:
+                axis.axvline(start + 0.5, color="0.6", linestyle=":", linewidth=1)
+            axis.text(
+                (start + stop + 2) / 2,
+                0.98,
+                f"N={n_points}",
+                transform=axis.get_xaxis_transform(),
+                ha="center",
+                va="top",
+                fontsize="x-small",
+                color="0.35",
+            )
         reference = getattr(baseline, attr, None) if baseline is not None else None
         if key == "energy" and divergence not in (None, "jsd"):
             reference = None  # the line's energy_ is a JSD sum: not comparable

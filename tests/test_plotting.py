@@ -261,3 +261,20 @@ def test_loss_plane_rejects_what_is_not_a_path(fitted):
         plot_loss_plane({"bad": 3}, X, y)
     with pytest.raises(ValueError, match="resolution"):
         plot_loss_plane(fitted[1], X, y, resolution=1)
+
+
+def test_history_marks_each_refinement_of_a_coarse_to_fine_fit():
+    history = {
+        "energy": [0.5, 0.4, 0.6, 0.3, 0.2],
+        "length": [2.0, 1.8, 2.2, 1.7, 1.6],
+        "euclidean_length": [10.0, 10.5, 11.0, 11.2, 11.3],
+        "n_points": [4, 4, 7, 7, 7],
+    }
+    axes = plot_history(history)
+    for ax in axes:
+        assert [t.get_text() for t in ax.texts] == ["N=4", "N=7"]
+        assert [t.get_position()[0] for t in ax.texts] == [1.5, 4.0]  # level centres
+        refinements = [ln for ln in ax.lines if ln.get_linestyle() == ":"]
+        assert [ln.get_xdata()[0] for ln in refinements] == [2.5]  # between epochs 2 and 3
+    single = plot_history({**history, "n_points": [7] * 5})
+    assert len(single[0].texts) == 0
