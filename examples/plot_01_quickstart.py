@@ -4,8 +4,9 @@ Quickstart: the straight line against the geodesic
 
 Two small networks trained on the same data from different seeds reach about the same
 accuracy, yet the networks on the straight line between their weights are bad
-classifiers: the line crosses a *loss barrier*. A [`GeodesicConnector`][geoconnect.GeodesicConnector]
-finds a path between the same two networks along which the loss stays low.
+classifiers: the line crosses a *loss barrier*. A
+[`GeodesicConnector`][geoconnect.GeodesicConnector] finds a path between the same two
+networks along which the loss stays low.
 """
 
 # %%

@@ -226,9 +226,10 @@ def plot_history(
     space of predictive distributions (Fisher–Rao) falls while its length in
     parameter space (Euclidean) rises — the path bends away from the straight line.
     When the history records a coarse-to-fine fit (``history_["n_points"]`` changes),
-    dotted lines mark each refinement and each level is labelled with its number of
-    points; a coarse level's numbers are those of its coarser polygon, measured at
-    its points only, so the lengths can jump when points are added.
+    the coarse levels are shaded, dotted lines mark each refinement and the x label
+    lists the levels' numbers of points; a coarse level's numbers are those of its
+    coarser polygon, measured at its points only, so the lengths can jump when
+    points are added.
 
     Parameters
     ----------
@@ -287,25 +288,21 @@ def plot_history(
     levels = _levels(history.get("n_points"), len(epochs))
     for axis, (key, ylabel, panel_title, attr) in zip(axes, panels):
         axis.plot(epochs, history[key], marker="o", markersize=3, label="geodesic fit")
-        for start, stop, n_points in levels if len(levels) > 1 else []:
-            if start > 0:
-                axis.axvline(start + 0.5, color="0.6", linestyle=":", linewidth=1)
-            axis.text(
-                (start + stop + 2) / 2,
-                0.98,
-                f"N={n_points}",
-                transform=axis.get_xaxis_transform(),
-                ha="center",
-                va="top",
-                fontsize="x-small",
-                color="0.35",
-            )
+        if len(levels) > 1:
+            # Shade the coarse levels; a dotted line at each refinement.
+            axis.axvspan(0.5, levels[-1][0] + 0.5, color="0.92", zorder=0)
+            for first, _, _ in levels[1:]:
+                axis.axvline(first + 0.5, color="0.6", linestyle=":", linewidth=1)
         reference = getattr(baseline, attr, None) if baseline is not None else None
         if key == "energy" and divergence not in (None, "jsd"):
             reference = None  # the line's energy_ is a JSD sum: not comparable
         if reference is not None:
             axis.axhline(reference, color="0.35", linestyle="--", label="straight line")
-        axis.set_xlabel("epoch")
+        if len(levels) > 1:
+            coarse = ", ".join(str(n) for _, _, n in levels[:-1])
+            axis.set_xlabel(f"epoch (shaded: coarse, N = {coarse})")
+        else:
+            axis.set_xlabel("epoch")
         axis.set_ylabel(ylabel)
         axis.set_title(
             panel_title if key != "energy" or units is None else f"energy ({units})",
