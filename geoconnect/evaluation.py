@@ -42,6 +42,22 @@ def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
     ``(K, batch, n_classes)``. A neighbour block's boundary logits can be prepended or
     appended to it, so a path split into blocks sums to the same energy.
 
+    Parameters
+    ----------
+    logits : Tensor, shape=[K, batch, n_classes]
+        The points' logits on one batch, in path order.
+    divergence : callable
+        ``(logits_p, logits_q) -> Tensor`` of per-sample values.
+
+    Returns
+    -------
+    Tensor, shape=[K − 1, batch]
+
+    Raises
+    ------
+    ValueError
+        If ``divergence`` does not return one value per sample.
+
     Examples
     --------
     >>> import torch
@@ -67,6 +83,16 @@ def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
 def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:
     """Length ``Σ_i √(E_x d_FR(p_i, p_{i+1})²)`` from the per-segment means of d_FR².
 
+    Parameters
+    ----------
+    segment_squared : array-like of shape (n_points − 1,)
+        Each segment's mean squared Fisher–Rao distance ``E_x d_FR²`` (rad²).
+
+    Returns
+    -------
+    float
+        The length, in radians.
+
     Examples
     --------
     >>> from geoconnect.evaluation import fisher_rao_length
@@ -81,6 +107,16 @@ def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
     """Positions in [0, 1] of the points by cumulative Fisher–Rao arc length.
 
     Uniform positions when the path has zero length.
+
+    Parameters
+    ----------
+    segment_squared : array-like of shape (n_points − 1,)
+        Each segment's mean squared Fisher–Rao distance (rad²).
+
+    Returns
+    -------
+    ndarray of shape (n_points,)
+        From 0 to 1.
 
     Examples
     --------
@@ -102,6 +138,15 @@ def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def euclidean_length(path: ModelPath) -> float:
     """Length ``Σ_i ‖θ_{i+1} − θ_i‖₂`` of the path in parameter space.
+
+    Parameters
+    ----------
+    path : ModelPath
+
+    Returns
+    -------
+    float
+        Over all trainable parameters, in parameter units.
 
     Examples
     --------
@@ -133,6 +178,16 @@ def _barrier(values: np.ndarray, sign: float) -> float:
 def loss_barrier(loss: np.ndarray) -> float:
     """``max_i [L_i − ((1 − t_i) L_0 + t_i L_{N−1})]``, ``t_i = i/(N−1)``; ≥ 0.
 
+    Parameters
+    ----------
+    loss : array-like of shape (n_points,)
+        Each point's mean loss (nats), in path order.
+
+    Returns
+    -------
+    float
+        The loss barrier, in the loss's units.
+
     Examples
     --------
     >>> from geoconnect.evaluation import loss_barrier
@@ -144,6 +199,16 @@ def loss_barrier(loss: np.ndarray) -> float:
 
 def accuracy_barrier(accuracy: np.ndarray) -> float:
     """``max_i [((1 − t_i) A_0 + t_i A_{N−1}) − A_i]``, ``t_i = i/(N−1)``; ≥ 0.
+
+    Parameters
+    ----------
+    accuracy : array-like of shape (n_points,)
+        Each point's accuracy in [0, 1], in path order.
+
+    Returns
+    -------
+    float
+        The accuracy barrier, a fraction.
 
     Examples
     --------
@@ -276,7 +341,31 @@ class PathEvaluation:
         euclidean_length: float = float("nan"),
         t_arc: np.ndarray | None = None,
     ) -> PathEvaluation:
-        """Build an evaluation from per-point losses and accuracies."""
+        """Build an evaluation from per-point losses and accuracies.
+
+        Parameters
+        ----------
+        loss : array-like of shape (n_points,)
+            Each point's mean cross-entropy (nats), in path order.
+        accuracy : array-like of shape (n_points,)
+            Each point's accuracy in [0, 1].
+        length : float, optional
+            Fisher–Rao length (radians), if known.
+        euclidean_length : float, optional
+            Length in parameter space, if known.
+        t_arc : array-like of shape (n_points,), optional
+            Positions by Fisher–Rao arc length, if known.
+
+        Returns
+        -------
+        PathEvaluation
+
+        Examples
+        --------
+        >>> from geoconnect.evaluation import PathEvaluation
+        >>> PathEvaluation.from_arrays([0.2, 0.6, 0.2], [0.9, 0.7, 0.9]).t.tolist()
+        [0.0, 0.5, 1.0]
+        """
         loss = np.asarray(loss, dtype=float)
         accuracy = np.asarray(accuracy, dtype=float)
         return cls(

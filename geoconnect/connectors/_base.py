@@ -322,6 +322,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         PathEvaluation
             Arrays ``t``, ``loss``, ``accuracy``; floats ``barrier``,
             ``accuracy_barrier``, ``length``, ``euclidean_length``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.evaluate(X, y).loss.shape
+        (5,)
         """
         data = self._data(X, y)
         return evaluate_path(self.path_, data, None, batch_size=self._eval_batch_size())
@@ -339,6 +349,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         Returns
         -------
         float
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.score(X, y) <= 0.0
+        True
         """
         if sample_weight is not None:
             raise ValueError("sample_weight is not supported by score.")
@@ -354,6 +374,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_classes)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.predict_proba(X).shape
+        (20, 3)
         """
         data = self._data(X)
         stats = path_statistics(
@@ -371,6 +401,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples,)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.predict(X).shape
+        (20,)
         """
         index = self.predict_proba(X).argmax(axis=1)
         return self.classes_[index] if hasattr(self, "classes_") else index
@@ -387,6 +427,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_points * n_classes)
             Column ``i * n_classes + k`` is point i's probability of class k.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.transform(X).shape
+        (20, 15)
         """
         data = self._data(X)
         blocks = []
@@ -401,6 +451,16 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of str of shape (n_points * n_classes,)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import LinearConnector
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+        >>> line.get_feature_names_out()[:2].tolist()
+        ['point0_class0', 'point0_class1']
         """
         check_is_fitted(self, "path_")
         if input_features is not None:  # only validated: the outputs are not features
