@@ -73,8 +73,24 @@ def test_an_asymmetric_divergence_declared_symmetric_is_caught():
     assert list(failures) == ["symmetric"]
     shown = counter_example(failures["symmetric"])
     p, q = shown["logits_p"], shown["logits_q"]
+    assert p.ndim == 1  # one distribution, however far the shrinker got
     assert not torch.isclose(forward_kl(p, q), forward_kl(q, p))
-    assert p.shape == (2,)  # shrunk to one distribution over two classes
+
+
+def test_a_per_row_failure_found_in_a_batch_is_shown_on_its_row_alone():
+    # What the shrinker hands back when it stops early: a batch in which one row is bad.
+    from geoconnect.testing import _checks
+
+    p = torch.tensor([[0.0, 0.0], [0.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 2.0]], dtype=torch.float64)
+    declaration = _checks._Declaration(fn=forward_kl, atol=1e-9, rtol=1e-6)
+    with pytest.raises(_checks._Broken) as caught:
+        _checks._check_symmetric(declaration, (p, q))
+    assert caught.value.example["row"] == 1
+    alone = _checks._alone(declaration, _checks._check_symmetric, caught.value)
+    assert torch.equal(alone.example["logits_p"], p[1])
+    assert torch.equal(alone.example["logits_q"], q[1])
+    assert "row" not in alone.example
 
 
 def test_a_distance_without_the_triangle_inequality_is_caught():

@@ -71,6 +71,7 @@ class _Broken(AssertionError):
 
     def __init__(self, prop: str, what: str, example: dict[str, Any]) -> None:
         self.prop = prop
+        self.example = example
         lines = [what, "Minimal counter-example:"]
         for key, value in example.items():
             lines.append(f"    {key} = {_show(value)}")
@@ -641,5 +642,28 @@ def _search(
     try:
         test()
     except _Broken as broken:
-        return broken
+        return _alone(declaration, body, broken)
     return None
+
+
+def _alone(
+    declaration: _Declaration, body: Callable[[_Declaration, Any], None], broken: _Broken
+) -> _Broken:
+    """The failing distribution on its own, where it breaks the property by itself.
+
+    Hypothesis usually shrinks a batch to one row, but not always within its budget;
+    a per-row property broken by row ``i`` is then shown on row ``i`` alone, so the
+    counter-example does not depend on how far the shrinker got. A failure that
+    needs the whole batch (``batch``, or a fn that mixes rows) keeps the batch.
+    """
+    row = broken.example.get("row")
+    if row is None or broken.prop == "batch":
+        return broken
+    inputs = [v for k, v in broken.example.items() if k.startswith("logits_") and "." not in k]
+    lone = tuple(r[row : row + 1] for r in _rows(*inputs))
+    try:
+        with torch.no_grad():
+            body(declaration, lone)
+    except _Broken as narrowed:
+        return narrowed
+    return broken
