@@ -63,9 +63,7 @@ def seed_geodesic(
             with torch.no_grad():
                 out_a, out_b = end_a(x), end_b(x)
             outs = [out_a] + [m(x) for m in models[1:-1]] + [out_b]
-            loss = sum(
-                jensen_shannon(outs[i], outs[i + 1]).mean() for i in range(n_points - 1)
-            )
+            loss = sum(jensen_shannon(outs[i], outs[i + 1]).mean() for i in range(n_points - 1))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -1,0 +1,217 @@
+"""The seed comparison on a GPU: ResNet-20 (×4 width, BatchNorm) on 32×32 inputs.
+
+One prepared script for a session that is lent a GPU: trains two ResNet-20×4
+networks from two seeds on synthetic 32×32 RGB images (10 classes, each a smooth
+random template plus noise — nothing downloaded), then runs GeodesicConnector and the
+seed algorithm (``benchmarks/seed.py``) over a ladder of epoch budgets and prints
+time-to-connect, seconds per epoch and peak GPU memory, with ratios. About 3–4
+minutes on an H100.
+
+    python benchmarks/gpu.py            # on a CUDA machine
+    python benchmarks/gpu.py --smoke    # tiny settings, any device: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoconnect import GeodesicConnector, LinearConnector, ModelPath
+from geoconnect.evaluation import evaluate_path
+
+try:
+    from seed import seed_geodesic
+except ImportError:  # pragma: no cover
+    from benchmarks.seed import seed_geodesic
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet20(width: int = 4, n_classes: int = 10, blocks: int = 3) -> nn.Module:
+    """ResNet-20 for 32×32 inputs (3 stages × 3 blocks), channels 16·width, 32·w, 64·w."""
+    widths = [16 * width, 32 * width, 64 * width]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    c_in = widths[0]
+    for stage, c_out in enumerate(widths):
+        for block in range(blocks):
+            layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and block == 0 else 1))
+            c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def synthetic_images(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """10 classes of 3×size×size images: a smooth class template plus noise."""
+    rng = np.random.default_rng(0)  # the templates are shared by every split
+    coarse = rng.normal(size=(10, 3, 4, 4))
+    templates = np.kron(coarse, np.ones((1, 1, size // 4, size // 4)))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    X = templates[y] + 1.5 * rng.normal(size=(n, 3, size, size))
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+def train(
+    model: nn.Module, X: np.ndarray, y: np.ndarray, epochs: int, seed: int, device: torch.device
+) -> nn.Module:
+    torch.manual_seed(seed)
+    model = model.to(device).train()
+    X_t, y_t = torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * (len(X_t) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(X_t), generator=generator).to(device)
+        for start in range(0, len(X_t) - 127, 128):
+            idx = order[start : start + 128]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(X_t[idx]), y_t[idx]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def timed(fn, device: torch.device) -> tuple[object, float, int]:
+    """Run ``fn``; return its result, seconds and peak memory (bytes, CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = 0
+    return out, time.perf_counter() - start, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny settings, any device")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        width, blocks, n_train, n_test, train_epochs, budgets = 1, 1, 512, 256, 1, [1]
+    else:
+        width, blocks, n_train, n_test, train_epochs, budgets = 4, 3, 5000, 1000, 8, [1, 2, 4]
+    torch.backends.cudnn.benchmark = True
+    X_train, y_train = synthetic_images(n_train, seed=1)
+    X_test, y_test = synthetic_images(n_test, seed=2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; ResNet-20 x{width}; {n_train} train / {n_test} test images")
+    start = time.perf_counter()
+    model_a = train(resnet20(width, blocks=blocks), X_train, y_train, train_epochs, 1, device)
+    model_b = train(resnet20(width, blocks=blocks), X_train, y_train, train_epochs, 2, device)
+    n_params = sum(p.numel() for p in model_a.parameters())
+    print(f"trained both in {time.perf_counter() - start:.1f} s; {n_params:,} parameters")
+
+    line = LinearConnector(n_points=25, device=device).fit(
+        X_train, model_a=model_a, model_b=model_b
+    )
+    ev_line = line.evaluate(X_test, y_test)
+    print(
+        f"linear path: test barrier {ev_line.barrier:.4f}, "
+        f"endpoint accuracy {ev_line.accuracy[0]:.3f} / {ev_line.accuracy[-1]:.3f}"
+    )
+
+    def ours(epochs: int) -> ModelPath:
+        conn = GeodesicConnector(
+            n_points=25,
+            max_iter=epochs,
+            n_iter_no_change=epochs,
+            device=device,
+            random_state=0,
+        )
+        return conn.fit(X_train, model_a=model_a, model_b=model_b).path_
+
+    def seed(epochs: int) -> ModelPath:
+        return seed_geodesic(model_a, model_b, X_train, epochs=epochs, device=str(device))
+
+    ours(1)  # warm-up: kernels, cuDNN autotuning, evaluation-strategy choice
+    report: dict = {
+        "device": name,
+        "n_params": n_params,
+        "linear_barrier": ev_line.barrier,
+        "methods": {},
+    }
+    for label, fit in [("geoconnect", ours), ("seed", seed)]:
+        rows = []
+        for epochs in budgets:
+            path, seconds, peak = timed(lambda f=fit, e=epochs: f(e), device)
+            barrier = evaluate_path(path, X_test, y_test).barrier
+            rows.append(
+                {"epochs": epochs, "seconds": seconds, "barrier": barrier, "peak_bytes": peak}
+            )
+            print(
+                f"{label:<10} epochs {epochs:>3}  {seconds:7.2f} s  test barrier "
+                f"{barrier:.4f}  peak {peak / 2**30:.2f} GiB",
+                flush=True,
+            )
+        connected = [r for r in rows if r["barrier"] <= 0.1 * ev_line.barrier]
+        report["methods"][label] = {
+            "ladder": rows,
+            "time_to_connect": min((r["seconds"] for r in connected), default=None),
+            "seconds_per_epoch": rows[-1]["seconds"] / rows[-1]["epochs"],
+            "peak_bytes": max(r["peak_bytes"] for r in rows),
+        }
+    o, s = report["methods"]["geoconnect"], report["methods"]["seed"]
+    print()
+    if o["time_to_connect"] is None:
+        print("time-to-connect: geoconnect did not reach a tenth of the linear barrier")
+    elif s["time_to_connect"] is None:
+        slowest = s["ladder"][-1]["seconds"]
+        print(
+            f"time-to-connect: geoconnect {o['time_to_connect']:.1f} s; seed not connected "
+            f"within {slowest:.1f} s: ratio > {slowest / o['time_to_connect']:.1f}x"
+        )
+    else:
+        print(
+            f"time-to-connect: geoconnect {o['time_to_connect']:.1f} s, seed "
+            f"{s['time_to_connect']:.1f} s: ratio "
+            f"{s['time_to_connect'] / o['time_to_connect']:.1f}x"
+        )
+    print(
+        f"seconds per epoch (at {budgets[-1]} epochs, fit overheads included): "
+        f"geoconnect {o['seconds_per_epoch']:.2f}, seed {s['seconds_per_epoch']:.2f}: "
+        f"ratio {s['seconds_per_epoch'] / o['seconds_per_epoch']:.2f}x"
+    )
+    print(
+        f"peak GPU memory: geoconnect {o['peak_bytes'] / 2**30:.2f} GiB, "
+        f"seed {s['peak_bytes'] / 2**30:.2f} GiB"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
