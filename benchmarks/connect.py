@@ -5,11 +5,15 @@ its defaults and a faithful re-implementation of the seed paper's algorithm
 (``benchmarks/seed.py``: 25 separate networks evaluated one after another, plain SGD
 at lr 0.1, batch 256), and reports ratios.
 
-* time-to-connect: over a ladder of epoch budgets (a fresh fit per budget), the
-  fastest fit whose test loss barrier is at most a tenth of the linear path's;
-* seconds per epoch: the extra time per extra epoch between the two largest
-  budgets (fixed costs cancel; ``seconds_per_epoch_overall`` in the JSON is plain
-  fit time / epochs at the largest budget, geoconnect's coarse levels included);
+* time-to-connect: the wall-clock of the fastest fit whose test loss barrier is at
+  most a tenth of the linear path's. geoconnect: a fresh fit per epoch budget
+  (1, 2, 4, … 32). Seed: one run scored at 1, 2, 4, … epochs (plain SGD at a
+  constant rate has no state tied to the total, so epoch e of a long run is where
+  a fresh e-epoch run ends; each checkpoint is finished and timed as a fresh run
+  would be), until it connects, reaches 1024 epochs or passes ``--seed-cap``
+  seconds — then the ratio is a lower bound;
+* seconds per epoch: the median of each method's own per-epoch times on N = 25
+  points (geoconnect's ``history_["seconds"]``; its coarse levels excluded);
 * peak memory: the high-water mark of CPU tensor memory during a one-epoch fit
   (torch profiler), against the target (N + 3) × parameters + one batch of
   activations per point.
@@ -17,7 +21,7 @@ at lr 0.1, batch 256), and reports ratios.
 Pairs: two 64-16-16-10 MLPs and two small BatchNorm CNNs, trained on scikit-learn's
 digits from seeds 1 and 2.
 
-    python benchmarks/connect.py            # full run (a few minutes on 2 cores)
+    python benchmarks/connect.py            # full run (about 15 minutes on 2 cores)
     python benchmarks/connect.py --quick    # short ladder, for a smoke test
 """
 
@@ -29,20 +33,20 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from geoconnect import GeodesicConnector, LinearConnector, ModelPath
+from geoconnect import GeodesicConnector, LinearConnector
 from geoconnect.evaluation import evaluate_path
 from geoconnect.models import load_digits_split, make_cnn, make_mlp, train_classifier
 
 try:  # run as a script from the repository root or from benchmarks/
-    from seed import seed_geodesic
+    from seed import seed_checkpoints
 except ImportError:  # pragma: no cover
-    from benchmarks.seed import seed_geodesic
+    from benchmarks.seed import seed_checkpoints
 
 N_POINTS = 25
 BATCH_SIZE = 256
@@ -58,13 +62,6 @@ class Pair:
     y_train: np.ndarray
     y_test: np.ndarray
     linear_barrier: float = float("nan")
-
-
-@dataclass
-class Method:
-    name: str
-    fit: Callable[[Pair, int], ModelPath]  # (pair, epochs) -> fitted path
-    ladder: list[dict] = field(default_factory=list)
 
 
 def make_pairs() -> list[Pair]:
@@ -83,7 +80,7 @@ def make_pairs() -> list[Pair]:
     return pairs
 
 
-def fit_geoconnect(pair: Pair, epochs: int) -> ModelPath:
+def fit_geoconnect(pair: Pair, epochs: int) -> GeodesicConnector:
     conn = GeodesicConnector(
         n_points=N_POINTS,
         max_iter=epochs,
@@ -92,32 +89,37 @@ def fit_geoconnect(pair: Pair, epochs: int) -> ModelPath:
         device="cpu",
         random_state=0,
     )
-    return conn.fit(pair.X_train, model_a=pair.model_a, model_b=pair.model_b).path_
+    return conn.fit(pair.X_train, model_a=pair.model_a, model_b=pair.model_b)
 
 
-def fit_seed(pair: Pair, epochs: int) -> ModelPath:
-    return seed_geodesic(
+def seed_run(pair: Pair, budgets: list[int]):
+    return seed_checkpoints(
         pair.model_a,
         pair.model_b,
         pair.X_train,
         n_points=N_POINTS,
-        epochs=epochs,
+        budgets=budgets,
         batch_size=BATCH_SIZE,
     )
 
 
 def peak_tensor_memory(fn: Callable[[], object]) -> int:
-    """High-water mark (bytes) of CPU tensor memory allocated while ``fn`` runs."""
+    """High-water mark (bytes) of CPU tensor memory allocated while ``fn`` runs.
+
+    From the torch profiler's memory records: each operator's own allocations less
+    its frees (children excluded, so nothing is counted twice), in time order. A
+    temporary that an operator allocates and frees within itself is not seen, so
+    this is the high-water mark between operators.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # The "[memory]" records are the allocator's own (allocations positive, frees
-    # negative); operator events aggregate them and would count them twice.
-    events = [
-        (e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"
-    ]
-    events.sort()
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
     usage = np.cumsum([m for _, m in events]) if events else np.zeros(1)
     return int(max(0, usage.max()))
 
@@ -134,72 +136,90 @@ def activation_bytes(pair: Pair) -> int:
     return peak_tensor_memory(step)
 
 
-def marginal_seconds_per_epoch(rows: list[dict]) -> float:
-    """Seconds per N-point epoch between the two largest budgets.
-
-    The difference of two fits cancels what does not grow with the budget: model
-    copies, the evaluation-strategy choice, geoconnect's coarse levels (a fixed
-    number of epochs on 4–13 points) and the BatchNorm recomputation.
-    """
-    if len(rows) < 2:
-        return rows[-1]["seconds"] / rows[-1]["epochs"]
-    (a, b) = rows[-2], rows[-1]
-    return (b["seconds"] - a["seconds"]) / (b["epochs"] - a["epochs"])
+def connected(barrier: float, pair: Pair) -> bool:
+    return barrier <= 0.1 * pair.linear_barrier
 
 
-def run(budgets: list[int]) -> dict:
+def run_geoconnect(pair: Pair, budgets: list[int]) -> dict:
+    """A fresh fit per budget; seconds per epoch from the longest fit's own record."""
+    fit_geoconnect(pair, 1)  # warm-up: strategy choice and lazy initialisation
+    rows, longest = [], None
+    for epochs in budgets:
+        start = time.perf_counter()
+        longest = fit_geoconnect(pair, epochs)
+        seconds = time.perf_counter() - start
+        barrier = evaluate_path(longest.path_, pair.X_test, pair.y_test).barrier
+        rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
+        report_row(pair, "geoconnect", rows[-1])
+    history = longest.history_
+    final = [s for s, n in zip(history["seconds"], history["n_points"]) if n == N_POINTS]
+    return {"ladder": rows, "seconds_per_epoch": float(np.median(final))}
+
+
+def run_seed(pair: Pair, budgets: list[int], cap_seconds: float) -> dict:
+    """One long seed run scored at each budget, until it connects or passes the cap."""
+    rows, epoch_seconds = [], [float("nan")]
+    for epochs, path, timing in seed_run(pair, budgets):
+        barrier = evaluate_path(path, pair.X_test, pair.y_test).barrier
+        rows.append({"epochs": epochs, "seconds": timing["seconds"], "barrier": barrier})
+        epoch_seconds = timing["epoch_seconds"]
+        report_row(pair, "seed", rows[-1])
+        if connected(barrier, pair) or timing["seconds"] > cap_seconds:
+            break
+    return {"ladder": rows, "seconds_per_epoch": float(np.median(epoch_seconds))}
+
+
+def report_row(pair: Pair, method: str, row: dict) -> None:
+    print(
+        f"{pair.name:<16} {method:<10} epochs {row['epochs']:>4}  {row['seconds']:8.2f} s  "
+        f"test barrier {row['barrier']:.4f} (linear {pair.linear_barrier:.4f})",
+        flush=True,
+    )
+
+
+def run(ours_budgets: list[int], seed_budgets: list[int], cap_seconds: float) -> dict:
     torch.set_num_threads(2)
     pairs = make_pairs()
-    methods = [Method("geoconnect", fit_geoconnect), Method("seed", fit_seed)]
     report: dict = {
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "n_points": N_POINTS,
-        "budgets": budgets,
+        "budgets": {"geoconnect": ours_budgets, "seed": seed_budgets},
         "pairs": {},
     }
     for pair in pairs:
-        entry: dict = {"linear_barrier": pair.linear_barrier, "methods": {}}
-        fit_geoconnect(pair, 1)  # warm-up: strategy choice and lazy initialisation
-        for method in methods:
-            rows = []
-            for epochs in budgets:
-                start = time.perf_counter()
-                path = method.fit(pair, epochs)
-                seconds = time.perf_counter() - start
-                barrier = evaluate_path(path, pair.X_test, pair.y_test).barrier
-                rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
-                print(
-                    f"{pair.name:<16} {method.name:<10} epochs {epochs:>4}  "
-                    f"{seconds:7.2f} s  test barrier {barrier:.4f} "
-                    f"(linear {pair.linear_barrier:.4f})",
-                    flush=True,
-                )
-            connected = [r for r in rows if r["barrier"] <= 0.1 * pair.linear_barrier]
-            memory = peak_tensor_memory(lambda m=method, p=pair: m.fit(p, 1))
-            entry["methods"][method.name] = {
-                "ladder": rows,
-                "time_to_connect": min((r["seconds"] for r in connected), default=None),
-                "seconds_per_epoch": marginal_seconds_per_epoch(rows),
-                "seconds_per_epoch_overall": rows[-1]["seconds"] / rows[-1]["epochs"],
-                "peak_memory_bytes": memory,
-            }
-        n_params = sum(p.numel() * p.element_size() for p in pair.model_a.parameters())
-        entry["param_bytes"] = n_params
-        entry["activation_bytes"] = activation_bytes(pair)
-        entry["memory_target_bytes"] = (N_POINTS + 3) * n_params + N_POINTS * entry[
-            "activation_bytes"
-        ]
-        report["pairs"][pair.name] = entry
+        results = {
+            "geoconnect": run_geoconnect(pair, ours_budgets),
+            "seed": run_seed(pair, seed_budgets, cap_seconds),
+        }
+        results["geoconnect"]["peak_memory_bytes"] = peak_tensor_memory(
+            lambda p=pair: fit_geoconnect(p, 1)
+        )
+        results["seed"]["peak_memory_bytes"] = peak_tensor_memory(
+            lambda p=pair: list(seed_run(p, [1]))
+        )
+        for result in results.values():
+            reached = [r["seconds"] for r in result["ladder"] if connected(r["barrier"], pair)]
+            result["time_to_connect"] = min(reached, default=None)
+        param_bytes = sum(p.numel() * p.element_size() for p in pair.model_a.parameters())
+        act = activation_bytes(pair)
+        report["pairs"][pair.name] = {
+            "linear_barrier": pair.linear_barrier,
+            "methods": results,
+            "param_bytes": param_bytes,
+            "activation_bytes": act,
+            "memory_target_bytes": (N_POINTS + 3) * param_bytes + N_POINTS * act,
+        }
     return report
 
 
 def summarise(report: dict) -> str:
     lines = [
-        f"machine: {report['machine']}; N = {report['n_points']}; epoch ladder {report['budgets']}",
+        f"machine: {report['machine']}; N = {report['n_points']}; epoch budgets: "
+        f"geoconnect {report['budgets']['geoconnect']}, seed up to {report['budgets']['seed'][-1]}",
         "",
         "| pair | time-to-connect geoconnect | seed | speed-up | s/epoch geoconnect | seed"
-        " | ratio | peak MB geoconnect | seed | target MB |",
+        " | speed-up | peak MB geoconnect | seed | target MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in report["pairs"].items():
@@ -214,6 +234,8 @@ def summarise(report: dict) -> str:
         else:
             ttc, speedup = f"{t_ours:.2f} s", f"{t_seed / t_ours:.1f}×"
         seed_ttc = "not reached" if t_seed is None else f"{t_seed:.2f} s"
+        if t_seed is not None:
+            seed_ttc += f" ({seed['ladder'][-1]['epochs']} epochs)"
         mb = 1 / 2**20
         lines.append(
             f"| {name} | {ttc} | {seed_ttc} | {speedup} | {ours['seconds_per_epoch']:.3f} "
@@ -229,9 +251,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short ladder (smoke test)")
     parser.add_argument("--json", help="also write the full report to this JSON file")
+    parser.add_argument(
+        "--seed-cap",
+        type=float,
+        default=900.0,
+        help="stop the seed's run after this many seconds if it has not connected "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args()
-    budgets = [1, 2] if args.quick else [2, 4, 8, 16, 32, 64]
-    report = run(budgets)
+    ours = [1, 2] if args.quick else [1, 2, 4, 8, 16, 32]
+    seed = [1, 2, 4] if args.quick else [2**k for k in range(11)]  # up to 1024 epochs
+    report = run(ours, seed, args.seed_cap)
     print()
     print(summarise(report))
     if args.json:

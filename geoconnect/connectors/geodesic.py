@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from numbers import Integral, Real
@@ -97,7 +98,8 @@ class GeodesicConnector(_BaseConnector):
         Per epoch: ``energy`` and ``length`` (means over the epoch's batches, as the
         path moved), ``euclidean_length`` (at the epoch's end), and ``n_points``
         (the level's number of points with ``coarse_to_fine``; energy and length of
-        a coarser level are those of its coarser polygon).
+        a coarser level are those of its coarser polygon), and ``seconds`` (the
+        epoch's wall-clock time).
     n_iter_ : int
         Number of epochs run, coarse levels included (``len(history_["energy"])``).
     n_classes_ : int
@@ -219,6 +221,7 @@ class GeodesicConnector(_BaseConnector):
             if self.warm_start and hasattr(self, "history_")
             else {"energy": [], "length": [], "euclidean_length": [], "n_points": []}
         )
+        history.setdefault("seconds", [])
         continuing = self.warm_start and hasattr(self, "path_")
         n_iter = self.n_iter_ if continuing and hasattr(self, "n_iter_") else 0
         if path.n_points > 2:
@@ -355,6 +358,7 @@ class GeodesicConnector(_BaseConnector):
         device = next(iter(path.params.values())).device
         best, stale, epochs = np.inf, 0, 0
         for _ in range(max_epochs):
+            tic = time.perf_counter()
             energy_sum = torch.zeros(n_points - 1, device=device, dtype=torch.float64)
             length_sum = torch.zeros_like(energy_sum)
             seen = 0
@@ -386,6 +390,7 @@ class GeodesicConnector(_BaseConnector):
             history["length"].append(length)
             history["euclidean_length"].append(euclidean_length(path))
             history["n_points"].append(n_points)
+            history["seconds"].append(time.perf_counter() - tic)
             bar.update(1)
             bar.set_postfix(points=n_points, energy=f"{energy:.4g}", length=f"{length:.4g}")
             if self.verbose >= 2:
