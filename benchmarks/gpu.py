@@ -2,10 +2,11 @@
 
 One prepared script for a session that is lent a GPU: trains two ResNet-20×4
 networks from two seeds on synthetic 32×32 RGB images (10 classes, each a smooth
-random template plus noise — nothing downloaded), then runs GeodesicConnector and the
-seed algorithm (``benchmarks/seed.py``) over a ladder of epoch budgets and prints
-time-to-connect, seconds per epoch and peak GPU memory, with ratios. About 3–4
-minutes on an H100.
+random template plus noise — nothing downloaded), then runs GeodesicConnector over
+a ladder of epoch budgets and the seed algorithm (``benchmarks/seed.py``, one run
+scored at 1, 2, 4, … epochs until it connects or passes ``--seed-cap`` seconds), and
+prints time-to-connect, seconds per epoch and peak GPU memory, with ratios. Sized
+to stay under 5 minutes on one H100; not yet run on one (see benchmarks/README.md).
 
     python benchmarks/gpu.py            # on a CUDA machine
     python benchmarks/gpu.py --smoke    # tiny settings, any device: checks it runs
@@ -21,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoconnect import GeodesicConnector, LinearConnector, ModelPath
+from geoconnect import GeodesicConnector, LinearConnector
 from geoconnect.evaluation import evaluate_path
 
 try:
-    from seed import seed_geodesic
+    from seed import seed_checkpoints
 except ImportError:  # pragma: no cover
-    from benchmarks.seed import seed_geodesic
+    from benchmarks.seed import seed_checkpoints
 
 
 class BasicBlock(nn.Module):
@@ -97,32 +98,33 @@ def train(
     return model.eval()
 
 
-def timed(fn, device: torch.device) -> tuple[object, float, int]:
-    """Run ``fn``; return its result, seconds and peak memory (bytes, CUDA only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = 0
-    return out, time.perf_counter() - start, peak
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak CUDA memory (bytes) allocated while ``fn`` runs, above what was held before."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny settings, any device")
     parser.add_argument("--json", help="also write the report to this JSON file")
+    parser.add_argument(
+        "--seed-cap", type=float, default=100.0, help="seconds before the seed run stops"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
-        width, blocks, n_train, n_test, train_epochs, budgets = 1, 1, 512, 256, 1, [1]
+        width, blocks, n_train, n_test, train_epochs = 1, 1, 512, 256, 1
+        ours_budgets, seed_budgets = [1], [1, 2]
     else:
-        width, blocks, n_train, n_test, train_epochs, budgets = 4, 3, 5000, 1000, 8, [1, 2, 4]
+        width, blocks, n_train, n_test, train_epochs = 4, 3, 5000, 1000, 8
+        ours_budgets, seed_budgets = [1, 2, 4, 8], [2**k for k in range(9)]
     torch.backends.cudnn.benchmark = True
     X_train, y_train = synthetic_images(n_train, seed=1)
     X_test, y_test = synthetic_images(n_test, seed=2)
@@ -138,12 +140,13 @@ def main() -> None:
         X_train, model_a=model_a, model_b=model_b
     )
     ev_line = line.evaluate(X_test, y_test)
+    target = 0.1 * ev_line.barrier
     print(
         f"linear path: test barrier {ev_line.barrier:.4f}, "
         f"endpoint accuracy {ev_line.accuracy[0]:.3f} / {ev_line.accuracy[-1]:.3f}"
     )
 
-    def ours(epochs: int) -> ModelPath:
+    def ours(epochs: int) -> GeodesicConnector:
         conn = GeodesicConnector(
             n_points=25,
             max_iter=epochs,
@@ -151,39 +154,50 @@ def main() -> None:
             device=device,
             random_state=0,
         )
-        return conn.fit(X_train, model_a=model_a, model_b=model_b).path_
+        return conn.fit(X_train, model_a=model_a, model_b=model_b)
 
-    def seed(epochs: int) -> ModelPath:
-        return seed_geodesic(model_a, model_b, X_train, epochs=epochs, device=str(device))
+    def seed_run(budgets: list[int]):
+        return seed_checkpoints(model_a, model_b, X_train, budgets=budgets, device=str(device))
+
+    def show(label: str, row: dict) -> None:
+        print(
+            f"{label:<10} epochs {row['epochs']:>3}  {row['seconds']:7.2f} s  "
+            f"test barrier {row['barrier']:.4f}",
+            flush=True,
+        )
 
     ours(1)  # warm-up: kernels, cuDNN autotuning, evaluation-strategy choice
-    report: dict = {
-        "device": name,
-        "n_params": n_params,
-        "linear_barrier": ev_line.barrier,
-        "methods": {},
-    }
-    for label, fit in [("geoconnect", ours), ("seed", seed)]:
-        rows = []
-        for epochs in budgets:
-            path, seconds, peak = timed(lambda f=fit, e=epochs: f(e), device)
-            barrier = evaluate_path(path, X_test, y_test).barrier
-            rows.append(
-                {"epochs": epochs, "seconds": seconds, "barrier": barrier, "peak_bytes": peak}
-            )
-            print(
-                f"{label:<10} epochs {epochs:>3}  {seconds:7.2f} s  test barrier "
-                f"{barrier:.4f}  peak {peak / 2**30:.2f} GiB",
-                flush=True,
-            )
-        connected = [r for r in rows if r["barrier"] <= 0.1 * ev_line.barrier]
-        report["methods"][label] = {
-            "ladder": rows,
-            "time_to_connect": min((r["seconds"] for r in connected), default=None),
-            "seconds_per_epoch": rows[-1]["seconds"] / rows[-1]["epochs"],
-            "peak_bytes": max(r["peak_bytes"] for r in rows),
-        }
-    o, s = report["methods"]["geoconnect"], report["methods"]["seed"]
+    report: dict = {"device": name, "n_params": n_params, "linear_barrier": ev_line.barrier}
+    rows, fitted = [], None
+    for epochs in ours_budgets:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        fitted = ours(epochs)
+        seconds = time.perf_counter() - tic
+        barrier = evaluate_path(fitted.path_, X_test, y_test).barrier
+        rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
+        show("geoconnect", rows[-1])
+    per_epoch = [
+        s for s, n in zip(fitted.history_["seconds"], fitted.history_["n_points"]) if n == 25
+    ]
+    report["geoconnect"] = {"ladder": rows, "seconds_per_epoch": float(np.median(per_epoch))}
+    rows, epoch_seconds = [], [float("nan")]
+    for epochs, path, timing in seed_run(seed_budgets):
+        barrier = evaluate_path(path, X_test, y_test).barrier
+        rows.append({"epochs": epochs, "seconds": timing["seconds"], "barrier": barrier})
+        epoch_seconds = timing["epoch_seconds"]
+        show("seed", rows[-1])
+        if barrier <= target or timing["seconds"] > args.seed_cap:
+            break
+    report["seed"] = {"ladder": rows, "seconds_per_epoch": float(np.median(epoch_seconds))}
+    report["geoconnect"]["peak_bytes"] = peak_bytes(lambda: ours(1), device)
+    report["seed"]["peak_bytes"] = peak_bytes(lambda: list(seed_run([1])), device)
+    for method in ("geoconnect", "seed"):
+        reached = [r["seconds"] for r in report[method]["ladder"] if r["barrier"] <= target]
+        report[method]["time_to_connect"] = min(reached, default=None)
+
+    o, s = report["geoconnect"], report["seed"]
     print()
     if o["time_to_connect"] is None:
         print("time-to-connect: geoconnect did not reach a tenth of the linear barrier")
@@ -200,13 +214,14 @@ def main() -> None:
             f"{s['time_to_connect'] / o['time_to_connect']:.1f}x"
         )
     print(
-        f"seconds per epoch (at {budgets[-1]} epochs, fit overheads included): "
-        f"geoconnect {o['seconds_per_epoch']:.2f}, seed {s['seconds_per_epoch']:.2f}: "
-        f"ratio {s['seconds_per_epoch'] / o['seconds_per_epoch']:.2f}x"
+        f"seconds per epoch (median, 25 points): geoconnect {o['seconds_per_epoch']:.3f}, "
+        f"seed {s['seconds_per_epoch']:.3f}: ratio "
+        f"{s['seconds_per_epoch'] / o['seconds_per_epoch']:.2f}x"
     )
     print(
-        f"peak GPU memory: geoconnect {o['peak_bytes'] / 2**30:.2f} GiB, "
-        f"seed {s['peak_bytes'] / 2**30:.2f} GiB"
+        f"peak GPU memory (one-epoch fit): geoconnect {o['peak_bytes'] / 2**30:.2f} GiB, "
+        f"seed {s['peak_bytes'] / 2**30:.2f} GiB; parameters x 28 = "
+        f"{28 * 4 * n_params / 2**30:.2f} GiB"
     )
     if args.json:
         with open(args.json, "w") as fh:

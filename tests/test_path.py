@@ -15,7 +15,7 @@ from conftest import random_mlp, random_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from torch import nn
+from torch import Tensor, nn
 
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath
 from geoconnect._data import as_data
@@ -356,3 +356,40 @@ def test_path_points_are_fresh_modules_in_eval_mode(small_pair):
         point[0].weight.add_(1.0)
     assert not torch.equal(path[1][0].weight, point[0].weight)
     assert path.parameters_vector().shape == (3, path.n_params)
+
+
+# -- evaluation strategies ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_every_evaluation_strategy_gives_the_same_logits_and_gradients(strategy):
+    from geoconnect.models import make_cnn
+
+    path = ModelPath.linear(make_cnn(seed=1), make_cnn(seed=2), 7)
+    module = path.batch_statistics_module()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def logits_and_grads(name: str) -> tuple[Tensor, list[Tensor]]:
+        path._strategy = name
+        interior = {k: v[1:-1].clone().requires_grad_(True) for k, v in path.params.items()}
+        out = path.functional_forward(interior, x, module=module)
+        out.square().sum().backward()
+        return out.detach(), [v.grad for v in interior.values()]
+
+    reference, reference_grads = logits_and_grads("loop")
+    out, grads = logits_and_grads(strategy)
+    assert out.shape == (5, 16, 10)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_chosen_strategy_is_one_of_the_candidates_and_is_cached(small_pair):
+    from geoconnect.path import _STRATEGY_CACHE
+
+    path = ModelPath.linear(small_pair.model_a, small_pair.model_b, 11)
+    x = torch.as_tensor(small_pair.X[:8], dtype=torch.float32)
+    chosen = path.choose_strategy(x, 9)
+    assert chosen in {"loop", "vmap"}
+    assert path.choose_strategy(x, 9) == chosen
+    assert chosen in _STRATEGY_CACHE.values()

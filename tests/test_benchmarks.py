@@ -1,0 +1,52 @@
+"""The speed baseline is what benchmarks/README.md says it is."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+seed = pytest.importorskip("seed")
+
+from geoconnect.evaluation import evaluate_path  # noqa: E402
+from geoconnect.models import make_cnn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(300, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 300)
+
+
+def test_a_checkpoint_of_a_long_seed_run_is_the_fresh_run_of_that_length(images):
+    X, _ = images
+    a, b = make_cnn(seed=1), make_cnn(seed=2)
+    runs = list(seed.seed_checkpoints(a, b, X, budgets=[1, 3], n_points=5, batch_size=128))
+    assert [epochs for epochs, _, _ in runs] == [1, 3]
+    fresh = seed.seed_geodesic(a, b, X, n_points=5, epochs=3, batch_size=128)
+    checkpoint = runs[-1][1]
+    torch.testing.assert_close(checkpoint.parameters_vector(), fresh.parameters_vector())
+    for name, stats in fresh.batchnorm_buffers.items():
+        torch.testing.assert_close(checkpoint.batchnorm_buffers[name], stats)
+    timing = runs[-1][2]
+    assert len(timing["epoch_seconds"]) == 3
+    assert timing["seconds"] >= sum(timing["epoch_seconds"])
+
+
+def test_the_seed_keeps_its_ends_and_moves_its_interior(images):
+    X, y = images
+    a, b = make_cnn(seed=1), make_cnn(seed=2)
+    before = [p.detach().clone() for p in a.parameters()]
+    path = seed.seed_geodesic(a, b, X, n_points=5, epochs=2, batch_size=128)
+    for p, q in zip(a.parameters(), before):
+        torch.testing.assert_close(p, q)  # the user's model is untouched
+    line = seed.seed_geodesic(a, b, X, n_points=5, epochs=0, batch_size=128)
+    ev, ev_line = evaluate_path(path, X, y), evaluate_path(line, X, y)
+    np.testing.assert_allclose(ev.loss[[0, -1]], ev_line.loss[[0, -1]], rtol=1e-6)
+    moved = (path.parameters_vector() - line.parameters_vector()).abs().amax(dim=1)
+    assert moved[0] == moved[-1] == 0
+    assert (moved[1:-1] > 0).all()
