@@ -82,7 +82,8 @@ def make_pairs() -> list[Pair]:
     return pairs
 
 
-def fit_geoconnect(pair: Pair, epochs: int) -> GeodesicConnector:
+def fit_geoconnect(pair: Pair, epochs: int, **settings: object) -> GeodesicConnector:
+    """Exactly ``epochs`` epochs on N points (no early stopping), defaults otherwise."""
     conn = GeodesicConnector(
         n_points=N_POINTS,
         max_iter=epochs,
@@ -90,6 +91,7 @@ def fit_geoconnect(pair: Pair, epochs: int) -> GeodesicConnector:
         batch_size=BATCH_SIZE,
         device="cpu",
         random_state=0,
+        **settings,
     )
     return conn.fit(pair.X_train, model_a=pair.model_a, model_b=pair.model_b)
 
@@ -148,15 +150,7 @@ def seconds_per_epoch(pair: Pair, rounds: int, epochs: int = 3) -> dict:
     """
     ours, seed, ratios = [], [], []
     for _ in range(rounds):
-        conn = GeodesicConnector(
-            n_points=N_POINTS,
-            max_iter=epochs,
-            n_iter_no_change=epochs,
-            batch_size=BATCH_SIZE,
-            device="cpu",
-            random_state=0,
-            coarse_to_fine=False,
-        ).fit(pair.X_train, model_a=pair.model_a, model_b=pair.model_b)
+        conn = fit_geoconnect(pair, epochs, coarse_to_fine=False)
         ours.append(float(np.median(conn.history_["seconds"])))
         ((_, _, timing),) = list(seed_run(pair, [epochs]))
         seed.append(float(np.median(timing["epoch_seconds"])))

@@ -231,6 +231,13 @@ class PathStatistics:
     proba: Tensor | None = field(default=None, repr=False)  # (n, C) ensemble mean
 
 
+_POINTS_PER_BLOCK = 4  # points evaluated together in path_statistics (with their next)
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else total + part
+
+
 @torch.no_grad()
 def path_statistics(
     path: ModelPath,
@@ -255,25 +262,37 @@ def path_statistics(
                 "The models must map a batch of X to logits of shape (batch, n_classes); "
                 f"got outputs of shape {tuple(logits.shape[1:])}."
             )
-        logits = logits.double() if logits.dtype != torch.float64 else logits
-        fr = segment_divergences(logits, fisher_rao_squared).sum(1)
-        fr_sum = fr if fr_sum is None else fr_sum + fr
-        if divergence is not None:
-            c = segment_divergences(logits, divergence).double().sum(1)
-            costs_sum = c if costs_sum is None else costs_sum + c
+        n_points, b, n_classes = logits.shape
         if batch.y is not None:
-            n_points, b, n_classes = logits.shape
             check_labels(batch.y, n_classes)
-            ce = F.cross_entropy(
-                logits.reshape(n_points * b, n_classes),
-                batch.y.repeat(n_points),
-                reduction="none",
-            ).reshape(n_points, b)
-            hits = (logits.argmax(-1) == batch.y).double()
-            loss_sum = ce.sum(1) if loss_sum is None else loss_sum + ce.sum(1)
-            correct = hits.sum(1) if correct is None else correct + hits.sum(1)
+        # In float64, a few points at a time: the temporaries of the divergences
+        # scale with points × batch × classes, and all N at once set the peak memory.
+        fr, costs, loss, hits, proba = [], [], [], [], None
+        for start in range(0, n_points, _POINTS_PER_BLOCK):
+            block = logits[start : start + _POINTS_PER_BLOCK + 1].double()
+            own = block[:_POINTS_PER_BLOCK]  # this block's points; block adds the next
+            if len(block) > 1:
+                fr.append(segment_divergences(block, fisher_rao_squared).sum(1))
+                if divergence is not None:
+                    costs.append(segment_divergences(block, divergence).double().sum(1))
+            if batch.y is not None:
+                k = len(own)
+                ce = F.cross_entropy(
+                    own.reshape(k * b, n_classes), batch.y.repeat(k), reduction="none"
+                ).reshape(k, b)
+                loss.append(ce.sum(1))
+                hits.append((own.argmax(-1) == batch.y).double().sum(1))
+            if with_proba:
+                part = torch.softmax(own, -1).sum(0)
+                proba = part if proba is None else proba + part
+        fr_sum = _add(fr_sum, torch.cat(fr))
+        if divergence is not None:
+            costs_sum = _add(costs_sum, torch.cat(costs))
+        if batch.y is not None:
+            loss_sum = _add(loss_sum, torch.cat(loss))
+            correct = _add(correct, torch.cat(hits))
         if with_proba:
-            probas.append(torch.softmax(logits, -1).mean(0).cpu())
+            probas.append((proba / n_points).cpu())
         n += batch.x.shape[0]
     if n == 0:
         raise ValueError("X is empty: no samples to evaluate the path on.")
