@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath
 from geoconnect._data import as_data
@@ -26,7 +27,12 @@ from geoconnect.divergences import (
     jensen_shannon,
     symmetric_kl,
 )
-from geoconnect.evaluation import fisher_rao_length, loss_barrier, path_statistics
+from geoconnect.evaluation import (
+    fisher_rao_length,
+    loss_barrier,
+    path_statistics,
+    segment_divergences,
+)
 
 SETTINGS = settings(deadline=None, max_examples=12, derandomize=True)
 
@@ -393,3 +399,31 @@ def test_the_chosen_strategy_is_one_of_the_candidates_and_is_cached(small_pair):
     assert chosen in {"loop", "vmap"}
     assert path.choose_strategy(x, 9) == chosen
     assert chosen in _STRATEGY_CACHE.values()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), n_points=st.integers(2, 11))
+def test_path_statistics_equal_the_whole_path_evaluated_at_once(seed, n_points):
+    # path_statistics works through the points a few at a time; nothing may change.
+    pair = random_pair(seed=seed)
+    path = ModelPath.linear(pair.model_a, pair.model_b, n_points)
+    stats = path_statistics(
+        path,
+        as_data(pair.X, pair.y, device=torch.device("cpu")),
+        batch_size=len(pair.X),  # one batch: the logits are bit for bit those below
+        divergence=jensen_shannon,
+        with_proba=True,
+    )
+    x, y = torch.as_tensor(pair.X), torch.as_tensor(pair.y)
+    logits = path.logits(x).double()
+    expected_fr = segment_divergences(logits, fisher_rao_squared).mean(1)
+    expected_js = segment_divergences(logits, jensen_shannon).mean(1)
+    loss = torch.stack([F.cross_entropy(z, y) for z in logits])
+    accuracy = (logits.argmax(-1) == y).double().mean(1)
+    np.testing.assert_allclose(
+        stats.segment_fisher_rao_sq, expected_fr.numpy(), rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_allclose(stats.segment_costs, expected_js.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.loss, loss.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(stats.accuracy, accuracy.numpy())
+    torch.testing.assert_close(stats.proba, logits.softmax(-1).mean(0))
