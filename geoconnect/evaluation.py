@@ -283,8 +283,7 @@ def path_statistics(
                 loss.append(ce.sum(1))
                 hits.append((own.argmax(-1) == batch.y).double().sum(1))
             if with_proba:
-                part = torch.softmax(own, -1).sum(0)
-                proba = part if proba is None else proba + part
+                proba = _add(proba, torch.softmax(own, -1).sum(0))
         fr_sum = _add(fr_sum, torch.cat(fr))
         if divergence is not None:
             costs_sum = _add(costs_sum, torch.cat(costs))
