@@ -17,7 +17,7 @@ at lr 0.1, batch 256), and reports ratios.
   (geoconnect's ``history_["seconds"]``, without coarse levels) and of the
   per-round ratios;
 * peak memory: the high-water mark of CPU tensor memory during a one-epoch fit
-  (torch profiler), against the target (N + 3) × parameters + one batch of
+  (the CPU allocator's records, via the torch profiler), against the target (N + 3) × parameters + one batch of
   activations per point.
 
 Pairs: two 64-16-16-10 MLPs and two small BatchNorm CNNs, trained on scikit-learn's
@@ -110,22 +110,28 @@ def seed_run(pair: Pair, budgets: list[int]):
 def peak_tensor_memory(fn: Callable[[], object]) -> int:
     """High-water mark (bytes) of CPU tensor memory allocated while ``fn`` runs.
 
-    From the torch profiler's memory records: each operator's own allocations less
-    its frees (children excluded, so nothing is counted twice), in time order. A
-    temporary that an operator allocates and frees within itself is not seen, so
-    this is the high-water mark between operators.
+    Replays the CPU allocator's own records, which the torch profiler collects: every
+    allocation and free, in time order, counted from zero at the start (tensors that
+    existed before ``fn`` are not counted, not even when freed). Temporaries inside an
+    operator and inside ``vmap`` are seen too.
     """
+    return max(live_tensor_bytes(fn), default=0)
+
+
+def live_tensor_bytes(fn: Callable[[], object]) -> list[int]:
+    """Live CPU tensor bytes after each allocation or free while ``fn`` runs."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    usage = np.cumsum([m for _, m in events]) if events else np.zeros(1)
-    return int(max(0, usage.max()))
+    changes, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+    return np.cumsum([size for _, size in sorted(changes)]).tolist()
 
 
 def activation_bytes(pair: Pair) -> int:

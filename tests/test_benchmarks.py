@@ -50,3 +50,28 @@ def test_the_seed_keeps_its_ends_and_moves_its_interior(images):
     moved = (path.parameters_vector() - line.parameters_vector()).abs().amax(dim=1)
     assert moved[0] == moved[-1] == 0
     assert (moved[1:-1] > 0).all()
+
+
+connect = pytest.importorskip("connect")
+
+
+def test_peak_memory_counts_what_is_alive_together_and_nothing_before():
+    before = torch.ones(1000, 1000)  # allocated before: not counted
+
+    def work():
+        a = torch.ones(500, 1000)  # 2 MB
+        b = a * 2  # 2 MB more: 4 MB alive together
+        del a
+        c = b + 1  # 4 MB again
+        del b, c
+        torch.ones(250, 1000).sum()  # 1 MB, below the mark
+        del before_ref[0]  # freeing an older tensor changes nothing
+
+    before_ref = [before]
+    del before
+    live = connect.live_tensor_bytes(work)
+    assert max(live) == pytest.approx(4_000_000, rel=1e-3)
+    assert abs(live[-1]) < 1000  # all freed
+    assert connect.peak_tensor_memory(lambda: torch.ones(10, 1000)) == pytest.approx(
+        40_000, rel=1e-2
+    )
