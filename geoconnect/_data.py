@@ -174,7 +174,8 @@ def as_data(
 ) -> TensorData | StreamData:
     """Validate ``X`` (and ``y``) and wrap them as a batch source on ``device``.
 
-    Never modifies ``X`` or ``y``: array inputs are copied.
+    Never modifies ``X`` or ``y``: they are read, converted to ``dtype`` (a copy) when
+    needed, and otherwise shared.
     """
     if X is None:
         raise ValueError("X is required: pass an array of shape (n_samples, *input_shape).")
@@ -189,8 +190,10 @@ def as_data(
                 "from it instead."
             )
         return StreamData(X, device, dtype)
+    # X is only ever read, so it is converted at most once: no copy when it already
+    # is a tensor of the right dtype (a dataset can be most of the memory a fit uses).
     if isinstance(X, Tensor):
-        x = X.detach().clone()
+        x = X.detach()
     else:
         try:
             array = np.asarray(X)
@@ -206,7 +209,9 @@ def as_data(
                 f"X must hold numbers; got an array of dtype {array.dtype}. Convert it "
                 "with np.asarray(X, dtype=np.float32)."
             )
-        x = torch.tensor(np.array(array, copy=True))
+        if not array.flags.writeable:  # torch warns on read-only arrays
+            array = array.copy()
+        x = torch.as_tensor(array)
     if x.ndim < 2:
         raise ValueError(
             f"X must have shape (n_samples, *input_shape); got shape {tuple(x.shape)}. "

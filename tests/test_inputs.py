@@ -300,3 +300,20 @@ def test_a_failed_fit_leaves_models_and_data_unchanged(make, small_pair):
     np.testing.assert_array_equal(X, X_before)
     for key, value in small_pair.model_a.state_dict().items():
         assert torch.equal(value, state_a[key])
+
+
+def test_data_is_converted_at_most_once_and_a_ready_tensor_is_shared():
+    # X is only read: a float32 tensor is used as it is, a float64 array is converted
+    # once, and neither is written to by a fit.
+    from geoconnect._data import as_data
+
+    cpu = torch.device("cpu")
+    ready = torch.randn(20, 4)
+    assert as_data(ready, device=cpu).x.data_ptr() == ready.data_ptr()
+    array = np.random.default_rng(0).normal(size=(20, 4))
+    converted = as_data(array, device=cpu).x
+    assert converted.dtype == torch.float32
+    np.testing.assert_allclose(converted.numpy(), array, rtol=1e-6)
+    read_only = array.copy()
+    read_only.flags.writeable = False
+    as_data(read_only, device=cpu)  # no warning about non-writable arrays
