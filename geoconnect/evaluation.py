@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._data import StreamData, TensorData, as_data, check_labels
-from .divergences import Divergence, fisher_rao_squared
+from .divergences import Divergence, fisher_rao_squared, segment_form
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,6 +26,7 @@ __all__ = [
     "PathEvaluation",
     "accuracy_barrier",
     "arc_length_positions",
+    "energy_step",
     "euclidean_length",
     "evaluate_path",
     "fisher_rao_length",
@@ -66,7 +67,12 @@ def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
     >>> segment_divergences(torch.zeros(4, 8, 3), jensen_shannon).shape
     torch.Size([3, 8])
     """
-    values = divergence(logits[:-1], logits[1:])
+    if not isinstance(logits, Tensor) or logits.ndim < 2:
+        raise TypeError(
+            "logits must be a tensor of shape (K, batch, n_classes); got "
+            f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}."
+        )
+    values = segment_form(divergence)(logits)
     expected = logits.shape[:2]
     expected = (expected[0] - 1, expected[1])
     if not isinstance(values, Tensor) or tuple(values.shape) != expected:
@@ -78,6 +84,60 @@ def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
             "(class) dimension only."
         )
     return values
+
+
+_SEGMENTS_PER_BLOCK = 8  # segments whose divergence temporaries live together
+
+
+def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
+    """The energy's gradient on one batch, and its segments' sums, a block at a time.
+
+    The energy of a batch is ``Σ_i mean_x divergence(p_i(x), p_{i+1}(x))`` (DESIGN.md);
+    its gradient with respect to the points' logits is what the path's optimiser
+    back-propagates through the networks. The divergence's temporaries scale with
+    segments × batch × classes, so the segments are taken ``_SEGMENTS_PER_BLOCK`` at a
+    time, each block differentiated and freed before the next: the result is the same
+    as differentiating all segments at once, with a fraction of the peak memory.
+
+    Parameters
+    ----------
+    logits : Tensor, shape=[K, batch, n_classes]
+        The points' logits on one batch, in path order (not differentiated through).
+    divergence : callable
+        The segment cost, ``(logits_p, logits_q) -> Tensor`` of per-sample values.
+
+    Returns
+    -------
+    grad : Tensor, shape=[K, batch, n_classes]
+        Gradient of the batch's energy with respect to ``logits``.
+    costs : Tensor, shape=[K − 1], float64
+        Each segment's divergence summed over the batch.
+    fr_squared : Tensor, shape=[K − 1], float64
+        Each segment's d_FR² summed over the batch, for the Fisher–Rao length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.divergences import jensen_shannon
+    >>> from geoconnect.evaluation import energy_step
+    >>> grad, costs, fr = energy_step(torch.zeros(3, 8, 4), jensen_shannon)
+    >>> grad.shape, costs.tolist(), fr.tolist()
+    (torch.Size([3, 8, 4]), [0.0, 0.0], [0.0, 0.0])
+    """
+    logits = logits.detach()
+    grad = torch.zeros_like(logits)
+    costs, fr = [], []
+    for start in range(0, logits.shape[0] - 1, _SEGMENTS_PER_BLOCK):
+        stop = start + _SEGMENTS_PER_BLOCK + 1  # the block's points, with the next one
+        block = logits[start:stop].requires_grad_(True)
+        with torch.enable_grad():
+            values = segment_divergences(block, divergence)
+            values.mean(1).sum().backward()
+        grad[start:stop] += block.grad
+        costs.append(values.detach().double().sum(1))
+        with torch.no_grad():
+            fr.append(segment_divergences(block.detach().double(), fisher_rao_squared).sum(1))
+    return grad, torch.cat(costs), torch.cat(fr)
 
 
 def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:

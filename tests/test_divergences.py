@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 
 from geoconnect.divergences import (
     DIVERGENCES,
+    _log_softmax,
     fisher_rao,
     fisher_rao_squared,
     get_divergence,
     hellinger,
     jensen_shannon,
+    segment_form,
     symmetric_kl,
 )
+from geoconnect.evaluation import _SEGMENTS_PER_BLOCK, energy_step, segment_divergences
 from geoconnect.testing import check_divergence
 from geoconnect.testing.strategies import logits, nearby_pairs
 
@@ -224,3 +227,115 @@ def test_get_divergence_resolves_names_and_passes_callables_through():
 def test_an_unknown_divergence_name_lists_the_choices():
     with pytest.raises(ValueError, match=r"'divergence' parameter must be one of \['fisher_rao'"):
         get_divergence("wasserstein")
+
+
+# ----------------------------------------------------------------------------------
+# The fast forms: the closed-form JSD gradient, log-probabilities for few classes, the
+# segment forms and the block-wise energy step compute the same numbers as the plain
+# expressions they replace.
+
+
+def plain_jensen_shannon(logits_p, logits_q):
+    """The definition, differentiated by autograd: ½ KL(p‖m) + ½ KL(q‖m)."""
+    log_p, log_q = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return 0.5 * (kl_p + kl_q)
+
+
+def values_and_grads(fn, *tensors, seed=0):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    values = fn(*leaves)
+    weights = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)).to(
+        values.dtype
+    )
+    return values.detach(), torch.autograd.grad((values * weights).sum(), leaves)
+
+
+@PROPERTY
+@given(
+    p=logits(n_classes=st.integers(2, 20), batch_shape=(2, 3), scale=st.floats(0, 30)),
+    data=st.data(),
+)
+def test_the_closed_form_jsd_gradient_is_autograds_of_the_definition(p, data):
+    # q broadcasts over p's leading axis, so the gradient must be summed back to it.
+    q = data.draw(logits(n_classes=p.shape[-1], batch_shape=(3,), scale=st.floats(0, 30)))
+    got, got_grads = values_and_grads(jensen_shannon, p, q)
+    want, want_grads = values_and_grads(plain_jensen_shannon, p, q)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(x=st.data())
+@PROPERTY
+def test_log_probabilities_match_torch_for_every_class_count(dtype, x):
+    n_classes = x.draw(st.integers(2, 40))  # both sides of the few-classes threshold
+    z = x.draw(logits(n_classes=n_classes, batch_shape=(4,), dtype=dtype, scale=st.floats(0, 1e4)))
+    got, (got_grad,) = values_and_grads(_log_softmax, z)
+    want, (want_grad,) = values_and_grads(lambda t: torch.log_softmax(t, -1), z)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_grad, want_grad, **tol)
+
+
+@pytest.mark.parametrize("fn", [*ALL, fisher_rao_squared], ids=lambda f: f.__name__)
+@PROPERTY
+@given(data=st.data())
+def test_a_segment_form_is_the_divergence_of_neighbouring_points(fn, data):
+    n_points = data.draw(st.integers(2, 7))
+    stack = data.draw(
+        logits(
+            n_classes=st.integers(2, 20),
+            batch_shape=(n_points, 3),
+            scale=st.one_of(st.floats(0, 8), st.floats(8, 1e3)),
+        )
+    )
+    got, (got_grad,) = values_and_grads(segment_form(fn), stack)
+    want, (want_grad,) = values_and_grads(lambda s: fn(s[:-1], s[1:]), stack)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-10)
+
+
+def test_a_callable_without_a_segment_form_is_called_pairwise():
+    calls = []
+
+    def total_variation(p, q):
+        calls.append((p.shape, q.shape))
+        return 0.5 * (p.softmax(-1) - q.softmax(-1)).abs().sum(-1)
+
+    stack = torch.randn(4, 5, 3)
+    torch.testing.assert_close(
+        segment_form(total_variation)(stack), total_variation(stack[:-1], stack[1:])
+    )
+    assert calls[0] == ((3, 5, 3), (3, 5, 3))
+
+
+@pytest.mark.parametrize(
+    "fn", [jensen_shannon, fisher_rao_squared, symmetric_kl], ids=lambda f: f.__name__
+)
+@settings(max_examples=20, deadline=None, database=None)
+@given(n_points=st.integers(2, 3 * _SEGMENTS_PER_BLOCK + 2), seed=st.integers(0, 2**16))
+def test_the_block_wise_energy_step_equals_the_energy_differentiated_at_once(fn, n_points, seed):
+    stack = torch.randn(n_points, 6, 4, generator=torch.Generator().manual_seed(seed)) * 3
+    grad, costs, fr = energy_step(stack, fn)
+    leaf = stack.clone().requires_grad_(True)
+    values = segment_divergences(leaf, fn)
+    values.mean(1).sum().backward()
+    torch.testing.assert_close(grad, leaf.grad)
+    torch.testing.assert_close(costs, values.detach().double().sum(1))
+    want_fr = segment_divergences(stack.double(), fisher_rao_squared).sum(1)
+    torch.testing.assert_close(fr, want_fr)
+    assert costs.dtype == fr.dtype == torch.float64
+
+
+def test_the_jensen_shannon_divergence_works_under_vmap():
+    p, q = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    torch.testing.assert_close(torch.func.vmap(jensen_shannon)(p, q), jensen_shannon(p, q))
+    per_row = torch.func.vmap(torch.func.grad(lambda a, b: jensen_shannon(a, b).sum()))
+    leaf = p.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(jensen_shannon(leaf, q).sum(), leaf)
+    torch.testing.assert_close(per_row(p, q), want)

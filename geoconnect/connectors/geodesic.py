@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._data import TensorData
-from ..divergences import DIVERGENCES, fisher_rao_squared, get_divergence
-from ..evaluation import euclidean_length, fisher_rao_length, segment_divergences
+from ..divergences import DIVERGENCES, get_divergence
+from ..evaluation import energy_step, euclidean_length, fisher_rao_length
 from ..path import ModelPath
 from ._base import FitInputs, _BaseConnector
 
@@ -363,18 +363,10 @@ class GeodesicConnector(_BaseConnector):
             length_sum = torch.zeros_like(energy_sum)
             seen = 0
             for batch in data.batches(self.batch_size, generator=generator):  # type: ignore[attr-defined]
-                inner = path.functional_forward(interior, batch.x, module=module)
-                end = ends.logits(batch)
-                logits = torch.cat([end[:1], inner, end[1:]])
-                costs = segment_divergences(logits, divergence)
-                optimizer.zero_grad(set_to_none=True)
-                costs.mean(1).sum().backward()
+                costs, fr_squared = _step(path, interior, batch, ends, module, divergence)
                 optimizer.step()
-                with torch.no_grad():
-                    energy_sum += costs.detach().double().sum(1)
-                    length_sum += segment_divergences(
-                        logits.detach().double(), fisher_rao_squared
-                    ).sum(1)
+                energy_sum += costs
+                length_sum += fr_squared
                 seen += batch.x.shape[0]
             # One host-device synchronisation per epoch, here.
             energy = float(energy_sum.sum()) / seen
@@ -411,6 +403,30 @@ class GeodesicConnector(_BaseConnector):
             tensor.grad = None
             tensor.requires_grad_(False)
         return epochs
+
+
+def _step(
+    path: ModelPath,
+    interior: dict[str, Tensor],
+    batch: object,
+    ends: _EndLogits,
+    module: nn.Module,
+    divergence: object,
+) -> tuple[Tensor, Tensor]:
+    """Set the interior's gradient of the energy on one batch; return its segment sums.
+
+    A function of its own so that the batch's logits and their gradient are freed
+    before the next batch's forward pass allocates its own.
+    """
+    for tensor in interior.values():
+        tensor.grad = None
+    end = ends.logits(batch)
+    logits = torch.cat(
+        [end[:1], path.functional_forward(interior, batch.x, module=module), end[1:]]  # type: ignore[attr-defined]
+    )
+    grad, costs, fr_squared = energy_step(logits, divergence)  # type: ignore[arg-type]
+    logits.backward(grad)
+    return costs, fr_squared
 
 
 class _EndLogits:
