@@ -102,75 +102,39 @@ def jensen_shannon(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     >>> round(jensen_shannon(p, q).item(), 4)  # close to the bound ln 2
     0.6931
     """
-    _check_logits(logits_p, logits_q)
-    return _JensenShannon.apply(logits_p, logits_q)[0]
-
-
-class _JensenShannon(torch.autograd.Function):
-    """``jensen_shannon`` with its gradient in closed form.
-
-    ``∂JSD/∂p_k = ½ (log p_k − log m_k)``, and through the softmax
-    ``∂JSD/∂a = ½ p ⊙ (d − ⟨p, d⟩)`` with ``d = log p − log m``. Saving ``p`` and ``d``
-    for each side replaces the dozen intermediate tensors that automatic
-    differentiation of the expression would keep: it is the segment cost of every
-    default fit, evaluated on (points × batch × classes) tensors.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        log_p, log_q = _log_softmax(logits_p), _log_softmax(logits_q)
-        raw, d_p, d_q = _jsd_terms(log_p, log_q, log_p.exp(), log_q.exp())
-        return raw.clamp_min(0.0), raw >= 0.0, log_p.exp_(), d_p, log_q.exp_(), d_q
-
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple, output: tuple) -> None:
-        _, kept, p, d_p, q, d_q = output
-        ctx.mark_non_differentiable(kept, p, d_p, q, d_q)  # type: ignore[attr-defined]
-        ctx.save_for_backward(kept, p, d_p, q, d_q)  # type: ignore[attr-defined]
-        ctx.shapes = (inputs[0].shape, inputs[1].shape)  # type: ignore[attr-defined]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: object, grad: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        kept, p, d_p, q, d_q = ctx.saved_tensors  # type: ignore[attr-defined]
-        half = _half_grad(grad, kept)
-        needed = ctx.needs_input_grad  # type: ignore[attr-defined]
-        shapes = ctx.shapes  # type: ignore[attr-defined]
-        return (
-            _jsd_grad(p, d_p, half).sum_to_size(shapes[0]) if needed[0] else None,
-            _jsd_grad(q, d_q, half).sum_to_size(shapes[1]) if needed[1] else None,
-        )
+    log_p, log_q = _log_probs(logits_p, logits_q)
+    raw, _, _ = _jsd_terms(log_p, log_q, log_p.exp(), log_q.exp())
+    return raw.clamp_min(0.0)
 
 
 class _SegmentJensenShannon(torch.autograd.Function):
-    """``jensen_shannon(logits[:-1], logits[1:])`` for a stack of points' logits.
+    """``jensen_shannon(logits[:-1], logits[1:])`` with its gradient in closed form.
 
-    Each point's log-probabilities are computed once rather than twice, and the
-    gradient is accumulated straight into the stack.
+    ``∂JSD/∂p_k = ½ (log p_k − log m_k)``, and through the softmax
+    ``∂JSD/∂a = ½ p ⊙ (d − ⟨p, d⟩)`` with ``d = log p − log m``. Saving ``p`` and the
+    two ``d`` replaces the dozen intermediate tensors that automatic differentiation
+    of the expression keeps, each point's log-probabilities are computed once rather
+    than twice, and the gradient goes straight into the stack. It is the segment cost
+    of every default fit, on (points × batch × classes) tensors.
+
+    First derivatives only: a second derivative raises a ``RuntimeError``, and the
+    ``torch.func`` transforms refuse the function (no silently wrong higher-order
+    result); the pairwise ``jensen_shannon`` supports both.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(logits: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: object, logits: Tensor) -> Tensor:  # type: ignore[override]
         log_p = _log_softmax(logits)
         p = log_p.exp()
         raw, d_before, d_after = _jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
-        return raw.clamp_min(0.0), raw >= 0.0, p, d_before, d_after
-
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple, output: tuple) -> None:
-        _, kept, p, d_before, d_after = output
-        ctx.mark_non_differentiable(kept, p, d_before, d_after)  # type: ignore[attr-defined]
-        ctx.save_for_backward(kept, p, d_before, d_after)  # type: ignore[attr-defined]
+        ctx.save_for_backward(raw >= 0.0, p, d_before, d_after)  # type: ignore[attr-defined]
+        return raw.clamp_min(0.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: object, grad: Tensor, *_: object) -> Tensor:  # type: ignore[override]
+    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
         kept, p, d_before, d_after = ctx.saved_tensors  # type: ignore[attr-defined]
-        half = _half_grad(grad, kept)
+        half = (0.5 * grad * kept).unsqueeze(-1)
         out = torch.zeros_like(p)
         out[:-1] += _jsd_grad(p[:-1], d_before, half)
         out[1:] += _jsd_grad(p[1:], d_after, half)
@@ -185,11 +149,6 @@ def _jsd_terms(log_p: Tensor, log_q: Tensor, p: Tensor, q: Tensor) -> tuple[Tens
     # of second order in (p - q): no cancellation between large terms.
     terms = (p * d_p).add_(q * d_q).sub_(p).sub_(q).add_(log_m.exp_(), alpha=2.0)
     return terms.sum(dim=-1).mul_(0.5), d_p, d_q
-
-
-def _half_grad(grad: Tensor, kept: Tensor) -> Tensor:
-    """½ × the incoming gradient where the JSD was not clamped, over a class axis."""
-    return (0.5 * grad * kept).unsqueeze(-1)
 
 
 def _jsd_grad(probs: Tensor, d: Tensor, half: Tensor) -> Tensor:
@@ -338,7 +297,7 @@ DIVERGENCES: dict[str, Divergence] = {
 
 
 def _segment_jensen_shannon(logits: Tensor) -> Tensor:
-    return _SegmentJensenShannon.apply(logits)[0]
+    return _SegmentJensenShannon.apply(logits)
 
 
 def _segment_hellinger(logits: Tensor) -> Tensor:

@@ -230,9 +230,9 @@ def test_an_unknown_divergence_name_lists_the_choices():
 
 
 # ----------------------------------------------------------------------------------
-# The fast forms: the closed-form JSD gradient, log-probabilities for few classes, the
-# segment forms and the block-wise energy step compute the same numbers as the plain
-# expressions they replace.
+# The fast forms: the JSD's non-negative terms, log-probabilities for few classes, the
+# segment forms (the JSD's with its gradient in closed form) and the block-wise energy
+# step compute the same numbers as the plain expressions they replace.
 
 
 def plain_jensen_shannon(logits_p, logits_q):
@@ -258,7 +258,7 @@ def values_and_grads(fn, *tensors, seed=0):
     p=logits(n_classes=st.integers(2, 20), batch_shape=(2, 3), scale=st.floats(0, 30)),
     data=st.data(),
 )
-def test_the_closed_form_jsd_gradient_is_autograds_of_the_definition(p, data):
+def test_the_jensen_shannon_gradient_is_that_of_the_definition(p, data):
     # q broadcasts over p's leading axis, so the gradient must be summed back to it.
     q = data.draw(logits(n_classes=p.shape[-1], batch_shape=(3,), scale=st.floats(0, 30)))
     got, got_grads = values_and_grads(jensen_shannon, p, q)
@@ -332,10 +332,21 @@ def test_the_block_wise_energy_step_equals_the_energy_differentiated_at_once(fn,
     assert costs.dtype == fr.dtype == torch.float64
 
 
-def test_the_jensen_shannon_divergence_works_under_vmap():
-    p, q = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+def test_the_jensen_shannon_divergence_has_every_derivative_and_works_under_vmap():
+    p, q = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(jensen_shannon)(p, q), jensen_shannon(p, q))
-    per_row = torch.func.vmap(torch.func.grad(lambda a, b: jensen_shannon(a, b).sum()))
-    leaf = p.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(jensen_shannon(leaf, q).sum(), leaf)
-    torch.testing.assert_close(per_row(p, q), want)
+    hessian = torch.autograd.functional.hessian(lambda a: jensen_shannon(a, q[0, 0]), p[0, 0])
+    want = torch.autograd.functional.hessian(lambda a: plain_jensen_shannon(a, q[0, 0]), p[0, 0])
+    torch.testing.assert_close(hessian, want)
+
+
+def test_the_closed_form_segment_gradient_refuses_what_it_cannot_do_loudly():
+    # First derivatives only: no silently wrong second derivative or transform.
+    stack = torch.randn(4, 3, 5)
+    form = segment_form(jensen_shannon)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda s: form(s).sum())(stack)
+    leaf = stack.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(form(leaf).sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.sum(), leaf)
