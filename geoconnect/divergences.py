@@ -335,7 +335,10 @@ def segment_form(divergence: Divergence) -> Callable[[Tensor], Tensor]:
     """``logits -> divergence(logits[:-1], logits[1:])``, shared work done once.
 
     For the built-in divergences, a form that computes each point's probabilities
-    once; for any other callable, the pairwise call itself.
+    once; for any other callable, the pairwise call itself. The Jensen–Shannon form
+    has its gradient in closed form and is differentiable once only (a second
+    derivative or a ``torch.func`` transform raises); call ``jensen_shannon``
+    pairwise for those.
 
     Parameters
     ----------
