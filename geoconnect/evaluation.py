@@ -132,6 +132,12 @@ def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor,
         block = logits[start:stop].requires_grad_(True)
         with torch.enable_grad():
             values = segment_divergences(block, divergence)
+            if not values.requires_grad:
+                raise ValueError(
+                    "The divergence returned values without a gradient: it must be "
+                    "computed from its logits with differentiable torch operations "
+                    "(no .detach(), .item(), NumPy or torch.no_grad())."
+                )
             values.mean(1).sum().backward()
         grad[start:stop] += block.grad
         costs.append(values.detach().double().sum(1))

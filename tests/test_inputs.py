@@ -153,6 +153,14 @@ def test_a_custom_divergence_of_the_wrong_shape_is_rejected(small_pair):
         fit(CONNECTORS[0].values[0], small_pair, divergence=total)
 
 
+def test_a_custom_divergence_without_a_gradient_is_rejected(small_pair):
+    def detached(p, q):
+        return (p.softmax(-1) - q.softmax(-1)).abs().sum(-1).detach()
+
+    with pytest.raises(ValueError, match=r"divergence returned values without a gradient"):
+        fit(CONNECTORS[0].values[0], small_pair, divergence=detached)
+
+
 # -- the data ----------------------------------------------------------------------------
 
 
