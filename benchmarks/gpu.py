@@ -3,9 +3,11 @@
 One prepared script for a session that is lent a GPU: trains two ResNet-20×4
 networks from two seeds on synthetic 32×32 RGB images (10 classes, each a smooth
 random template plus noise — nothing downloaded), then runs GeodesicConnector over
-a ladder of epoch budgets and the seed algorithm (``benchmarks/seed.py``, one run
+a ladder of epoch budgets (float32, then ``mixed_precision=True``: bf16 autocast;
+each until it connects) and the seed algorithm (``benchmarks/seed.py``, one run
 scored at 1, 2, 4, … epochs until it connects or passes ``--seed-cap`` seconds), and
-prints time-to-connect, seconds per epoch and peak GPU memory, with ratios. Sized
+prints time-to-connect, seconds per epoch and peak GPU memory, with ratios, and
+whether bf16 keeps the path's quality. Sized
 to stay under 5 minutes on one H100; not yet run on one (see benchmarks/README.md).
 
     python benchmarks/gpu.py            # on a CUDA machine
@@ -146,13 +148,14 @@ def main() -> None:
         f"endpoint accuracy {ev_line.accuracy[0]:.3f} / {ev_line.accuracy[-1]:.3f}"
     )
 
-    def ours(epochs: int) -> GeodesicConnector:
+    def ours(epochs: int, mixed_precision: bool = False) -> GeodesicConnector:
         conn = GeodesicConnector(
             n_points=25,
             max_iter=epochs,
             n_iter_no_change=epochs,
             device=device,
             random_state=0,
+            mixed_precision=mixed_precision,
         )
         return conn.fit(X_train, model_a=model_a, model_b=model_b)
 
@@ -166,22 +169,28 @@ def main() -> None:
             flush=True,
         )
 
-    ours(1)  # warm-up: kernels, cuDNN autotuning, evaluation-strategy choice
+    def ladder(label: str, mixed_precision: bool) -> dict:
+        """Fresh fits at each budget until one connects; seconds per epoch of the last."""
+        ours(1, mixed_precision)  # warm-up: kernels, cuDNN autotuning, strategy choice
+        rows, fitted = [], None
+        for epochs in ours_budgets:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            tic = time.perf_counter()
+            fitted = ours(epochs, mixed_precision)
+            seconds = time.perf_counter() - tic
+            barrier = evaluate_path(fitted.path_, X_test, y_test).barrier
+            rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
+            show(label, rows[-1])
+            if barrier <= target:
+                break
+        history = fitted.history_
+        per_epoch = [s for s, n in zip(history["seconds"], history["n_points"]) if n == 25]
+        return {"ladder": rows, "seconds_per_epoch": float(np.median(per_epoch))}
+
     report: dict = {"device": name, "n_params": n_params, "linear_barrier": ev_line.barrier}
-    rows, fitted = [], None
-    for epochs in ours_budgets:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        fitted = ours(epochs)
-        seconds = time.perf_counter() - tic
-        barrier = evaluate_path(fitted.path_, X_test, y_test).barrier
-        rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
-        show("geoconnect", rows[-1])
-    per_epoch = [
-        s for s, n in zip(fitted.history_["seconds"], fitted.history_["n_points"]) if n == 25
-    ]
-    report["geoconnect"] = {"ladder": rows, "seconds_per_epoch": float(np.median(per_epoch))}
+    report["geoconnect"] = ladder("geoconnect", mixed_precision=False)
+    report["bf16"] = ladder("bf16", mixed_precision=True)
     rows, epoch_seconds = [], [float("nan")]
     for epochs, path, timing in seed_run(seed_budgets):
         barrier = evaluate_path(path, X_test, y_test).barrier
@@ -192,8 +201,9 @@ def main() -> None:
             break
     report["seed"] = {"ladder": rows, "seconds_per_epoch": float(np.median(epoch_seconds))}
     report["geoconnect"]["peak_bytes"] = peak_bytes(lambda: ours(1), device)
+    report["bf16"]["peak_bytes"] = peak_bytes(lambda: ours(1, True), device)
     report["seed"]["peak_bytes"] = peak_bytes(lambda: list(seed_run([1])), device)
-    for method in ("geoconnect", "seed"):
+    for method in ("geoconnect", "bf16", "seed"):
         reached = [r["seconds"] for r in report[method]["ladder"] if r["barrier"] <= target]
         report[method]["time_to_connect"] = min(reached, default=None)
 
@@ -222,6 +232,15 @@ def main() -> None:
         f"peak GPU memory (one-epoch fit): geoconnect {o['peak_bytes'] / 2**30:.2f} GiB, "
         f"seed {s['peak_bytes'] / 2**30:.2f} GiB; parameters x 28 = "
         f"{28 * 4 * n_params / 2**30:.2f} GiB"
+    )
+    m = report["bf16"]
+    ttc = "not reached" if m["time_to_connect"] is None else f"{m['time_to_connect']:.1f} s"
+    print(
+        f"mixed_precision=True (bf16): time-to-connect {ttc}, "
+        f"best test barrier {min(r['barrier'] for r in m['ladder']):.4f} "
+        f"(float32 {min(r['barrier'] for r in o['ladder']):.4f}); seconds per epoch "
+        f"{m['seconds_per_epoch']:.3f}, {o['seconds_per_epoch'] / m['seconds_per_epoch']:.2f}x "
+        f"float32's; peak {m['peak_bytes'] / 2**30:.2f} GiB"
     )
     if args.json:
         with open(args.json, "w") as fh:

@@ -132,6 +132,40 @@ def test_sgd_is_available_with_the_papers_settings(digits_pair):
     assert np.isfinite(conn.energy_)
 
 
+def test_mixed_precision_finds_the_same_path_quality_as_float32(digits_pair, digits_paths):
+    line, geodesic = digits_paths
+    mixed = fit_geodesic(digits_pair, n_points=9, max_iter=30, mixed_precision=True)
+    test = (digits_pair.X_test, digits_pair.y_test)
+    barrier = mixed.evaluate(*test).barrier
+    assert barrier <= line.evaluate(*test).barrier / 10
+    assert barrier == pytest.approx(geodesic.evaluate(*test).barrier, abs=0.01)
+    assert mixed.length_ == pytest.approx(geodesic.length_, rel=0.1)
+    for name, stack in mixed.path_.params.items():
+        assert stack.dtype == torch.float32, name  # the path itself stays in float32
+
+
+def test_mixed_precision_runs_the_networks_in_bfloat16(small_pair):
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            seen.append(out.dtype)
+            return out
+
+    a, b = Recording(small_pair.model_a), Recording(small_pair.model_b)
+    seen.clear()
+    GeodesicConnector(n_points=4, max_iter=1, device="cpu", mixed_precision=True).fit(
+        small_pair.X, model_a=a, model_b=b
+    )
+    assert torch.bfloat16 in seen  # the fit's steps
+    assert torch.float32 in seen  # the ends, the evaluation of the path
+
+
 def test_a_two_point_geodesic_is_the_pair_itself(small_pair):
     conn = fit_geodesic(small_pair, n_points=2)
     assert len(conn.path_) == 2

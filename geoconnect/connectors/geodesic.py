@@ -81,6 +81,13 @@ class GeodesicConnector(_BaseConnector):
         full path runs up to ``max_iter`` epochs with early stopping. On the digits
         pairs this reaches a given barrier with about a third of the computation (see
         ``benchmarks/``). Not used with ``warm_start`` continuing a fitted path.
+    mixed_precision : bool, default=False
+        Run the networks' forward and backward passes during fitting in bfloat16
+        under ``torch.autocast`` (CUDA or CPU); the parameters, their optimiser, the
+        energy and every reported number stay in the models' dtype. Meant for large
+        networks on GPUs with bfloat16 units. On the digits pairs (CPU) the fitted
+        path's test barrier was that of a float32 fit within 0.001 nats, and the
+        epochs were no faster.
 
     Attributes
     ----------
@@ -149,6 +156,7 @@ class GeodesicConnector(_BaseConnector):
         "coarse_to_fine": ["boolean"],
         "align": [StrOptions({"weight_matching"}), None],
         "model_factory": [callable, None],
+        "mixed_precision": ["boolean"],
     }
 
     def __init__(
@@ -168,6 +176,7 @@ class GeodesicConnector(_BaseConnector):
         align: str | None = None,
         model_factory: Callable[..., nn.Module] | None = None,
         coarse_to_fine: bool = True,
+        mixed_precision: bool = False,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -184,6 +193,7 @@ class GeodesicConnector(_BaseConnector):
         self.model_factory = model_factory
         self.coarse_to_fine = coarse_to_fine
         self.align = align
+        self.mixed_precision = mixed_precision
 
     def fit(
         self,
@@ -215,6 +225,11 @@ class GeodesicConnector(_BaseConnector):
         self._validate_params()
         divergence = get_divergence(self.divergence)
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
+        if self.mixed_precision and inputs.device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                "mixed_precision=True runs under torch.autocast in bfloat16 on CUDA or "
+                f"CPU devices; the device is {inputs.device}. Set mixed_precision=False."
+            )
         path = self._initial_path(inputs)
         history = (
             self.history_
@@ -363,7 +378,9 @@ class GeodesicConnector(_BaseConnector):
             length_sum = torch.zeros_like(energy_sum)
             seen = 0
             for batch in data.batches(self.batch_size, generator=generator):  # type: ignore[attr-defined]
-                costs, fr_squared = _step(path, interior, batch, ends, module, divergence)
+                costs, fr_squared = _step(
+                    path, interior, batch, ends, module, divergence, self.mixed_precision
+                )
                 optimizer.step()
                 energy_sum += costs
                 length_sum += fr_squared
@@ -412,6 +429,7 @@ def _step(
     ends: _EndLogits,
     module: nn.Module,
     divergence: object,
+    mixed_precision: bool,
 ) -> tuple[Tensor, Tensor]:
     """Set the interior's gradient of the energy on one batch; return its segment sums.
 
@@ -421,9 +439,11 @@ def _step(
     for tensor in interior.values():
         tensor.grad = None
     end = ends.logits(batch)
-    logits = torch.cat(
-        [end[:1], path.functional_forward(interior, batch.x, module=module), end[1:]]  # type: ignore[attr-defined]
-    )
+    device_type = end.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision):
+        inner = path.functional_forward(interior, batch.x, module=module)  # type: ignore[attr-defined]
+    logits = torch.cat([end[:1], inner.to(end.dtype), end[1:]])
+    del inner
     grad, costs, fr_squared = energy_step(logits, divergence)  # type: ignore[arg-type]
     logits.backward(grad)
     return costs, fr_squared
