@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -439,8 +440,12 @@ def _step(
     for tensor in interior.values():
         tensor.grad = None
     end = ends.logits(batch)
-    device_type = end.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision):
+    precision = (
+        torch.autocast(end.device.type, dtype=torch.bfloat16)
+        if mixed_precision
+        else contextlib.nullcontext()
+    )
+    with precision:
         inner = path.functional_forward(interior, batch.x, module=module)  # type: ignore[attr-defined]
     logits = torch.cat([end[:1], inner.to(end.dtype), end[1:]])
     del inner
