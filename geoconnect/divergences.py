@@ -104,7 +104,7 @@ def jensen_shannon(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """
     log_p, log_q = _log_probs(logits_p, logits_q)
     raw, _, _ = _jsd_terms(log_p, log_q, log_p.exp(), log_q.exp())
-    return raw.clamp_min(0.0)
+    return _non_negative(raw)
 
 
 class _SegmentJensenShannon(torch.autograd.Function):
@@ -127,14 +127,14 @@ class _SegmentJensenShannon(torch.autograd.Function):
         log_p = _log_softmax(logits)
         p = log_p.exp()
         raw, d_before, d_after = _jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
-        ctx.save_for_backward(raw >= 0.0, p, d_before, d_after)  # type: ignore[attr-defined]
-        return raw.clamp_min(0.0)
+        ctx.save_for_backward(p, d_before, d_after)  # type: ignore[attr-defined]
+        return raw.clamp_min(0.0)  # the gradient is the exact one, as in _non_negative
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
-        kept, p, d_before, d_after = ctx.saved_tensors  # type: ignore[attr-defined]
-        half = (0.5 * grad * kept).unsqueeze(-1)
+        p, d_before, d_after = ctx.saved_tensors  # type: ignore[attr-defined]
+        half = (0.5 * grad).unsqueeze(-1)
         out = torch.zeros_like(p)
         out[:-1] += _jsd_grad(p[:-1], d_before, half)
         out[1:] += _jsd_grad(p[1:], d_after, half)
@@ -149,6 +149,16 @@ def _jsd_terms(log_p: Tensor, log_q: Tensor, p: Tensor, q: Tensor) -> tuple[Tens
     # of second order in (p - q): no cancellation between large terms.
     terms = (p * d_p).add_(q * d_q).sub_(p).sub_(q).add_(log_m.exp_(), alpha=2.0)
     return terms.sum(dim=-1).mul_(0.5), d_p, d_q
+
+
+def _non_negative(raw: Tensor) -> Tensor:
+    """``raw`` with rounding below zero clamped, and the gradient of ``raw`` itself.
+
+    Near ``p = q`` the JSD is of second order in ``p − q`` and its computed value can
+    round to slightly below zero, while its gradient, of first order, is still
+    accurate: clamping the value must not zero the gradient there.
+    """
+    return raw + (raw.clamp_min(0.0) - raw).detach()
 
 
 def _jsd_grad(probs: Tensor, d: Tensor, half: Tensor) -> Tensor:

@@ -269,6 +269,22 @@ def test_the_jensen_shannon_gradient_is_that_of_the_definition(p, data):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
 
 
+def test_clamping_a_value_rounded_below_zero_keeps_the_jensen_shannon_gradient():
+    # Uniform against nearly uniform: the value is of order 1e-17 and may round below
+    # zero, the gradient is of order 1e-9 and must survive the clamp (found by
+    # hypothesis: the clamp used to zero it).
+    p = torch.zeros(1, 5, dtype=torch.float64)
+    q = p.clone()
+    q[0, 0] = 2.9802e-08
+    _, (want, _) = values_and_grads(plain_jensen_shannon, p, q)
+    _, (got, _) = values_and_grads(jensen_shannon, p, q)
+    assert want.abs().max() > 1e-9
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-15)
+    stack = torch.cat([p, q]).unsqueeze(1)  # two points, one sample
+    _, (got_stack,) = values_and_grads(segment_form(jensen_shannon), stack)
+    torch.testing.assert_close(got_stack[0, 0], want[0], rtol=1e-6, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(x=st.data())
 @PROPERTY
