@@ -209,9 +209,10 @@ def as_data(
                 f"X must hold numbers; got an array of dtype {array.dtype}. Convert it "
                 "with np.asarray(X, dtype=np.float32)."
             )
-        if not array.flags.writeable:  # torch warns on read-only arrays
-            array = array.copy()
-        x = torch.as_tensor(array)
+        # Arrays become ``dtype`` here, in one conversion (a copy only when the dtype
+        # differs); a read-only array is copied by ``torch.tensor``, which never warns.
+        convert = torch.as_tensor if array.flags.writeable else torch.tensor
+        x = convert(array, dtype=dtype)
     if x.ndim < 2:
         raise ValueError(
             f"X must have shape (n_samples, *input_shape); got shape {tuple(x.shape)}. "
@@ -223,9 +224,8 @@ def as_data(
             f"X is empty: found array with 0 samples (shape {tuple(x.shape)}); at least "
             "one sample is required."
         )
-    if x.is_floating_point() or x.dtype == torch.bool or not isinstance(X, Tensor):
-        # Arrays are inputs to a float network; integer *tensors* are kept as they are
-        # (token ids for an embedding layer).
+    if isinstance(X, Tensor) and (x.is_floating_point() or x.dtype == torch.bool):
+        # Integer *tensors* are kept as they are (token ids for an embedding layer).
         x = x.to(dtype)
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(
