@@ -141,8 +141,8 @@ def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor,
             values.mean(1).sum().backward()
         grad[start:stop] += block.grad
         costs.append(values.detach().double().sum(1))
-        with torch.no_grad():
-            fr.append(segment_divergences(block.detach().double(), fisher_rao_squared).sum(1))
+        with torch.no_grad():  # values in the logits' precision, sums in float64
+            fr.append(segment_divergences(block.detach(), fisher_rao_squared).double().sum(1))
     return grad, torch.cat(costs), torch.cat(fr)
 
 

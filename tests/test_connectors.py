@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from conftest import random_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 from geoconnect import GeodesicConnector, LinearConnector, PathEvaluation
-from geoconnect.divergences import jensen_shannon
+from geoconnect._data import Batch
+from geoconnect.connectors.geodesic import _POINTS_PER_CHUNK, _EndLogits, _step
+from geoconnect.divergences import fisher_rao_squared, jensen_shannon
+from geoconnect.evaluation import segment_divergences
+from geoconnect.path import ModelPath
 
 
 def fit_geodesic(pair, **params):
@@ -206,6 +213,90 @@ def test_the_linear_path_is_the_straight_line(small_pair):
     theta = path.parameters_vector().double()
     t = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
     torch.testing.assert_close(theta, (1 - t) * theta[0] + t * theta[-1], rtol=1e-6, atol=1e-6)
+
+
+# -- one optimisation step ------------------------------------------------------------
+
+
+def _step_inputs(n_points, strategy, batchnorm, seed):
+    """A path with a perturbed interior, its fitting module, and one batch."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)]
+    nets = []
+    for _ in range(2):
+        net = nn.Sequential(*copy.deepcopy(layers if batchnorm else layers[:1] + layers[2:]))
+        with torch.no_grad():
+            for param in net.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen))
+        nets.append(net.double().eval())
+    path = ModelPath.linear(*nets, n_points)
+    with torch.no_grad():
+        for stack in path.params.values():
+            stack[1:-1] += 0.3 * torch.randn(stack[1:-1].shape, generator=gen, dtype=stack.dtype)
+    path._strategy = strategy
+    module = path.batch_statistics_module()
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    return path, module, Batch(x, None, None)
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(
+    n_points=st.integers(3, 3 * _POINTS_PER_CHUNK + 2),
+    strategy=st.sampled_from(["loop", "vmap"]),
+    batchnorm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_chunked_step_is_the_gradient_of_the_whole_batch_energy(
+    n_points, strategy, batchnorm, seed
+):
+    path, module, batch = _step_inputs(n_points, strategy, batchnorm, seed)
+    leaves = {k: v[1:-1].clone().requires_grad_(True) for k, v in path.params.items()}
+    ends = path.logits(batch.x, points=[0, -1])
+    logits = torch.cat(
+        [ends[:1], path.functional_forward(leaves, batch.x, module=module), ends[1:]]
+    )
+    values = segment_divergences(logits, jensen_shannon)
+    values.mean(1).sum().backward()
+
+    interior = {k: v[1:-1].requires_grad_(True) for k, v in path.params.items()}
+    costs, fr = _step(
+        path, interior, batch, _EndLogits(path, None, 6), module, jensen_shannon, False
+    )
+    for name, tensor in interior.items():
+        torch.testing.assert_close(tensor.grad, leaves[name].grad, msg=name)
+    torch.testing.assert_close(costs, values.detach().sum(1))
+    want_fr = segment_divergences(logits.detach(), fisher_rao_squared).sum(1)
+    torch.testing.assert_close(fr, want_fr)
+
+
+def test_a_step_holds_at_most_two_chunks_of_activations_whatever_the_points():
+    n_points = 3 * _POINTS_PER_CHUNK + 2
+    path, module, batch = _step_inputs(n_points, "loop", batchnorm=False, seed=0)
+    live, peak = [0], [0]
+
+    class Held:  # a saved activation of the hidden layer (width 7), counted while held
+        def __init__(self, tensor):
+            self.tensor = tensor
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(self, lambda: live.__setitem__(0, live[0] - 1))
+
+    def pack(tensor):
+        return Held(tensor) if tensor.shape[-1] == 7 else tensor
+
+    def unpack(saved):
+        return saved.tensor if isinstance(saved, Held) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        one = {k: v[:1].clone().requires_grad_(True) for k, v in path.params.items()}
+        path.functional_forward(one, batch.x, module=module)
+        per_network = peak[0]
+        live[0] = peak[0] = 0
+        interior = {k: v[1:-1].requires_grad_(True) for k, v in path.params.items()}
+        _step(path, interior, batch, _EndLogits(path, None, 6), module, jensen_shannon, False)
+    assert per_network > 0
+    assert peak[0] == 2 * _POINTS_PER_CHUNK * per_network < (n_points - 2) * per_network
+    assert live[0] == 0
 
 
 # -- models with state ---------------------------------------------------------------

@@ -343,8 +343,10 @@ def test_the_block_wise_energy_step_equals_the_energy_differentiated_at_once(fn,
     values.mean(1).sum().backward()
     torch.testing.assert_close(grad, leaf.grad)
     torch.testing.assert_close(costs, values.detach().double().sum(1))
+    # d_FR² per sample in float32 (the Hellinger form is accurate there), summed in
+    # float64: within float32 rounding of the float64 evaluation.
     want_fr = segment_divergences(stack.double(), fisher_rao_squared).sum(1)
-    torch.testing.assert_close(fr, want_fr)
+    torch.testing.assert_close(fr, want_fr, rtol=1e-5, atol=1e-6)
     assert costs.dtype == fr.dtype == torch.float64
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -295,7 +296,7 @@ class GeodesicConnector(_BaseConnector):
         module = path.batch_statistics_module()
         ends = _EndLogits(path, data, self.batch_size)
         first = next(iter(data.batches(self.batch_size)))
-        path.choose_strategy(first.x, path.n_points - 2, module=module)
+        path.choose_strategy(first.x, min(path.n_points - 2, _POINTS_PER_CHUNK), module=module)
         levels = self._levels(path.n_points, continuing)
         bar = tqdm(
             total=sum(e for _, e in levels),
@@ -423,6 +424,9 @@ class GeodesicConnector(_BaseConnector):
         return epochs
 
 
+_POINTS_PER_CHUNK = 8  # interior points whose networks' activations live together
+
+
 def _step(
     path: ModelPath,
     interior: dict[str, Tensor],
@@ -434,24 +438,90 @@ def _step(
 ) -> tuple[Tensor, Tensor]:
     """Set the interior's gradient of the energy on one batch; return its segment sums.
 
-    A function of its own so that the batch's logits and their gradient are freed
-    before the next batch's forward pass allocates its own.
+    The interior is evaluated ``_POINTS_PER_CHUNK`` points at a time, each network
+    once. A point's gradient needs only its neighbours' logits, so a chunk is
+    back-propagated as soon as the next chunk's first point is known, before the
+    next chunk's own segments are differentiated: at most two chunks' networks hold
+    their activations at once, and the divergence's temporaries meet only one
+    chunk's, whatever the number of points. The result is the gradient of the whole
+    batch's energy.
     """
-    for tensor in interior.values():
-        tensor.grad = None
     end = ends.logits(batch)
     precision = (
         torch.autocast(end.device.type, dtype=torch.bfloat16)
         if mixed_precision
         else contextlib.nullcontext()
     )
-    with precision:
-        inner = path.functional_forward(interior, batch.x, module=module)  # type: ignore[attr-defined]
-    logits = torch.cat([end[:1], inner.to(end.dtype), end[1:]])
-    del inner
-    grad, costs, fr_squared = energy_step(logits, divergence)  # type: ignore[arg-type]
-    logits.backward(grad)
-    return costs, fr_squared
+    n_interior = next(iter(interior.values())).shape[0]
+    for tensor in interior.values():
+        if tensor.grad is None:
+            tensor.grad = torch.empty_like(tensor)
+    costs: list[Tensor] = []
+    fr_squared: list[Tensor] = []
+    pending: _Chunk | None = None
+    left = end[:1]  # logits of the point before the chunk, not differentiated
+    for start in range(0, n_interior, _POINTS_PER_CHUNK):
+        where = slice(start, min(start + _POINTS_PER_CHUNK, n_interior))
+        leaves = {n: t[where].detach().requires_grad_(True) for n, t in interior.items()}
+        with precision:
+            out = path.functional_forward(leaves, batch.x, module=module)  # type: ignore[attr-defined]
+        chunk = _Chunk(where, leaves, out.to(end.dtype))
+        del out
+        own = chunk.logits.detach()
+        last = where.stop == n_interior
+        # The segment joining the chunk to the point before it completes the previous
+        # chunk's gradient; that chunk is back-propagated, and its activations freed,
+        # before this chunk's own segments are differentiated.
+        join = _energy(torch.cat([left, own[:1]]), divergence, costs, fr_squared)
+        if pending is not None:
+            pending.grad[-1] += join[0]  # type: ignore[index]
+            pending.backward(interior)
+        inside = torch.cat([own, end[1:]]) if last else own
+        grad = (
+            _energy(inside, divergence, costs, fr_squared)
+            if len(inside) > 1
+            else torch.zeros_like(inside)
+        )
+        grad[0] += join[1]
+        chunk.grad = grad[: len(own)]
+        left = own[-1:].clone()
+        pending = chunk
+        del own, inside, grad, join
+    assert pending is not None
+    pending.backward(interior)
+    return torch.cat(costs), torch.cat(fr_squared)
+
+
+def _energy(
+    logits: Tensor, divergence: object, costs: list[Tensor], fr_squared: list[Tensor]
+) -> Tensor:
+    """Gradient of the energy of the segments between ``logits``; their sums appended."""
+    grad, costs_part, fr_part = energy_step(logits, divergence)  # type: ignore[arg-type]
+    costs.append(costs_part)
+    fr_squared.append(fr_part)
+    return grad
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Interior points evaluated together, and their logits awaiting its gradient."""
+
+    where: slice
+    leaves: dict[str, Tensor]
+    logits: Tensor | None
+    grad: Tensor | None = None
+
+    def backward(self, interior: dict[str, Tensor]) -> None:
+        """Back-propagate into this chunk's slice of the interior's gradient, and free."""
+        self.logits.backward(self.grad)  # type: ignore[union-attr]
+        for name, leaf in self.leaves.items():
+            target = interior[name].grad[self.where]  # type: ignore[index]
+            if leaf.grad is None:  # a parameter the forward pass does not use
+                target.zero_()
+            else:
+                target.copy_(leaf.grad)
+        self.logits = self.grad = None
+        self.leaves = {}
 
 
 class _EndLogits:
