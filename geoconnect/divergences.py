@@ -134,11 +134,7 @@ class _SegmentJensenShannon(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
         p, d_before, d_after = ctx.saved_tensors  # type: ignore[attr-defined]
-        half = (0.5 * grad).unsqueeze(-1)
-        out = torch.zeros_like(p)
-        out[:-1] += _jsd_grad(p[:-1], d_before, half)
-        out[1:] += _jsd_grad(p[1:], d_after, half)
-        return out
+        return _segment_jsd_grad(p, d_before, d_after, (0.5 * grad).unsqueeze(-1))
 
 
 def _jsd_terms(log_p: Tensor, log_q: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, ...]:
@@ -161,10 +157,33 @@ def _non_negative(raw: Tensor) -> Tensor:
     return raw + (raw.clamp_min(0.0) - raw).detach()
 
 
-def _jsd_grad(probs: Tensor, d: Tensor, half: Tensor) -> Tensor:
+def _jsd_grad(probs: Tensor, d: Tensor, half: Tensor | float) -> Tensor:
     """Gradient with respect to one side's logits: ``½ g · p ⊙ (d − ⟨p, d⟩)``."""
     weighted = probs * d
     return weighted.sub_(probs * weighted.sum(dim=-1, keepdim=True)).mul_(half)
+
+
+def _segment_jsd_grad(p: Tensor, d_before: Tensor, d_after: Tensor, half: Tensor | float) -> Tensor:
+    """Gradient of the segment JSDs weighted by ``2 half`` with respect to the logits."""
+    out = torch.zeros_like(p)
+    out[:-1] += _jsd_grad(p[:-1], d_before, half)
+    out[1:] += _jsd_grad(p[1:], d_after, half)
+    return out
+
+
+def _segment_jensen_shannon_and_grad(
+    logits: Tensor, weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment JSDs, the gradient of ``weight`` × their sum, and the log-probabilities.
+
+    What ``_SegmentJensenShannon`` computes forward and backward, by the same
+    formulas, without the automatic differentiation machinery, whose fixed cost per
+    call exceeds the arithmetic on the few points of a fitting step's block.
+    """
+    log_p = _log_softmax(logits)
+    p = log_p.exp()
+    raw, d_before, d_after = _jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
+    return raw.clamp_min_(0.0), _segment_jsd_grad(p, d_before, d_after, 0.5 * weight), log_p
 
 
 def hellinger(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -197,6 +216,12 @@ def hellinger(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 def _root_probs(logits: Tensor) -> Tensor:
     return torch.exp(0.5 * _log_softmax(logits))
+
+
+def _segment_fisher_rao_squared_of_log_probs(log_p: Tensor) -> Tensor:
+    """``fisher_rao_squared`` between consecutive points, from their log-probabilities."""
+    roots = torch.exp(0.5 * log_p)
+    return _fisher_rao_of_hellinger(_hellinger_of_roots(roots[:-1], roots[1:])).square()
 
 
 def _hellinger_of_roots(root_p: Tensor, root_q: Tensor) -> Tensor:

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._data import StreamData, TensorData, as_data, check_labels
-from .divergences import Divergence, fisher_rao_squared, segment_form
+from .divergences import (
+    Divergence,
+    _segment_fisher_rao_squared_of_log_probs,
+    _segment_jensen_shannon_and_grad,
+    fisher_rao_squared,
+    jensen_shannon,
+    segment_form,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -97,7 +104,10 @@ def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor,
     back-propagates through the networks. The divergence's temporaries scale with
     segments × batch × classes, so the segments are taken ``_SEGMENTS_PER_BLOCK`` at a
     time, each block differentiated and freed before the next: the result is the same
-    as differentiating all segments at once, with a fraction of the peak memory.
+    as differentiating all segments at once, with a fraction of the peak memory. The
+    default divergence, ``jensen_shannon``, has its gradient in closed form (as in
+    ``segment_form``), applied without automatic differentiation; any other is
+    differentiated by autograd.
 
     Parameters
     ----------
@@ -124,26 +134,54 @@ def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor,
     >>> grad.shape, costs.tolist(), fr.tolist()
     (torch.Size([3, 8, 4]), [0.0, 0.0], [0.0, 0.0])
     """
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        raise TypeError(
+            "logits must be a tensor of shape (K, batch, n_classes); got "
+            f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}."
+        )
     logits = logits.detach()
+    if logits.shape[0] <= _SEGMENTS_PER_BLOCK + 1:  # one block
+        grad, costs, fr = _energy_block(logits, divergence)
+        return grad, costs, fr
     grad = torch.zeros_like(logits)
     costs, fr = [], []
     for start in range(0, logits.shape[0] - 1, _SEGMENTS_PER_BLOCK):
         stop = start + _SEGMENTS_PER_BLOCK + 1  # the block's points, with the next one
-        block = logits[start:stop].requires_grad_(True)
-        with torch.enable_grad():
-            values = segment_divergences(block, divergence)
-            if not values.requires_grad:
-                raise ValueError(
-                    "The divergence returned values without a gradient: it must be "
-                    "computed from its logits with differentiable torch operations "
-                    "(no .detach(), .item(), NumPy or torch.no_grad())."
-                )
-            values.mean(1).sum().backward()
-        grad[start:stop] += block.grad
-        costs.append(values.detach().double().sum(1))
-        with torch.no_grad():  # values in the logits' precision, sums in float64
-            fr.append(segment_divergences(block.detach(), fisher_rao_squared).double().sum(1))
+        block_grad, block_costs, block_fr = _energy_block(logits[start:stop], divergence)
+        grad[start:stop] += block_grad
+        costs.append(block_costs)
+        fr.append(block_fr)
     return grad, torch.cat(costs), torch.cat(fr)
+
+
+def _energy_block(block: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
+    """``energy_step`` on one block of points."""
+    weight = 1.0 / block.shape[1]  # the energy is a mean over the batch
+    if divergence is jensen_shannon:  # the default: its gradient in closed form
+        values, grad, log_p = _segment_jensen_shannon_and_grad(block, weight)
+        fr = _segment_fisher_rao_squared_of_log_probs(log_p)
+        del log_p
+    else:
+        values, grad = _autograd_energy(block, divergence, weight)
+        with torch.no_grad():
+            fr = segment_divergences(block, fisher_rao_squared)
+    # values in the logits' precision, sums in float64
+    return grad, values.sum(1, dtype=torch.float64), fr.sum(1, dtype=torch.float64)
+
+
+def _autograd_energy(block: Tensor, divergence: Divergence, weight: float) -> tuple[Tensor, Tensor]:
+    """A block's segment divergences and the gradient of ``weight`` × their sum."""
+    block = block.detach().requires_grad_(True)
+    with torch.enable_grad():
+        values = segment_divergences(block, divergence)
+        if not values.requires_grad:
+            raise ValueError(
+                "The divergence returned values without a gradient: it must be "
+                "computed from its logits with differentiable torch operations "
+                "(no .detach(), .item(), NumPy or torch.no_grad())."
+            )
+        (values.sum() * weight).backward()
+    return values.detach(), block.grad  # type: ignore[return-value]
 
 
 def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:

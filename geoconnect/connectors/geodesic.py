@@ -469,24 +469,29 @@ def _step(
         del out
         own = chunk.logits.detach()
         last = where.stop == n_interior
-        # The segment joining the chunk to the point before it completes the previous
-        # chunk's gradient; that chunk is back-propagated, and its activations freed,
-        # before this chunk's own segments are differentiated.
-        join = _energy(torch.cat([left, own[:1]]), divergence, costs, fr_squared)
-        if pending is not None:
+        if pending is None:  # the first chunk: no earlier chunk waits on its segments
+            block = torch.cat([left, own, end[1:]] if last else [left, own])
+            chunk.grad = _energy(block, divergence, costs, fr_squared)[1 : len(own) + 1]
+            del block
+        else:
+            # The segment joining the chunk to the point before it completes the
+            # previous chunk's gradient; that chunk is back-propagated, and its
+            # activations freed, before this chunk's own segments are differentiated.
+            join = _energy(torch.cat([left, own[:1]]), divergence, costs, fr_squared)
             pending.grad[-1] += join[0]  # type: ignore[index]
             pending.backward(interior)
-        inside = torch.cat([own, end[1:]]) if last else own
-        grad = (
-            _energy(inside, divergence, costs, fr_squared)
-            if len(inside) > 1
-            else torch.zeros_like(inside)
-        )
-        grad[0] += join[1]
-        chunk.grad = grad[: len(own)]
+            inside = torch.cat([own, end[1:]]) if last else own
+            grad = (
+                _energy(inside, divergence, costs, fr_squared)
+                if len(inside) > 1
+                else torch.zeros_like(inside)
+            )
+            grad[0] += join[1]
+            chunk.grad = grad[: len(own)]
+            del inside, grad, join
         left = own[-1:].clone()
         pending = chunk
-        del own, inside, grad, join
+        del own
     assert pending is not None
     pending.backward(interior)
     return torch.cat(costs), torch.cat(fr_squared)
