@@ -86,6 +86,9 @@ class ModelPath:
             raise ValueError(f"a path needs at least 2 points; got {self.n_points}.")
         bn_names = set(self.batchnorm_buffers)
         self.shared_buffers = {k: v for k, v in self.template.named_buffers() if k not in bn_names}
+        # functional_call looks for tied (shared) tensors on every call unless told there
+        # are none: about 50 us of a small network's 370 us forward pass on the CPU.
+        self._tied = _has_tied_tensors(self.template)
         self.t_ = (
             np.linspace(0.0, 1.0, self.n_points) if t is None else np.asarray(t, dtype=float).copy()
         )
@@ -378,7 +381,9 @@ class ModelPath:
         if strategy == "vmap":
 
             def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-                return functional_call(module, (p, b, self.shared_buffers), (x,))
+                return functional_call(
+                    module, (p, b, self.shared_buffers), (x,), tie_weights=self._tied
+                )
 
             return vmap(one, in_dims=(0, 0), randomness="same")(params, bn)
         names, stacks = list(params), [params[n].unbind(0) for n in params]
@@ -387,7 +392,9 @@ class ModelPath:
         for k in range(len(stacks[0])):
             p = {n: s[k] for n, s in zip(names, stacks)}
             b = {n: s[k] for n, s in zip(bn_names, bn_stacks)}
-            outputs.append(functional_call(module, (p, b, self.shared_buffers), (x,)))
+            outputs.append(
+                functional_call(module, (p, b, self.shared_buffers), (x,), tie_weights=self._tied)
+            )
         return torch.stack(outputs)
 
     @torch.no_grad()
@@ -601,6 +608,15 @@ class ModelPath:
                     (len(points),), n_batches, dtype=torch.long, device=self.device
                 )
         return statistics
+
+
+def _has_tied_tensors(module: nn.Module) -> bool:
+    """Whether a parameter or buffer is reachable under two names."""
+    params = list(module.named_parameters(remove_duplicate=False))
+    buffers = list(module.named_buffers(remove_duplicate=False))
+    return len({id(p) for _, p in params}) != len(params) or len(
+        {id(b) for _, b in buffers}
+    ) != len(buffers)
 
 
 _VMAP_MARGIN = 0.85  # vmap is chosen only when at least 15 % faster than the loop

@@ -390,6 +390,27 @@ def test_every_evaluation_strategy_gives_the_same_logits_and_gradients(strategy)
         torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_tied_weights_stay_tied_at_every_point(strategy):
+    class Tied(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.encode = nn.Linear(4, 4, bias=False)
+            self.decode = nn.Linear(4, 4, bias=False)
+            self.decode.weight = self.encode.weight
+
+        def forward(self, x):
+            return self.decode(torch.tanh(self.encode(x)))
+
+    path = ModelPath.linear(Tied(1), Tied(2), 5)
+    path._strategy = strategy
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    weights = path.params["encode.weight"]
+    expected = torch.stack([torch.tanh(x @ w.T) @ w.T for w in weights])
+    torch.testing.assert_close(path.logits(x), expected)
+
+
 def test_the_chosen_strategy_is_one_of_the_candidates_and_is_cached(small_pair):
     from geoconnect.path import _STRATEGY_CACHE
 
