@@ -437,9 +437,11 @@ class ModelPath:
         """Time vmap against a loop for a forward+backward of ``n_stack`` points on ``x``.
 
         vmap is chosen only when at least 15 % faster than the loop, which needs
-        less memory: on the digits CNN (2 CPU threads) vmap peaked at 1.7× the loop's
-        memory, and its epochs were no faster — nor were those of vmap over chunks of
-        8 points (0.64 and 0.61 s against the loop's 0.56 s, medians of 4 rounds).
+        less memory (vmap's backward pass holds the whole stack's intermediate
+        gradients at once). Fits time stacks of 8 points, the size they evaluate. On
+        the digits CNN (2 CPU threads) vmap over 8 points took 52 ms for a forward and
+        backward pass against the loop's 42 ms: its convolutions and pooling were
+        faster, but torch's batching rule for BatchNorm adds separate passes.
 
         The choice is cached per architecture, device, batch shape and stack size for
         the life of the process, so repeated fits with one ``random_state`` follow the

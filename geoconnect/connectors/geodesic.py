@@ -128,6 +128,12 @@ class GeodesicConnector(_BaseConnector):
     The paper's settings are ``solver="sgd", learning_rate_init=0.1, max_iter=20,
     batch_size=256``.
 
+    Each step evaluates the interior 8 points at a time and back-propagates a group
+    as soon as the next group's first point is known, so at most two groups' networks
+    hold their activations at once: that part of the memory does not grow with
+    ``n_points``. The parameters and Adam's two moments do, about 4 × ``n_points`` ×
+    the model's parameters.
+
     Examples
     --------
     >>> import torch
