@@ -124,9 +124,7 @@ class _SegmentJensenShannon(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, logits: Tensor) -> Tensor:  # type: ignore[override]
-        log_p = _log_softmax(logits)
-        p = log_p.exp()
-        raw, d_before, d_after = _jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
+        _, p, raw, d_before, d_after = _segment_jsd_parts(logits)
         ctx.save_for_backward(p, d_before, d_after)  # type: ignore[attr-defined]
         return raw.clamp_min(0.0)  # the gradient is the exact one, as in _non_negative
 
@@ -180,10 +178,15 @@ def _segment_jensen_shannon_and_grad(
     formulas, without the automatic differentiation machinery, whose fixed cost per
     call exceeds the arithmetic on the few points of a fitting step's block.
     """
+    log_p, p, raw, d_before, d_after = _segment_jsd_parts(logits)
+    return raw.clamp_min_(0.0), _segment_jsd_grad(p, d_before, d_after, 0.5 * weight), log_p
+
+
+def _segment_jsd_parts(logits: Tensor) -> tuple[Tensor, ...]:
+    """Log-probabilities, probabilities, unclamped segment JSDs and both sides' ``d``."""
     log_p = _log_softmax(logits)
     p = log_p.exp()
-    raw, d_before, d_after = _jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
-    return raw.clamp_min_(0.0), _segment_jsd_grad(p, d_before, d_after, 0.5 * weight), log_p
+    return log_p, p, *_jsd_terms(log_p[:-1], log_p[1:], p[:-1], p[1:])
 
 
 def hellinger(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -218,10 +221,14 @@ def _root_probs(logits: Tensor) -> Tensor:
     return torch.exp(0.5 * _log_softmax(logits))
 
 
+def _segment_hellinger_of_log_probs(log_p: Tensor) -> Tensor:
+    roots = torch.exp(0.5 * log_p)
+    return _hellinger_of_roots(roots[:-1], roots[1:])
+
+
 def _segment_fisher_rao_squared_of_log_probs(log_p: Tensor) -> Tensor:
     """``fisher_rao_squared`` between consecutive points, from their log-probabilities."""
-    roots = torch.exp(0.5 * log_p)
-    return _fisher_rao_of_hellinger(_hellinger_of_roots(roots[:-1], roots[1:])).square()
+    return _fisher_rao_of_hellinger(_segment_hellinger_of_log_probs(log_p)).square()
 
 
 def _hellinger_of_roots(root_p: Tensor, root_q: Tensor) -> Tensor:
@@ -336,8 +343,7 @@ def _segment_jensen_shannon(logits: Tensor) -> Tensor:
 
 
 def _segment_hellinger(logits: Tensor) -> Tensor:
-    roots = _root_probs(logits)
-    return _hellinger_of_roots(roots[:-1], roots[1:])
+    return _segment_hellinger_of_log_probs(_log_softmax(logits))
 
 
 def _segment_fisher_rao(logits: Tensor) -> Tensor:
@@ -345,7 +351,7 @@ def _segment_fisher_rao(logits: Tensor) -> Tensor:
 
 
 def _segment_fisher_rao_squared(logits: Tensor) -> Tensor:
-    return _segment_fisher_rao(logits).square()
+    return _segment_fisher_rao_squared_of_log_probs(_log_softmax(logits))
 
 
 def _segment_symmetric_kl(logits: Tensor) -> Tensor:

@@ -141,8 +141,7 @@ def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor,
         )
     logits = logits.detach()
     if logits.shape[0] <= _SEGMENTS_PER_BLOCK + 1:  # one block
-        grad, costs, fr = _energy_block(logits, divergence)
-        return grad, costs, fr
+        return _energy_block(logits, divergence)
     grad = torch.zeros_like(logits)
     costs, fr = [], []
     for start in range(0, logits.shape[0] - 1, _SEGMENTS_PER_BLOCK):

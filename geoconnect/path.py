@@ -614,11 +614,11 @@ class ModelPath:
 
 def _has_tied_tensors(module: nn.Module) -> bool:
     """Whether a parameter or buffer is reachable under two names."""
-    params = list(module.named_parameters(remove_duplicate=False))
-    buffers = list(module.named_buffers(remove_duplicate=False))
-    return len({id(p) for _, p in params}) != len(params) or len(
-        {id(b) for _, b in buffers}
-    ) != len(buffers)
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    return len({id(tensor) for _, tensor in named}) != len(named)
 
 
 _VMAP_MARGIN = 0.85  # vmap is chosen only when at least 15 % faster than the loop
