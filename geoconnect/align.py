@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ._models import check_model, check_same_architecture
+from ._model_checks import check_model, check_same_architecture
 
 __all__ = ["PermutationSpec", "weight_matching"]
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "DIVERGENCES",
+    "closed_form_segment_gradient",
     "fisher_rao",
     "get_divergence",
     "hellinger",
@@ -405,6 +406,46 @@ def segment_form(divergence: Divergence) -> Callable[[Tensor], Tensor]:
     if form is not None:
         return form
     return lambda logits: divergence(logits[:-1], logits[1:])
+
+
+def _jensen_shannon_energy_block(block: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment JSDs, the gradient of ``weight`` × their sum, and the segment d_FR²."""
+    values, grad, log_p = _segment_jensen_shannon_and_grad(block, weight)
+    return values, grad, _segment_fisher_rao_squared_of_log_probs(log_p)
+
+
+_CLOSED_FORM_GRADIENTS: dict[Divergence, Callable[[Tensor, float], tuple[Tensor, ...]]] = {
+    jensen_shannon: _jensen_shannon_energy_block,
+}
+
+
+def closed_form_segment_gradient(
+    divergence: Divergence,
+) -> Callable[[Tensor, float], tuple[Tensor, ...]] | None:
+    """The divergence's segment values and energy gradient without autograd, if it has one.
+
+    Parameters
+    ----------
+    divergence : callable
+
+    Returns
+    -------
+    callable or None
+        ``(logits, weight) -> (values, grad, fr_squared)`` for a stack of logits
+        ``(K, batch, n_classes)``: the segment divergences ``(K − 1, batch)``, the
+        gradient of ``weight`` × their sum with respect to ``logits``, and the
+        segments' squared Fisher–Rao distances; None when autograd is needed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.divergences import closed_form_segment_gradient, hellinger
+    >>> from geoconnect.divergences import jensen_shannon
+    >>> values, grad, fr = closed_form_segment_gradient(jensen_shannon)(torch.zeros(3, 2, 4), 0.5)
+    >>> values.shape, grad.shape, closed_form_segment_gradient(hellinger) is None
+    (torch.Size([2, 2]), torch.Size([3, 2, 4]), True)
+    """
+    return _CLOSED_FORM_GRADIENTS.get(divergence)
 
 
 def get_divergence(divergence: str | Divergence) -> Divergence:

@@ -6,7 +6,7 @@ plots, command line and benchmarks call these functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,14 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._data import StreamData, TensorData, as_data, check_labels
-from .divergences import (
-    Divergence,
-    _segment_fisher_rao_squared_of_log_probs,
-    _segment_jensen_shannon_and_grad,
-    fisher_rao_squared,
-    jensen_shannon,
-    segment_form,
-)
+from ._model_checks import float_dtype
+from .divergences import Divergence, fisher_rao_squared, segment_form
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,7 +27,6 @@ __all__ = [
     "PathEvaluation",
     "accuracy_barrier",
     "arc_length_positions",
-    "energy_step",
     "euclidean_length",
     "evaluate_path",
     "fisher_rao_length",
@@ -91,96 +84,6 @@ def segment_divergences(logits: Tensor, divergence: Divergence) -> Tensor:
             "(class) dimension only."
         )
     return values
-
-
-_SEGMENTS_PER_BLOCK = 8  # segments whose divergence temporaries live together
-
-
-def energy_step(logits: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
-    """The energy's gradient on one batch, and its segments' sums, a block at a time.
-
-    The energy of a batch is ``Σ_i mean_x divergence(p_i(x), p_{i+1}(x))`` (DESIGN.md);
-    its gradient with respect to the points' logits is what the path's optimiser
-    back-propagates through the networks. The divergence's temporaries scale with
-    segments × batch × classes, so the segments are taken ``_SEGMENTS_PER_BLOCK`` at a
-    time, each block differentiated and freed before the next: the result is the same
-    as differentiating all segments at once, with a fraction of the peak memory. The
-    default divergence, ``jensen_shannon``, has its gradient in closed form (as in
-    ``segment_form``), applied without automatic differentiation; any other is
-    differentiated by autograd.
-
-    Parameters
-    ----------
-    logits : Tensor, shape=[K, batch, n_classes]
-        The points' logits on one batch, in path order (not differentiated through).
-    divergence : callable
-        The segment cost, ``(logits_p, logits_q) -> Tensor`` of per-sample values.
-
-    Returns
-    -------
-    grad : Tensor, shape=[K, batch, n_classes]
-        Gradient of the batch's energy with respect to ``logits``.
-    costs : Tensor, shape=[K − 1], float64
-        Each segment's divergence summed over the batch.
-    fr_squared : Tensor, shape=[K − 1], float64
-        Each segment's d_FR² summed over the batch, for the Fisher–Rao length.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from geoconnect.divergences import jensen_shannon
-    >>> from geoconnect.evaluation import energy_step
-    >>> grad, costs, fr = energy_step(torch.zeros(3, 8, 4), jensen_shannon)
-    >>> grad.shape, costs.tolist(), fr.tolist()
-    (torch.Size([3, 8, 4]), [0.0, 0.0], [0.0, 0.0])
-    """
-    if not isinstance(logits, Tensor) or logits.ndim != 3:
-        raise TypeError(
-            "logits must be a tensor of shape (K, batch, n_classes); got "
-            f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}."
-        )
-    logits = logits.detach()
-    if logits.shape[0] <= _SEGMENTS_PER_BLOCK + 1:  # one block
-        return _energy_block(logits, divergence)
-    grad = torch.zeros_like(logits)
-    costs, fr = [], []
-    for start in range(0, logits.shape[0] - 1, _SEGMENTS_PER_BLOCK):
-        stop = start + _SEGMENTS_PER_BLOCK + 1  # the block's points, with the next one
-        block_grad, block_costs, block_fr = _energy_block(logits[start:stop], divergence)
-        grad[start:stop] += block_grad
-        costs.append(block_costs)
-        fr.append(block_fr)
-    return grad, torch.cat(costs), torch.cat(fr)
-
-
-def _energy_block(block: Tensor, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
-    """``energy_step`` on one block of points."""
-    weight = 1.0 / block.shape[1]  # the energy is a mean over the batch
-    if divergence is jensen_shannon:  # the default: its gradient in closed form
-        values, grad, log_p = _segment_jensen_shannon_and_grad(block, weight)
-        fr = _segment_fisher_rao_squared_of_log_probs(log_p)
-        del log_p
-    else:
-        values, grad = _autograd_energy(block, divergence, weight)
-        with torch.no_grad():
-            fr = segment_divergences(block, fisher_rao_squared)
-    # values in the logits' precision, sums in float64
-    return grad, values.sum(1, dtype=torch.float64), fr.sum(1, dtype=torch.float64)
-
-
-def _autograd_energy(block: Tensor, divergence: Divergence, weight: float) -> tuple[Tensor, Tensor]:
-    """A block's segment divergences and the gradient of ``weight`` × their sum."""
-    block = block.detach().requires_grad_(True)
-    with torch.enable_grad():
-        values = segment_divergences(block, divergence)
-        if not values.requires_grad:
-            raise ValueError(
-                "The divergence returned values without a gradient: it must be "
-                "computed from its logits with differentiable torch operations "
-                "(no .detach(), .item(), NumPy or torch.no_grad())."
-            )
-        (values.sum() * weight).backward()
-    return values.detach(), block.grad  # type: ignore[return-value]
 
 
 def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:
@@ -331,7 +234,6 @@ class PathStatistics:
     segment_costs: np.ndarray | None  # (N − 1,) means of the divergence, if asked
     loss: np.ndarray | None  # (N,) mean cross-entropy, if labels
     accuracy: np.ndarray | None  # (N,) if labels
-    proba: Tensor | None = field(default=None, repr=False)  # (n, C) ensemble mean
 
 
 _POINTS_PER_BLOCK = 4  # points evaluated together in path_statistics (with their next)
@@ -348,7 +250,6 @@ def path_statistics(
     *,
     batch_size: int = 256,
     divergence: Divergence | None = None,
-    with_proba: bool = False,
 ) -> PathStatistics:
     """One pass over ``data`` evaluating every point in eval mode.
 
@@ -357,7 +258,6 @@ def path_statistics(
     """
     n = 0
     fr_sum = costs_sum = loss_sum = correct = None
-    probas = []
     for batch in data.batches(batch_size):
         logits = path.logits(batch.x)  # (N, B, C)
         if logits.ndim != 3:
@@ -370,7 +270,7 @@ def path_statistics(
             check_labels(batch.y, n_classes)
         # In float64, a few points at a time: the temporaries of the divergences
         # scale with points × batch × classes, and all N at once set the peak memory.
-        fr, costs, loss, hits, proba = [], [], [], [], None
+        fr, costs, loss, hits = [], [], [], []
         for start in range(0, n_points, _POINTS_PER_BLOCK):
             block = logits[start : start + _POINTS_PER_BLOCK + 1].double()
             own = block[:_POINTS_PER_BLOCK]  # this block's points; block adds the next
@@ -385,16 +285,12 @@ def path_statistics(
                 ).reshape(k, b)
                 loss.append(ce.sum(1))
                 hits.append((own.argmax(-1) == batch.y).double().sum(1))
-            if with_proba:
-                proba = _add(proba, torch.softmax(own, -1).sum(0))
         fr_sum = _add(fr_sum, torch.cat(fr))
         if divergence is not None:
             costs_sum = _add(costs_sum, torch.cat(costs))
         if batch.y is not None:
             loss_sum = _add(loss_sum, torch.cat(loss))
             correct = _add(correct, torch.cat(hits))
-        if with_proba:
-            probas.append((proba / n_points).cpu())
         n += batch.x.shape[0]
     if n == 0:
         raise ValueError("X is empty: no samples to evaluate the path on.")
@@ -408,7 +304,6 @@ def path_statistics(
         segment_costs=mean(costs_sum),
         loss=mean(loss_sum),
         accuracy=mean(correct),
-        proba=torch.cat(probas) if with_proba else None,
     )
 
 
@@ -562,7 +457,7 @@ def evaluate_path(
     >>> ev.loss.shape
     (5,)
     """
-    data = as_data(X, y, device=path.device, dtype=_float_dtype(path))
+    data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
     stats = path_statistics(path, data, batch_size=batch_size)
     if stats.loss is None:
         raise ValueError("evaluate needs labels: pass y, or a Dataset/DataLoader yielding (x, y).")
@@ -573,10 +468,3 @@ def evaluate_path(
         euclidean_length=euclidean_length(path),
         t_arc=arc_length_positions(stats.segment_fisher_rao_sq),
     )
-
-
-def _float_dtype(path: ModelPath) -> torch.dtype:
-    for stack in path.params.values():
-        if stack.is_floating_point():
-            return stack.dtype
-    return torch.float32

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -14,11 +13,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._models import batchnorm_buffer_names, has_batchnorm
+from ._model_checks import batchnorm_buffer_names, has_batchnorm
 
 __all__ = ["ModelPath"]
 
 Strategy = Literal["vmap", "loop"]
+STRATEGIES: tuple[Strategy, ...] = ("vmap", "loop")
 
 
 class ModelPath:
@@ -43,6 +43,8 @@ class ModelPath:
         For each BatchNorm statistic of ``template``, a tensor ``(n_points, *shape)``.
     t : array-like of shape (n_points,), optional
         Positions of the points in [0, 1]; default ``i / (n_points − 1)``.
+    strategy : {"loop", "vmap"}, default="loop"
+        How a stack of points is evaluated: see :attr:`strategy`.
 
     Attributes
     ----------
@@ -68,6 +70,7 @@ class ModelPath:
         params: dict[str, Tensor],
         batchnorm_buffers: dict[str, Tensor] | None = None,
         t: Sequence[float] | np.ndarray | None = None,
+        strategy: Strategy = "loop",
     ):
         self.template = copy.deepcopy(template).eval()
         for p in self.template.parameters():
@@ -92,7 +95,38 @@ class ModelPath:
         self.t_ = (
             np.linspace(0.0, 1.0, self.n_points) if t is None else np.asarray(t, dtype=float).copy()
         )
-        self._strategy: Strategy | None = None
+        self.strategy = strategy
+
+    @property
+    def strategy(self) -> Strategy:
+        """How a stack of points is evaluated: ``"vmap"`` or ``"loop"``.
+
+        ``"vmap"`` evaluates all points in one ``torch.func.vmap`` call; ``"loop"``
+        calls the network once per point, which needs less memory and suits layers
+        whose batching rules are slow (BatchNorm, attention). Both compute the same
+        function. A :class:`~geoconnect.GeodesicConnector` sets it by
+        :func:`geoconnect.fitting.choose_strategy` or its ``strategy`` parameter.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 3)
+        >>> path.strategy
+        'loop'
+        >>> path.strategy = "vmap"
+        >>> path.logits(torch.zeros(4, 2)).shape
+        torch.Size([3, 4, 2])
+        """
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: Strategy) -> None:
+        if value not in STRATEGIES:
+            raise ValueError(
+                f"The path's strategy must be one of {list(STRATEGIES)}; got {value!r}."
+            )
+        self._strategy = value
 
     # -- construction ---------------------------------------------------------------
 
@@ -205,9 +239,7 @@ class ModelPath:
             a, b = stack[low.to(device)], stack[(low + 1).to(device)]
             params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
         bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
-        resampled = ModelPath(self.template, params, bn)
-        resampled._strategy = self._strategy
-        return resampled
+        return ModelPath(self.template, params, bn, strategy=self.strategy)
 
     # -- container protocol -----------------------------------------------------------
 
@@ -265,7 +297,6 @@ class ModelPath:
         self.batchnorm_buffers = {k: v.to(device) for k, v in self.batchnorm_buffers.items()}
         bn_names = set(self.batchnorm_buffers)
         self.shared_buffers = {k: v for k, v in self.template.named_buffers() if k not in bn_names}
-        self._strategy = None
         return self
 
     def parameters_vector(self) -> Tensor:
@@ -282,6 +313,46 @@ class ModelPath:
         torch.Size([4, 6])
         """
         return torch.cat([v.reshape(self.n_points, -1) for v in self.params.values()], 1)
+
+    def interior(self) -> dict[str, Tensor]:
+        """Views of the interior points' parameters: ``(n_points − 2, *shape)`` each.
+
+        Writing into them moves the path; fitting optimises them in place, so the
+        parameters are never held twice.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 4)
+        >>> path.interior()["weight"].shape
+        torch.Size([2, 2, 2])
+        """
+        return {name: stack[1:-1] for name, stack in self.params.items()}
+
+    @torch.no_grad()
+    def copy_interior_from(self, other: ModelPath) -> None:
+        """Set this path's interior parameters to ``other``'s (same ``n_points``).
+
+        The ends and every BatchNorm statistic stay as they are.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> path, other = ModelPath.linear(a, b, 3), ModelPath.linear(b, a, 3)
+        >>> path.copy_interior_from(other)
+        >>> torch.equal(path.params["weight"][1], other.params["weight"][1])
+        True
+        """
+        if other.n_points != self.n_points or set(other.params) != set(self.params):
+            raise ValueError(
+                f"copy_interior_from needs a path of the same architecture and "
+                f"n_points={self.n_points}; got {other!r}."
+            )
+        for name, stack in self.params.items():
+            stack[1:-1] = other.params[name][1:-1].to(stack.device)
 
     # -- modules -----------------------------------------------------------------------
 
@@ -367,18 +438,18 @@ class ModelPath:
         batchnorm_buffers: dict[str, Tensor] | None = None,
         *,
         module: nn.Module | None = None,
+        strategy: Strategy | None = None,
     ) -> Tensor:
         """Logits of a stack of K points on one batch: shape (K, batch, n_classes).
 
         ``params`` holds tensors ``(K, *shape)``; ``batchnorm_buffers`` likewise, or
         ``None`` with a ``module`` whose BatchNorm layers use batch statistics. The
-        stack is evaluated with ``torch.func.vmap`` or a Python loop, as
-        :meth:`choose_strategy` chose for this model on this device.
+        stack is evaluated with ``torch.func.vmap`` or a Python loop, by ``strategy``
+        (default :attr:`strategy`).
         """
         module = self.template if module is None else module
         bn = batchnorm_buffers or {}
-        strategy = self._strategy or "loop"
-        if strategy == "vmap":
+        if (strategy or self.strategy) == "vmap":
 
             def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
                 return functional_call(
@@ -431,57 +502,6 @@ class ModelPath:
         replace_all_batch_norm_modules_(module)
         return module.eval()
 
-    def choose_strategy(
-        self, x: Tensor, n_stack: int, *, module: nn.Module | None = None, repeats: int = 3
-    ) -> Strategy:
-        """Time vmap against a loop for a forward+backward of ``n_stack`` points on ``x``.
-
-        vmap is chosen only when at least 15 % faster than the loop, which needs
-        less memory (vmap's backward pass holds the whole stack's intermediate
-        gradients at once). Fits time stacks of 8 points, the size they evaluate. On
-        the digits CNN (2 CPU threads) vmap over 8 points took 52 ms for a forward and
-        backward pass against the loop's 42 ms: its convolutions and pooling were
-        faster, but torch's batching rule for BatchNorm adds separate passes.
-
-        The choice is cached per architecture, device, batch shape and stack size for
-        the life of the process, so repeated fits with one ``random_state`` follow the
-        same code path and give identical results.
-        """
-        module = self.template if module is None else module
-        key = (
-            type(module).__qualname__,
-            tuple((k, tuple(v.shape[1:])) for k, v in self.params.items()),
-            str(self.device),
-            tuple(x.shape),
-            n_stack,
-        )
-        if key in _STRATEGY_CACHE:
-            self._strategy = _STRATEGY_CACHE[key]
-            return self._strategy
-        params = {
-            k: v[:1].expand(n_stack, *v.shape[1:]).clone().requires_grad_(True)
-            for k, v in self.params.items()
-        }
-        timings = {}
-        for strategy in ("loop", "vmap"):
-            self._strategy = strategy
-            try:
-                times = []
-                for _ in range(repeats + 1):
-                    start = time.perf_counter()
-                    out = self.functional_forward(params, x, module=module)
-                    out.float().square().mean().backward()
-                    if x.device.type == "cuda":
-                        torch.cuda.synchronize(x.device)
-                    times.append(time.perf_counter() - start)
-                timings[strategy] = float(np.median(times[1:]))
-            except Exception:
-                timings[strategy] = float("inf")
-        pays = timings["vmap"] < _VMAP_MARGIN * timings["loop"]
-        self._strategy = "vmap" if pays else "loop"
-        _STRATEGY_CACHE[key] = self._strategy
-        return self._strategy
-
     # -- BatchNorm ----------------------------------------------------------------------
 
     def recompute_batchnorm(
@@ -523,7 +543,7 @@ class ModelPath:
         points = list(range(1, self.n_points - 1) if points is None else points)
         if not points:
             return
-        if self._strategy == "vmap":
+        if self.strategy == "vmap":
             try:
                 statistics = self._batchnorm_statistics(source, points, batch_size)
             except Exception:  # a model vmap cannot trace uses the loop
@@ -619,10 +639,6 @@ def _has_tied_tensors(module: nn.Module) -> bool:
         *module.named_buffers(remove_duplicate=False),
     ]
     return len({id(tensor) for _, tensor in named}) != len(named)
-
-
-_VMAP_MARGIN = 0.85  # vmap is chosen only when at least 15 % faster than the loop
-_STRATEGY_CACHE: dict[tuple, Strategy] = {}
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from geoconnect.divergences import (
     segment_form,
     symmetric_kl,
 )
-from geoconnect.evaluation import _SEGMENTS_PER_BLOCK, energy_step, segment_divergences
+from geoconnect.evaluation import segment_divergences
+from geoconnect.fitting import SEGMENTS_PER_BLOCK, energy_step
 from geoconnect.testing import check_divergence
 from geoconnect.testing.strategies import logits, nearby_pairs
 
@@ -334,7 +335,7 @@ def test_a_callable_without_a_segment_form_is_called_pairwise():
     "fn", [jensen_shannon, fisher_rao_squared, symmetric_kl], ids=lambda f: f.__name__
 )
 @settings(max_examples=20, deadline=None, database=None)
-@given(n_points=st.integers(2, 3 * _SEGMENTS_PER_BLOCK + 2), seed=st.integers(0, 2**16))
+@given(n_points=st.integers(2, 3 * SEGMENTS_PER_BLOCK + 2), seed=st.integers(0, 2**16))
 def test_the_block_wise_energy_step_equals_the_energy_differentiated_at_once(fn, n_points, seed):
     stack = torch.randn(n_points, 6, 4, generator=torch.Generator().manual_seed(seed)) * 3
     grad, costs, fr = energy_step(stack, fn)

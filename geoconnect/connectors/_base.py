@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from numbers import Integral
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_feature_names_in,
+    _get_feature_names,
     check_array,
     check_is_fitted,
     column_or_1d,
@@ -22,12 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._data import StreamData, TensorData, as_data, check_labels
 from .._device import resolve_device
-from .._models import (
-    check_model,
-    check_same_architecture,
-    default_model_factory,
-    has_batchnorm,
-)
+from .._model_checks import check_model, check_same_architecture, float_dtype, has_batchnorm
+from ..divergences import Divergence
 from ..evaluation import (
     PathEvaluation,
     arc_length_positions,
@@ -36,15 +35,21 @@ from ..evaluation import (
     fisher_rao_length,
     path_statistics,
 )
+from ..models import default_model_factory
 from ..path import ModelPath
 
 # Batch size for evaluation passes of estimators without a batch_size parameter.
 _EVAL_BATCH_SIZE = 256
 
 
+#: A fitted attribute that the fit leaves unset (and removes if a previous fit set it).
+_UNSET = object()
+
+
 @dataclass
 class FitInputs:
-    """Validated fit inputs: copies of the models on the device, and the data."""
+    """Validated fit inputs: copies of the models on the device, the data, and what
+    the validation learnt about X and y (assigned only when the fit succeeds)."""
 
     device: torch.device
     model_a: nn.Module
@@ -52,17 +57,69 @@ class FitInputs:
     data: TensorData | StreamData | None
     n_classes: int
     dtype: torch.dtype
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+    features: dict[str, object] = field(default_factory=dict)
+    label_classes: np.ndarray | None = None
 
 
 class _BaseConnector(TransformerMixin, BaseEstimator):
     """Shared behaviour of :class:`LinearConnector` and :class:`GeodesicConnector`."""
+
+    # The constraints every connector shares; each adds its own.
+    _parameter_constraints: dict = {
+        "n_points": [Interval(Integral, 2, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "model_factory": [callable, None],
+        "align": [StrOptions({"weight_matching"}), None],
+    }
+
+    # -- the transaction ---------------------------------------------------------------
+
+    def _assign_fitted(self, attributes: dict[str, object]) -> None:
+        """Set every fitted attribute at once; ``_UNSET`` ones are removed.
+
+        The only place a fit writes to the estimator, called once at its very end: a
+        fit that raises before leaves a previous fit exactly as it was.
+        """
+        for name, value in attributes.items():
+            if value is _UNSET:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, value)
+
+    def _path_attributes(
+        self,
+        path: ModelPath,
+        inputs: FitInputs,
+        divergence: Divergence,
+    ) -> dict[str, object]:
+        """The fitted attributes of a finished path: its summary on the fit data.
+
+        Sets the path's positions ``t_`` by Fisher–Rao arc length (the path is the
+        fit's own, not yet the estimator's).
+        """
+        attributes: dict[str, object] = {
+            "path_": path,
+            "euclidean_length_": euclidean_length(path),
+            "_label_classes": inputs.label_classes,
+            **inputs.features,
+        }
+        if inputs.data is None:
+            attributes.update(length_=None, energy_=None, n_classes_=_UNSET, classes_=_UNSET)
+            return attributes
+        stats = path_statistics(
+            path, inputs.data, batch_size=self._eval_batch_size(), divergence=divergence
+        )
+        path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
+        n_classes = int(path.logits(inputs.data.head(1)).shape[-1])
+        classes = inputs.label_classes
+        attributes.update(
+            length_=fisher_rao_length(stats.segment_fisher_rao_sq),
+            energy_=float(np.sum(stats.segment_costs)),
+            n_classes_=n_classes,
+            classes_=np.arange(n_classes) if classes is None else classes,
+        )
+        return attributes
 
     # -- fitting helpers ---------------------------------------------------------------
 
@@ -72,11 +129,10 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         """Validate fit's inputs; train the two models when neither is given.
 
         Returns copies of the models on the device (the user's modules are never
-        touched) and the data as a batch source. Sets ``n_features_in_`` (2-D array
-        X) and the private label encoding used by ``classes_``.
+        touched), the data as a batch source, and the feature and label attributes
+        for the fit to assign at its end; sets nothing on the estimator.
         """
         owner = type(self).__name__
-        self._label_classes = None
         if (model_a is None) != (model_b is None):
             given, missing = ("model_a", "model_b") if model_b is None else ("model_b", "model_a")
             raise ValueError(
@@ -99,27 +155,27 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 )
             if y is not None:
                 raise ValueError("y was given without X; pass X too, or neither.")
-            for attr in ("n_features_in_", "feature_names_in_"):
-                if hasattr(self, attr):
-                    delattr(self, attr)
             copy_a = copy.deepcopy(model_a).to(device).eval()
             copy_b = copy.deepcopy(model_b).to(device).eval()
             copy_b = self._align_models(copy_a, copy_b, None)
-            return FitInputs(device, copy_a, copy_b, None, -1, _float_dtype(copy_a))
-        X = self._validate_X(X, reset=True)
+            features = {"n_features_in_": _UNSET, "feature_names_in_": _UNSET}
+            return FitInputs(device, copy_a, copy_b, None, -1, float_dtype(copy_a), features)
+        X, features = self._validate_fit_X(X)
+        classes = None
         if train:
-            copy_a, copy_b, data = self._train_models(X, y, device)
+            copy_a, copy_b, data, classes = self._train_models(X, y, device)
         else:
             # Copies: fit never touches the user's modules (no .to(), no .eval()).
             copy_a = copy.deepcopy(model_a).to(device).eval()
             copy_b = copy.deepcopy(model_b).to(device).eval()
-            data = as_data(X, y, device=device, dtype=_float_dtype(copy_a))
+            data = as_data(X, y, device=device, dtype=float_dtype(copy_a))
         n_classes = _probe_model(copy_a, data, "model_a")
         _probe_model(copy_b, data, "model_b")
         copy_b = self._align_models(copy_a, copy_b, data)
         if isinstance(data, TensorData):
             check_labels(data.y, n_classes)
-        return FitInputs(device, copy_a, copy_b, data, n_classes, _float_dtype(copy_a))
+        dtype = float_dtype(copy_a)
+        return FitInputs(device, copy_a, copy_b, data, n_classes, dtype, features, classes)
 
     def _align_models(
         self, model_a: nn.Module, model_b: nn.Module, data: TensorData | StreamData | None
@@ -146,51 +202,61 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 )
         return aligned
 
-    def _validate_X(self, X: object, *, reset: bool) -> object:
-        """scikit-learn's validation of array-like X; tensors and loaders pass through.
+    def _validate_fit_X(self, X: object) -> tuple[object, dict[str, object]]:
+        """Validate fit's X; return it and its feature attributes, set on nothing.
 
-        A 2-D array-like sets (``reset``) or checks ``n_features_in_`` and
-        ``feature_names_in_``; arrays with more dimensions are checked but carry no
-        feature count. Tensors, Datasets and DataLoaders are validated by
-        :func:`~geoconnect._data.as_data`; a 2-D tensor sets ``n_features_in_`` too.
+        A 2-D array-like or tensor gives ``n_features_in_`` (and
+        ``feature_names_in_`` for a DataFrame with string column names); other
+        inputs give neither, and the fit removes any a previous fit left.
+        """
+        features: dict[str, object] = {"n_features_in_": _UNSET, "feature_names_in_": _UNSET}
+        if X is None or isinstance(X, (Dataset, DataLoader)):
+            return X, features
+        if isinstance(X, torch.Tensor):
+            if X.ndim == 2:
+                features["n_features_in_"] = int(X.shape[1])
+            return X, features
+        names = _get_feature_names(X)
+        X = self._check_array(X)
+        if X.ndim == 2:
+            features["n_features_in_"] = int(X.shape[1])
+            if names is not None:
+                features["feature_names_in_"] = names
+        return X, features
+
+    def _check_array(self, X: object) -> np.ndarray:
+        """scikit-learn's checks of an array-like X of any number of dimensions."""
+        _check_numeric_dtype(X)
+        return check_array(X, allow_nd=True, dtype="numeric", input_name="X", estimator=self)
+
+    def _validate_X(self, X: object) -> object:
+        """Validate X of a fitted estimator against the fit's ``n_features_in_``.
+
+        Tensors, Datasets and DataLoaders are validated by
+        :func:`~geoconnect._data.as_data`; a 2-D tensor's width is checked here.
         """
         if X is None or isinstance(X, (Dataset, DataLoader)):
             return X
         if isinstance(X, torch.Tensor):
-            if X.ndim == 2:
-                if reset:
-                    self.n_features_in_ = int(X.shape[1])
-                    if hasattr(self, "feature_names_in_"):
-                        del self.feature_names_in_
-                elif hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
+            if X.ndim == 2 and hasattr(self, "n_features_in_"):
+                if X.shape[1] != self.n_features_in_:
                     raise ValueError(
                         f"X has {X.shape[1]} features, but {type(self).__name__} is "
                         f"expecting {self.n_features_in_} features as input."
                     )
-            elif reset and hasattr(self, "n_features_in_"):
-                del self.n_features_in_
             return X
         try:
-            ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim  # type: ignore[attr-defined]
+            ndim = np.ndim(X)
         except (TypeError, ValueError):  # ragged or odd input: let check_array say so
             ndim = 2
-        dtype = getattr(X, "dtype", None)
-        if isinstance(dtype, np.dtype) and dtype.kind in "USV":
-            raise TypeError(
-                f"X must hold numbers; got an array of dtype {dtype}. Convert it with "
-                "np.asarray(X, dtype=np.float32)."
-            )
         if ndim > 2:
-            if reset:
-                for attr in ("n_features_in_", "feature_names_in_"):
-                    if hasattr(self, attr):
-                        delattr(self, attr)
-            return check_array(X, allow_nd=True, dtype="numeric", input_name="X")
-        return validate_data(self, X, reset=reset, dtype="numeric")
+            return self._check_array(X)
+        _check_numeric_dtype(X)
+        return validate_data(self, X, reset=False, dtype="numeric")
 
     def _train_models(
         self, X: object, y: object, device: torch.device
-    ) -> tuple[nn.Module, nn.Module, TensorData]:
+    ) -> tuple[nn.Module, nn.Module, TensorData, np.ndarray]:
         """Train two models from ``model_factory`` with two seeds from random_state."""
         owner = type(self).__name__
         if y is None and not isinstance(X, (Dataset, DataLoader)):
@@ -241,31 +307,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             model = check_model(model, f"model_factory's {name}", owner)
             models.append(copy.deepcopy(model).to(device).eval())
         check_same_architecture(*models)
-        self._label_classes = classes
-        return models[0], models[1], data
-
-    def _set_path_summary(
-        self, path: ModelPath, data: TensorData | StreamData | None, divergence: object
-    ) -> None:
-        """Set ``path_``, ``length_``, ``energy_``, ``euclidean_length_`` from data."""
-        self.path_ = path
-        self.euclidean_length_ = euclidean_length(path)
-        if data is None:
-            self.length_ = None
-            self.energy_ = None
-            for attr in ("n_classes_", "classes_"):
-                if hasattr(self, attr):
-                    delattr(self, attr)
-            return
-        stats = path_statistics(
-            path, data, batch_size=self._eval_batch_size(), divergence=divergence
-        )
-        self.length_ = fisher_rao_length(stats.segment_fisher_rao_sq)
-        self.energy_ = float(np.sum(stats.segment_costs))
-        path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
-        self.n_classes_ = int(path.logits(_first_batch(data)[:1]).shape[-1])
-        classes = getattr(self, "_label_classes", None)
-        self.classes_ = np.arange(self.n_classes_) if classes is None else classes
+        return models[0], models[1], data, classes
 
     def _eval_batch_size(self) -> int:
         return int(getattr(self, "batch_size", _EVAL_BATCH_SIZE))
@@ -285,9 +327,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def _data(self, X: object, y: object = None) -> TensorData | StreamData:
         check_is_fitted(self, "path_")
         path = self.path_
-        X = self._validate_X(X, reset=False)
+        X = self._validate_X(X)
         y = self._encode_labels(y)
-        data = as_data(X, y, device=path.device, dtype=_float_dtype(path.template))
+        data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
         _probe_model(path.template, data, "the path's models", params=path)
         return data
 
@@ -385,11 +427,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         >>> line.predict_proba(X).shape
         (20, 3)
         """
-        data = self._data(X)
-        stats = path_statistics(
-            self.path_, data, batch_size=self._eval_batch_size(), with_proba=True
-        )
-        return stats.proba.numpy()  # type: ignore[union-attr]
+        return self._point_probabilities(X).mean(1).numpy()
 
     def predict(self, X: object) -> np.ndarray:
         """Class predicted by the path as an ensemble (argmax of :meth:`predict_proba`).
@@ -438,12 +476,21 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         >>> line.transform(X).shape
         (20, 15)
         """
+        proba = self._point_probabilities(X)
+        return proba.reshape(proba.shape[0], -1).numpy()
+
+    @torch.no_grad()
+    def _point_probabilities(self, X: object) -> torch.Tensor:
+        """Every point's class probabilities on X: (n_samples, n_points, n_classes).
+
+        The one pass behind :meth:`transform` and :meth:`predict_proba`, in float64.
+        """
         data = self._data(X)
         blocks = []
         for batch in data.batches(self._eval_batch_size()):
             proba = torch.softmax(self.path_.logits(batch.x).double(), -1)  # (N, B, C)
-            blocks.append(proba.permute(1, 0, 2).reshape(proba.shape[1], -1).cpu())
-        return torch.cat(blocks).numpy()
+            blocks.append(proba.permute(1, 0, 2).cpu())
+        return torch.cat(blocks)
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         """Names of :meth:`transform`'s columns: ``point{i}_class{k}``.
@@ -476,8 +523,13 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         )
 
 
-def _first_batch(data: TensorData | StreamData) -> torch.Tensor:
-    return data.head(2)
+def _check_numeric_dtype(X: object) -> None:
+    dtype = getattr(X, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind in "USV":
+        raise TypeError(
+            f"X must hold numbers; got an array of dtype {dtype}. Convert it with "
+            "np.asarray(X, dtype=np.float32)."
+        )
 
 
 @torch.no_grad()

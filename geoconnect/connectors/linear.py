@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral
 
 import numpy as np
-import torch
-from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..divergences import jensen_shannon
@@ -86,13 +83,7 @@ class LinearConnector(_BaseConnector):
     True
     """
 
-    _parameter_constraints: dict = {
-        "n_points": [Interval(Integral, 2, None, closed="left")],
-        "device": [str, torch.device],
-        "random_state": ["random_state"],
-        "model_factory": [callable, None],
-        "align": [StrOptions({"weight_matching"}), None],
-    }
+    _parameter_constraints: dict = {**_BaseConnector._parameter_constraints}
 
     def __init__(
         self,
@@ -147,5 +138,5 @@ DataLoader, optional
                     "points' statistics are recomputed on it."
                 )
             path.recompute_batchnorm(inputs.data, batch_size=self._eval_batch_size())
-        self._set_path_summary(path, inputs.data, jensen_shannon)
+        self._assign_fitted(self._path_attributes(path, inputs, jensen_shannon))
         return self

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -82,77 +81,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
-def default_hidden_width(n_features: int, n_classes: int) -> int:
-    """Width of the default MLP's hidden layers: ``2·(n_features + n_classes)`` in [16, 64].
-
-    Examples
-    --------
-    >>> from geoconnect._models import default_hidden_width
-    >>> default_hidden_width(64, 10), default_hidden_width(2, 2)
-    (64, 16)
-    """
-    return int(min(64, max(16, 2 * (n_features + n_classes))))
-
-
-def default_model_factory(X: Tensor, y: Tensor, seed: int) -> nn.Module:
-    """Train the connectors' default model: a small ReLU MLP, sized from the data.
-
-    The network flattens each sample, then has two hidden layers of
-    :func:`default_hidden_width` units and one output per class. It is trained with
-    Adam (learning rate 0.01, batches of 64) for about 300 steps (5 to 50 epochs), so
-    that fitting a connector without models stays fast on small data sets.
-
-    Parameters
-    ----------
-    X : Tensor of shape (n_samples, *input_shape)
-        Float inputs, on the device to train on.
-    y : Tensor of shape (n_samples,)
-        Class indices ``0 … n_classes − 1`` (int64), on the same device.
-    seed : int
-        Seeds the initialisation and the batch order; the global torch RNG is left
-        alone.
-
-    Returns
-    -------
-    nn.Module
-        The trained network, in eval mode.
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (float32 if none).
 
     Examples
     --------
     >>> import torch
-    >>> from geoconnect._models import default_model_factory
-    >>> X, y = torch.randn(40, 3), torch.arange(40) % 2
-    >>> default_model_factory(X, y, seed=0)(X).shape
-    torch.Size([40, 2])
+    >>> from geoconnect._model_checks import float_dtype
+    >>> float_dtype(torch.nn.Linear(2, 2).double())
+    torch.float64
     """
-    n_samples = int(X.shape[0])
-    n_features = int(np.prod(X.shape[1:]))
-    n_classes = int(y.max()) + 1
-    width = default_hidden_width(n_features, n_classes)
-    with torch.random.fork_rng(devices=[X.device] if X.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(n_features, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, n_classes),
-        )
-    model = model.to(device=X.device, dtype=X.dtype if X.is_floating_point() else None)
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = 64
-    n_batches = max(1, -(-n_samples // batch_size))
-    epochs = int(min(50, max(5, -(-300 // n_batches))))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n_samples, generator=generator).to(X.device)
-        for start in range(0, n_samples, batch_size):
-            index = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(X[index]), y[index]).backward()
-            optimizer.step()
-    for p in model.parameters():
-        p.grad = None
-    return model.eval()
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -1,0 +1,239 @@
+"""The fitting engine's contract: a transaction, a budget, a deterministic strategy."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning
+
+from geoconnect import GeodesicConnector, LinearConnector
+from geoconnect.divergences import jensen_shannon
+from geoconnect.fitting import coarse_to_fine_schedule
+
+
+def geodesic(**params) -> GeodesicConnector:
+    return GeodesicConnector(**{"n_points": 5, "device": "cpu", "random_state": 0, **params})
+
+
+def fit(conn, pair, X=None):
+    return conn.fit(pair.X if X is None else X, model_a=pair.model_a, model_b=pair.model_b)
+
+
+# -- a fit is a transaction ---------------------------------------------------------
+
+
+def fitted_state(conn) -> dict:
+    return {
+        "path": conn.path_,
+        "params": conn.path_.parameters_vector().clone(),
+        "history": {k: list(v) for k, v in conn.history_.items()},
+        "n_iter": conn.n_iter_,
+        "n_classes": conn.n_classes_,
+        "n_features": conn.n_features_in_,
+        "energy": conn.energy_,
+        "strategy": conn.strategy_,
+    }
+
+
+def assert_unchanged(conn, before: dict, X) -> None:
+    assert conn.path_ is before["path"]
+    assert torch.equal(conn.path_.parameters_vector(), before["params"])
+    assert conn.history_ == before["history"]
+    assert conn.n_iter_ == before["n_iter"]
+    assert conn.n_classes_ == before["n_classes"]
+    assert conn.n_features_in_ == before["n_features"]
+    assert conn.energy_ == before["energy"]
+    assert conn.strategy_ == before["strategy"]
+
+
+def test_a_refit_whose_divergence_fails_leaves_the_previous_fit_intact(small_pair):
+    conn = fit(geodesic(max_iter=3), small_pair)
+    before, transformed = fitted_state(conn), conn.transform(small_pair.X)
+
+    def failing(p, q):
+        raise RuntimeError("the divergence failed")
+
+    conn.set_params(divergence=failing)
+    with pytest.raises(RuntimeError, match="the divergence failed"):
+        fit(conn, small_pair)
+    assert_unchanged(conn, before, small_pair.X)
+    np.testing.assert_array_equal(conn.transform(small_pair.X), transformed)
+
+
+def test_a_refit_on_bad_data_keeps_n_features_in_and_the_path(small_pair):
+    conn = fit(geodesic(max_iter=3), small_pair)
+    before = fitted_state(conn)
+    wider = np.hstack([small_pair.X, small_pair.X])  # 10 features for 5-input models
+    with pytest.raises(ValueError, match="model_a cannot be applied to X"):
+        fit(conn, small_pair, X=wider)
+    assert_unchanged(conn, before, small_pair.X)
+
+
+def test_a_fresh_estimator_whose_fit_fails_stays_unfitted(small_pair):
+    conn = geodesic(max_iter=3)
+    with pytest.raises(ValueError):
+        fit(conn, small_pair, X=np.hstack([small_pair.X, small_pair.X]))
+    fitted = [name for name in vars(conn) if name.endswith("_") and not name.startswith("_")]
+    assert fitted == []
+
+
+def test_a_failed_linear_refit_leaves_the_previous_fit_intact(small_pair):
+    line = LinearConnector(n_points=5, device="cpu").fit(
+        small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    path, length = line.path_, line.length_
+    with pytest.raises(ValueError):
+        line.fit(small_pair.X[:, :3], model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert line.path_ is path and line.length_ == length and line.n_features_in_ == 5
+
+
+def test_warm_start_never_mutates_a_history_the_user_holds(small_pair):
+    conn = fit(geodesic(max_iter=3, warm_start=True), small_pair)
+    held = conn.history_
+    copy = {k: list(v) for k, v in held.items()}
+    fit(conn, small_pair)
+    assert held == copy
+    assert len(conn.history_["energy"]) == conn.n_iter_ > len(held["energy"])
+
+
+@pytest.mark.parametrize("coarse_to_fine", [True, False])
+def test_ctrl_c_keeps_the_learned_path_and_says_how_many_epochs_ran(small_pair, coarse_to_fine):
+    calls = []
+
+    def interrupting(p, q):  # the user presses Ctrl-C during the 4th epoch's step
+        calls.append(1)
+        if len(calls) == 4 * 2:  # 40 samples in batches of 32: 2 steps an epoch
+            raise KeyboardInterrupt
+        return jensen_shannon(p, q)
+
+    conn = geodesic(
+        n_points=9, max_iter=20, batch_size=32, divergence=interrupting,
+        coarse_to_fine=coarse_to_fine,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"after 3 complete epoch\(s\) \(n_iter_ = 3\)"):
+        fit(conn, small_pair)
+    assert conn.n_iter_ == len(conn.history_["energy"]) == 3
+    assert len(conn.path_) == 9
+    line = LinearConnector(n_points=9, device="cpu").fit(
+        small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    assert not torch.equal(conn.path_.parameters_vector(), line.path_.parameters_vector())
+
+
+# -- max_iter is the budget ---------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_points=st.integers(2, 60), max_iter=st.integers(1, 300), coarse=st.booleans())
+def test_the_levels_of_a_fit_spend_at_most_max_iter_epochs(n_points, max_iter, coarse):
+    levels = coarse_to_fine_schedule(n_points, max_iter, coarse)
+    assert sum(epochs for _, epochs in levels) == max_iter
+    assert levels[-1][0] == n_points and levels[-1][1] >= 1
+    sizes = [size for size, _ in levels]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+
+def test_max_iter_1_runs_one_epoch_and_warns_that_it_did_not_converge(small_pair):
+    with pytest.warns(ConvergenceWarning, match="max_iter=1"):
+        conn = fit(geodesic(n_points=25, max_iter=1), small_pair)
+    assert conn.n_iter_ <= 1
+    assert conn.history_["n_points"] == [25]
+
+
+def test_a_fit_that_converges_does_not_warn(small_pair):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        conn = fit(geodesic(max_iter=200, tol=0.5, n_iter_no_change=1), small_pair)
+    assert conn.n_iter_ < 200
+
+
+@pytest.mark.parametrize("max_iter", [2, 8, 30])
+def test_n_iter_never_exceeds_max_iter_with_coarse_to_fine(small_pair, max_iter):
+    conn = fit(geodesic(n_points=25, max_iter=max_iter, tol=0.0), small_pair)
+    assert conn.n_iter_ <= max_iter
+    assert conn.history_["n_points"][-1] == 25
+
+
+# -- the strategy is a value ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_pinned_strategy_is_used_and_recorded(small_pair, strategy):
+    conn = fit(geodesic(max_iter=2, strategy=strategy), small_pair)
+    assert conn.strategy_ == conn.path_.strategy == strategy
+
+
+def test_both_strategies_fit_the_same_path_to_rounding(small_pair):
+    loop = fit(geodesic(max_iter=4, strategy="loop", tol=0.0), small_pair)
+    vmap = fit(geodesic(max_iter=4, strategy="vmap", tol=0.0), small_pair)
+    torch.testing.assert_close(
+        loop.path_.parameters_vector(), vmap.path_.parameters_vector(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_mixed_precision_refuses_a_pinned_vmap(small_pair):
+    with pytest.raises(ValueError, match="mixed_precision=True needs strategy='loop' or 'auto'"):
+        fit(geodesic(mixed_precision=True, strategy="vmap"), small_pair)
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys, warnings
+    import numpy as np, torch
+    from torch import nn
+    from geoconnect import GeodesicConnector
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    kind = sys.argv[1]
+
+    def net(seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if kind == "batchnorm":
+                return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                     nn.Linear(16, 4))
+            return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    X = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    conn = GeodesicConnector(n_points=11, max_iter=6, batch_size=64, device="cpu",
+                             random_state=7)
+    conn.fit(X, model_a=net(1).eval(), model_b=net(2).eval())
+    digest = hashlib.sha256(conn.path_.parameters_vector().numpy().tobytes())
+    for stack in conn.path_.batchnorm_buffers.values():
+        digest.update(stack.numpy().tobytes())
+    print(conn.strategy_, digest.hexdigest())
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["dense", "batchnorm"])
+def test_processes_run_at_once_with_one_random_state_fit_bitwise_identical_paths(tmp_path, kind):
+    script = tmp_path / "fit.py"
+    script.write_text(_SCRIPT)
+    # Five at once on this machine's cores: the processes slow each other down, which
+    # a timing-based choice of strategy would see.
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(5)
+    ]
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()
+        outputs.append(out.decode().strip())
+    assert len(set(outputs)) == 1, outputs
+    assert outputs[0].split()[0] == ("loop" if kind == "batchnorm" else "vmap")
+    assert len(hashlib.sha256().hexdigest()) == len(outputs[0].split()[1])
