@@ -13,140 +13,23 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from zoo import build, inputs, kinds
 
 from geoconnect import GeodesicConnector, LinearConnector
 from geoconnect.align import PermutationSpec, weight_matching
-from geoconnect.models import make_cnn, make_mlp, make_resnet
+from geoconnect.models import make_mlp, make_resnet
 
-SETTINGS = settings(deadline=None, max_examples=10, derandomize=True)
-
-
-class FunctionalCNN(nn.Module):
-    """A CNN written with functional calls, a view and a spatial mean."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = x + torch.sigmoid(self.conv2(x))
-        x = self.depthwise(x).relu()
-        return self.fc(x.mean((2, 3)))
+# The kinds of the zoo (tests/zoo.py) whose structure the derivation finds by itself.
+ALIGNABLE = kinds("alignable")
+# Each law is checked on every kind, on a few seeds per kind.
+SETTINGS = settings(deadline=None, max_examples=5, derandomize=True)
 
 
-class FlattenCNN(nn.Module):
-    """Convolutions followed by flatten of a 4×4 map and two linear layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 5, 3, padding=1), nn.GroupNorm(5, 5), nn.ReLU(), nn.MaxPool2d(2)
-        )
-        self.fc1 = nn.Linear(5 * 4 * 4, 12)
-        self.fc2 = nn.Linear(12, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = x.view(x.size(0), -1)
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def layernorm_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(6, 10),
-        nn.LayerNorm(10),
-        nn.GELU(),
-        nn.Dropout(0.5),
-        nn.Linear(10, 10),
-        nn.BatchNorm1d(10),
-        nn.Tanh(),
-        nn.Linear(10, 3),
-    )
-
-
-def signal_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv1d(2, 6, 3, padding=1),
-        nn.BatchNorm1d(6),
-        nn.ReLU(),
-        nn.Conv1d(6, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),  # groups of channels: kept in place
-        nn.ReLU(),
-        nn.AdaptiveMaxPool1d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    )
-
-
-def volume_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1),
-        nn.BatchNorm3d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool3d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    )
-
-
-def image_layernorm_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.LayerNorm([4, 8, 8]),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.LayerNorm(8),  # over the last spatial axis only
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
-
-
-KINDS = {
-    "mlp": (lambda: make_mlp((6, 12, 12, 3)), (6,)),
-    "mlp-layernorm-batchnorm": (layernorm_mlp, (6,)),
-    "cnn-batchnorm": (lambda: make_cnn(n_classes=3, width=4), (1, 8, 8)),
-    "resnet-batchnorm": (lambda: make_resnet(n_classes=3, width=4), (1, 8, 8)),
-    "cnn-functional-depthwise": (FunctionalCNN, (1, 8, 8)),
-    "cnn-flatten-groupnorm": (FlattenCNN, (1, 8, 8)),
-    "signal-conv1d": (signal_cnn, (2, 16)),
-    "volume-conv3d": (volume_cnn, (1, 4, 4, 4)),
-    "image-layernorm": (image_layernorm_cnn, (1, 8, 8)),
-}
-
-
-def build(kind: str, seed: int) -> nn.Module:
-    """A model of ``kind`` from ``seed`` with random BatchNorm state, in eval mode."""
-    factory, _ = KINDS[kind]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = factory()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.running_mean.normal_(0.0, 0.5)
-                    module.running_var.uniform_(0.3, 3.0)
-                    module.weight.normal_()
-                    module.bias.normal_()
-                if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                    module.weight.normal_()
-                    module.bias.normal_()
-    return model.eval()
-
-
-def inputs(kind: str, seed: int, n: int = 16) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *KINDS[kind][1], generator=generator)
+def x_of(kind: str, seed: int, n: int = 16) -> torch.Tensor:
+    return torch.as_tensor(inputs(kind, seed, n))
 
 
 def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int) -> dict:
@@ -171,19 +54,32 @@ def parameter_distance(m1: nn.Module, m2: nn.Module) -> float:
 # -- the derived structure ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", ALIGNABLE)
 def test_every_supported_kind_has_hidden_units_to_permute(kind):
     spec = PermutationSpec.from_model(build(kind, 0))
     assert spec.sizes(build(kind, 0))
 
 
+@pytest.mark.parametrize("kind", kinds(without=("alignable",)))
+def test_the_other_kinds_are_refused_or_have_nothing_to_permute(kind):
+    # what keeps the zoo's "alignable" tag honest
+    model = build(kind, 0)
+    try:
+        spec = PermutationSpec.from_model(model)
+    except ValueError as error:
+        assert "spec=PermutationSpec" in str(error)
+    else:
+        assert not spec.sizes(model)
+
+
+@pytest.mark.parametrize("kind", ALIGNABLE)
 @SETTINGS
-@given(kind=st.sampled_from(sorted(KINDS)), seed=st.integers(0, 10_000))
+@given(seed=st.integers(0, 10_000))
 def test_permuting_units_by_the_derived_spec_keeps_the_function(kind, seed):
     model = build(kind, seed)
     spec = PermutationSpec.from_model(model)
     permuted = spec.apply(model, random_permutation(spec, model, seed))
-    assert_same_function(permuted, model, inputs(kind, seed))
+    assert_same_function(permuted, model, x_of(kind, seed))
 
 
 def test_residual_additions_tie_the_permutations_they_add():
@@ -199,7 +95,7 @@ def test_residual_additions_tie_the_permutations_they_add():
 
 
 def test_groups_of_channels_stay_in_place():
-    spec = PermutationSpec.from_model(signal_cnn())
+    spec = PermutationSpec.from_model(build("signal-conv1d-batchnorm1d-groupnorm"))
     assert spec.axes["3.weight"][0] is None and spec.axes["4.weight"] == (None,)
     assert spec.axes["0.weight"][0] is not None
 
@@ -296,18 +192,20 @@ def test_bad_arguments_get_clear_errors():
 # -- weight matching -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ALIGNABLE)
 @SETTINGS
-@given(kind=st.sampled_from(sorted(KINDS)), seed=st.integers(0, 10_000))
+@given(seed=st.integers(0, 10_000))
 def test_the_aligned_model_computes_what_model_b_computes(kind, seed):
     a, b = build(kind, 2 * seed), build(kind, 2 * seed + 1)
     aligned = weight_matching(a, b, random_state=seed)
-    assert_same_function(aligned, b, inputs(kind, seed))
+    assert_same_function(aligned, b, x_of(kind, seed))
     # BatchNorm running statistics moved with their units
     assert sorted(aligned.state_dict()) == sorted(b.state_dict())
 
 
+@pytest.mark.parametrize("kind", ALIGNABLE)
 @SETTINGS
-@given(kind=st.sampled_from(sorted(KINDS)), seed=st.integers(0, 10_000))
+@given(seed=st.integers(0, 10_000))
 def test_weight_matching_recovers_a_shuffled_copy(kind, seed):
     a = build(kind, seed)
     spec = PermutationSpec.from_model(a)
@@ -317,8 +215,9 @@ def test_weight_matching_recovers_a_shuffled_copy(kind, seed):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("kind", ALIGNABLE)
 @SETTINGS
-@given(kind=st.sampled_from(sorted(KINDS)), seed=st.integers(0, 10_000))
+@given(seed=st.integers(0, 10_000))
 def test_weight_matching_never_moves_model_b_away_from_model_a(kind, seed):
     a, b = build(kind, 2 * seed), build(kind, 2 * seed + 1)
     aligned = weight_matching(a, b, random_state=seed)
@@ -326,7 +225,7 @@ def test_weight_matching_never_moves_model_b_away_from_model_a(kind, seed):
 
 
 def test_weight_matching_leaves_its_inputs_alone():
-    a, b = build("resnet-batchnorm", 0), build("resnet-batchnorm", 1)
+    a, b = build("image-resnet-batchnorm", 0), build("image-resnet-batchnorm", 1)
     a.train()
     before_a, before_b = copy.deepcopy(a.state_dict()), copy.deepcopy(b.state_dict())
     aligned = weight_matching(a, b, random_state=0)
@@ -337,7 +236,7 @@ def test_weight_matching_leaves_its_inputs_alone():
 
 
 def test_weight_matching_with_a_seed_is_reproducible():
-    a, b = build("mlp", 0), build("mlp", 1)
+    a, b = build("tabular-mlp", 0), build("tabular-mlp", 1)
     first = weight_matching(a, b, random_state=3)
     second = weight_matching(a, b, random_state=3)
     assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
@@ -348,8 +247,8 @@ def test_weight_matching_with_a_seed_is_reproducible():
 
 @pytest.mark.parametrize("connector", [LinearConnector, GeodesicConnector])
 def test_with_align_the_path_ends_at_the_permuted_model_b(connector):
-    a, b = build("resnet-batchnorm", 0), build("resnet-batchnorm", 1)
-    X = inputs("resnet-batchnorm", 0, n=48).numpy()
+    a, b = build("image-resnet-batchnorm", 0), build("image-resnet-batchnorm", 1)
+    X = inputs("image-resnet-batchnorm", 0, n=48)
     params = {"max_iter": 1} if connector is GeodesicConnector else {}
     est = connector(n_points=3, device="cpu", random_state=0, align="weight_matching", **params)
     path = est.fit(X, model_a=a, model_b=b).path_
@@ -376,9 +275,9 @@ def test_alignment_shortens_the_line_between_two_trained_networks(digits_pair):
 
 @pytest.mark.parametrize("connector", [LinearConnector, GeodesicConnector])
 def test_an_unknown_align_is_rejected_like_scikit_learn_does(connector):
-    a, b = build("mlp", 0), build("mlp", 1)
+    a, b = build("tabular-mlp", 0), build("tabular-mlp", 1)
     with pytest.raises(ValueError, match=r"The 'align' parameter of .* must be .*Got 'magic'"):
-        connector(align="magic", device="cpu").fit(inputs("mlp", 0).numpy(), model_a=a, model_b=b)
+        connector(align="magic", device="cpu").fit(inputs("tabular-mlp", 0), model_a=a, model_b=b)
 
 
 def test_a_structure_that_would_change_the_function_is_caught_when_fitting():
