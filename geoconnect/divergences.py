@@ -13,24 +13,34 @@ Local behaviour, for ``q = p + dp`` and the Fisher metric ``ds² = Σ dp_k² / p
 | ``hellinger`` | ``1`` | ``ds² / 8`` (squared Hellinger distance) |
 | ``fisher_rao`` | ``π`` | ``ds`` (the geodesic distance itself) |
 | ``symmetric_kl`` | none | ``ds²`` |
+| ``fisher_rao_squared`` | ``π²`` | ``ds²`` (the segment cost of ``"fisher_rao"``) |
+
+Each function's declarations (name, bound, local constant, power, triangle
+inequality, units, segment form) are one :class:`DivergenceSpec` in
+:data:`ALL_SPECS`, which the rest of geoconnect reads and the tests check.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ALL_SPECS",
     "DIVERGENCES",
+    "SPECS",
+    "DivergenceSpec",
     "closed_form_segment_gradient",
     "fisher_rao",
     "get_divergence",
     "hellinger",
     "jensen_shannon",
     "segment_form",
+    "spec_of",
     "symmetric_kl",
 ]
 
@@ -50,10 +60,19 @@ _SHORT_CLASSES = range(3, 16)
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
+    """Log-probabilities, floored at the dtype's lowest finite number.
+
+    A class masked with a −inf logit has probability 0 and log-probability −inf;
+    the floor keeps every later difference of log-probabilities (``log p − log m``)
+    a number, and multiplied by the zero probability it contributes exactly 0, value
+    and gradient, where ``−inf − (−inf)`` would have made the divergence NaN.
+    """
     if logits.device.type != "cpu" or logits.shape[-1] not in _SHORT_CLASSES:
-        return torch.log_softmax(logits, dim=-1)
-    shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
-    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+        log_p = torch.log_softmax(logits, dim=-1)
+    else:
+        shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
+        log_p = shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
 
 
 def _check_logits(logits_p: Tensor, logits_q: Tensor) -> None:
@@ -70,9 +89,13 @@ def _check_logits(logits_p: Tensor, logits_q: Tensor) -> None:
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """Square root with a finite gradient at 0 (where the true one is infinite)."""
+    """Square root with a finite gradient at 0 (where the true one is infinite).
+
+    NaN stays NaN: a distance between undefined distributions is not 0.
+    """
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
+    root = torch.sqrt(torch.where(positive, x, 1.0))
+    return torch.where(positive, root, torch.where(torch.isnan(x), x, 0.0))
 
 
 def jensen_shannon(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -327,18 +350,6 @@ def _symmetric_kl_of(log_p: Tensor, log_q: Tensor, p: Tensor, q: Tensor) -> Tens
     return ((p - q) * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
 
 
-#: Segment costs by name, as accepted by the ``divergence`` parameter of the connectors.
-#: ``"fisher_rao"`` optimises the *squared* distance, which, like the others, is
-#: quadratic in ``ds`` locally, so minimising the sum over segments gives a
-#: constant-speed geodesic rather than any shortest curve.
-DIVERGENCES: dict[str, Divergence] = {
-    "jsd": jensen_shannon,
-    "fisher_rao": fisher_rao_squared,
-    "hellinger": hellinger,
-    "kl": symmetric_kl,
-}
-
-
 def _segment_jensen_shannon(logits: Tensor) -> Tensor:
     return _SegmentJensenShannon.apply(logits)
 
@@ -359,18 +370,6 @@ def _segment_symmetric_kl(logits: Tensor) -> Tensor:
     log_p = _log_softmax(logits)
     p = log_p.exp()
     return _symmetric_kl_of(log_p[:-1], log_p[1:], p[:-1], p[1:])
-
-
-# ``divergence(logits[:-1], logits[1:])`` for a stack of points' logits, built from the
-# same formulas, with each point's (log-)probabilities computed once instead of twice.
-# ``evaluation.segment_divergences`` uses them; any other callable is called pairwise.
-_SEGMENT_FORMS: dict[Divergence, Callable[[Tensor], Tensor]] = {
-    jensen_shannon: _segment_jensen_shannon,
-    hellinger: _segment_hellinger,
-    fisher_rao: _segment_fisher_rao,
-    fisher_rao_squared: _segment_fisher_rao_squared,
-    symmetric_kl: _segment_symmetric_kl,
-}
 
 
 def segment_form(divergence: Divergence) -> Callable[[Tensor], Tensor]:
@@ -402,9 +401,9 @@ def segment_form(divergence: Divergence) -> Callable[[Tensor], Tensor]:
     ...                jensen_shannon(logits[:-1], logits[1:]))
     True
     """
-    form = _SEGMENT_FORMS.get(divergence)
-    if form is not None:
-        return form
+    spec = spec_of(divergence)
+    if spec is not None:
+        return spec.segment
     return lambda logits: divergence(logits[:-1], logits[1:])
 
 
@@ -414,14 +413,7 @@ def _jensen_shannon_energy_block(block: Tensor, weight: float) -> tuple[Tensor, 
     return values, grad, _segment_fisher_rao_squared_of_log_probs(log_p)
 
 
-_CLOSED_FORM_GRADIENTS: dict[Divergence, Callable[[Tensor, float], tuple[Tensor, ...]]] = {
-    jensen_shannon: _jensen_shannon_energy_block,
-}
-
-
-def closed_form_segment_gradient(
-    divergence: Divergence,
-) -> Callable[[Tensor, float], tuple[Tensor, ...]] | None:
+def closed_form_segment_gradient(divergence: Divergence) -> EnergyBlock | None:
     """The divergence's segment values and energy gradient without autograd, if it has one.
 
     Parameters
@@ -445,7 +437,8 @@ def closed_form_segment_gradient(
     >>> values.shape, grad.shape, closed_form_segment_gradient(hellinger) is None
     (torch.Size([2, 2]), torch.Size([3, 2, 4]), True)
     """
-    return _CLOSED_FORM_GRADIENTS.get(divergence)
+    spec = spec_of(divergence)
+    return None if spec is None else spec.closed_form_gradient
 
 
 def get_divergence(divergence: str | Divergence) -> Divergence:
@@ -476,3 +469,218 @@ def get_divergence(divergence: str | Divergence) -> Divergence:
         f"The 'divergence' parameter must be one of {sorted(DIVERGENCES)} or a callable "
         f"(logits_p, logits_q) -> per-sample tensor. Got {divergence!r} instead."
     )
+
+
+# ----------------------------------------------------------------------------------
+# One record per divergence: what every other part of geoconnect (the connectors'
+# parameter, the segment forms, the closed-form gradient, the plots' units, the
+# tests' declarations) knows about it. A new divergence is one more spec below.
+
+#: ``(logits, weight) -> (values, grad, fr_squared)``: see closed_form_segment_gradient.
+EnergyBlock = Callable[[Tensor, float], tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    r"""Everything declared about one built-in divergence, in one record.
+
+    The connectors' ``divergence`` names (:data:`DIVERGENCES`), :func:`segment_form`,
+    :func:`closed_form_segment_gradient`, the units of the energy in
+    :func:`geoconnect.plotting.plot_history` and the property tests all read these
+    records; the tests check every declared property with
+    :func:`geoconnect.testing.check_divergence` (see :attr:`declaration`).
+
+    Parameters
+    ----------
+    name : str or None
+        The value of the connectors' ``divergence`` parameter that selects
+        ``pairwise`` as the segment cost (a key of :data:`SPECS`); None for a spec
+        not selectable by name (the Fisher–Rao distance, whose segment cost is its
+        square, ``"fisher_rao"``).
+    pairwise : callable
+        ``(logits_p, logits_q) -> Tensor`` of per-distribution values.
+    segment : callable
+        ``logits -> pairwise(logits[:-1], logits[1:])`` for a stack of points' logits,
+        shape ``(K, ..., n_classes)`` to ``(K − 1, ...)``, computing each point's
+        probabilities once.
+    label : str
+        What ``pairwise`` computes, in words (``"Jensen–Shannon"``).
+    units : str
+        Units of its values (``"nats"``, ``"rad"``, ``"rad²"``, ``"dimensionless"``).
+    upper_bound : float or None
+        ``pairwise ≤ upper_bound`` (reached by disjoint distributions); None if
+        unbounded.
+    local_constant : float
+        ``pairwise(p, q) ** (2 / power) ≈ local_constant · ds²`` as ``q → p``, with
+        ``ds² = Σ_k dp_k² / p_k`` the Fisher metric (DESIGN.md's local constants).
+    power : float
+        ``pairwise`` is the ``power``-th power of a distance-like quantity: 1 for a
+        distance, 2 for a divergence quadratic in ``ds`` (every segment cost).
+    triangle : bool
+        Whether ``pairwise ** (1 / power)`` obeys the triangle inequality (a metric).
+    symmetric : bool, default=True
+        Whether ``pairwise(p, q) = pairwise(q, p)``.
+    closed_form_gradient : callable or None, default=None
+        ``(logits, weight) -> (values, grad, fr_squared)``, the segment values and
+        energy gradient without autograd (see :func:`closed_form_segment_gradient`);
+        None when the fit differentiates ``segment`` with autograd.
+
+    See Also
+    --------
+    spec_of : the spec of a divergence function.
+    SPECS : the specs by ``divergence`` name.
+
+    Examples
+    --------
+    >>> import math
+    >>> from geoconnect.divergences import SPECS, jensen_shannon
+    >>> spec = SPECS["jsd"]
+    >>> spec.pairwise is jensen_shannon, spec.units, spec.upper_bound == math.log(2)
+    (True, 'nats', True)
+    >>> spec.local_constant, spec.power, spec.triangle
+    (0.125, 2, True)
+    """
+
+    name: str | None
+    pairwise: Divergence
+    segment: Callable[[Tensor], Tensor]
+    label: str
+    units: str
+    upper_bound: float | None
+    local_constant: float
+    power: float
+    triangle: bool
+    symmetric: bool = True
+    closed_form_gradient: EnergyBlock | None = None
+
+    @property
+    def declaration(self) -> dict[str, object]:
+        """The declared properties, as keywords of :func:`geoconnect.testing.check_divergence`.
+
+        Returns
+        -------
+        dict
+            ``symmetric``, ``triangle``, ``power``, ``upper_bound`` and
+            ``local_constant``.
+
+        Examples
+        --------
+        >>> from geoconnect.divergences import fisher_rao, spec_of
+        >>> from geoconnect.testing import check_divergence
+        >>> spec_of(fisher_rao).declaration  # doctest: +NORMALIZE_WHITESPACE
+        {'symmetric': True, 'triangle': True, 'power': 1,
+         'upper_bound': 3.141592653589793, 'local_constant': 1}
+        >>> "triangle" in check_divergence(fisher_rao, **spec_of(fisher_rao).declaration,
+        ...                                max_examples=10)
+        True
+        """
+        return {
+            "symmetric": self.symmetric,
+            "triangle": self.triangle,
+            "power": self.power,
+            "upper_bound": self.upper_bound,
+            "local_constant": self.local_constant,
+        }
+
+
+#: Every built-in spec: the segment costs selectable by name, then the Fisher–Rao
+#: distance itself (``name=None``), so that ``spec_of(fisher_rao)`` also has an answer.
+ALL_SPECS: tuple[DivergenceSpec, ...] = (
+    DivergenceSpec(
+        name="jsd",
+        pairwise=jensen_shannon,
+        segment=_segment_jensen_shannon,
+        label="Jensen–Shannon",
+        units="nats",
+        upper_bound=math.log(2),
+        local_constant=1 / 8,
+        power=2,
+        triangle=True,
+        closed_form_gradient=_jensen_shannon_energy_block,
+    ),
+    # The *squared* distance: like the others, quadratic in ds locally, so minimising
+    # the sum over segments gives a constant-speed geodesic rather than any shortest
+    # curve.
+    DivergenceSpec(
+        name="fisher_rao",
+        pairwise=fisher_rao_squared,
+        segment=_segment_fisher_rao_squared,
+        label="squared Fisher–Rao",
+        units="rad²",
+        upper_bound=math.pi**2,
+        local_constant=1,
+        power=2,
+        triangle=True,
+    ),
+    DivergenceSpec(
+        name="hellinger",
+        pairwise=hellinger,
+        segment=_segment_hellinger,
+        label="squared Hellinger",
+        units="dimensionless",
+        upper_bound=1.0,
+        local_constant=1 / 8,
+        power=2,
+        triangle=True,
+    ),
+    DivergenceSpec(
+        name="kl",
+        pairwise=symmetric_kl,
+        segment=_segment_symmetric_kl,
+        label="symmetric KL",
+        units="nats",
+        upper_bound=None,
+        local_constant=1,
+        power=2,
+        triangle=False,
+    ),
+    DivergenceSpec(
+        name=None,
+        pairwise=fisher_rao,
+        segment=_segment_fisher_rao,
+        label="Fisher–Rao",
+        units="rad",
+        upper_bound=math.pi,
+        local_constant=1,
+        power=1,
+        triangle=True,
+    ),
+)
+
+#: The specs of the segment costs by name, as accepted by the ``divergence`` parameter
+#: of the connectors: ``"jsd"``, ``"fisher_rao"`` (the squared distance),
+#: ``"hellinger"``, ``"kl"``.
+SPECS: dict[str, DivergenceSpec] = {spec.name: spec for spec in ALL_SPECS if spec.name is not None}
+
+#: Segment costs by name, as accepted by the ``divergence`` parameter of the connectors:
+#: the ``pairwise`` functions of :data:`SPECS`.
+DIVERGENCES: dict[str, Divergence] = {name: spec.pairwise for name, spec in SPECS.items()}
+
+
+def spec_of(divergence: Divergence) -> DivergenceSpec | None:
+    """The spec of a built-in divergence function; None for any other callable.
+
+    Parameters
+    ----------
+    divergence : callable
+        ``(logits_p, logits_q) -> Tensor``: one of this module's divergences, or a
+        user's.
+
+    Returns
+    -------
+    DivergenceSpec or None
+        The spec whose ``pairwise`` is ``divergence`` itself (the object, not an equal
+        function), or None.
+
+    Examples
+    --------
+    >>> from geoconnect.divergences import fisher_rao, fisher_rao_squared, spec_of
+    >>> spec_of(fisher_rao_squared).name, spec_of(fisher_rao).units
+    ('fisher_rao', 'rad')
+    >>> spec_of(lambda p, q: (p - q).square().sum(-1)) is None
+    True
+    """
+    for spec in ALL_SPECS:  # identity, so a user's callable's __eq__ is never consulted
+        if spec.pairwise is divergence:
+            return spec
+    return None

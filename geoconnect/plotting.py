@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from .divergences import SPECS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -19,14 +21,6 @@ if TYPE_CHECKING:
     from .path import ModelPath
 
 __all__ = ["plot_history", "plot_loss_plane", "plot_loss_profile"]
-
-# Units of the energy for the built-in divergences (history_ and energy_ are sums of them).
-_ENERGY_UNITS = {
-    "jsd": "Jensen–Shannon, nats",
-    "kl": "symmetric KL, nats",
-    "hellinger": "squared Hellinger, dimensionless",
-    "fisher_rao": "squared Fisher–Rao, rad²",
-}
 
 
 def _evaluations(value: object, name: str) -> dict[str, PathEvaluation]:
@@ -274,7 +268,9 @@ def plot_history(
         axes = list(ax)
         fig = axes[0].figure
     epochs = np.arange(1, len(history["energy"]) + 1)
-    units = _ENERGY_UNITS.get(divergence) if isinstance(divergence, str) else None
+    # The energy's units for a built-in divergence (history_ and energy_ sum its values).
+    spec = SPECS.get(divergence) if isinstance(divergence, str) else None
+    units = None if spec is None else f"{spec.label}, {spec.units}"
     panels = [
         ("energy", "energy", "energy (Σ segment divergences)", "energy_"),
         ("length", "Fisher–Rao length (rad)", "length between distributions", "length_"),

@@ -12,14 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoconnect.divergences import (
+    ALL_SPECS,
     DIVERGENCES,
-    _log_softmax,
+    SPECS,
+    closed_form_segment_gradient,
     fisher_rao,
     fisher_rao_squared,
     get_divergence,
     hellinger,
     jensen_shannon,
     segment_form,
+    spec_of,
     symmetric_kl,
 )
 from geoconnect.evaluation import segment_divergences
@@ -27,7 +30,8 @@ from geoconnect.fitting import SEGMENTS_PER_BLOCK, energy_step
 from geoconnect.testing import check_divergence
 from geoconnect.testing.strategies import logits, nearby_pairs
 
-ALL = [jensen_shannon, fisher_rao, hellinger, symmetric_kl]
+# Every built-in divergence function, as declared by its spec: a new spec is tested here.
+ALL = [spec.pairwise for spec in ALL_SPECS]
 PROPERTY = settings(max_examples=40, deadline=None, database=None)
 
 
@@ -43,48 +47,27 @@ def logit_pairs(draw, batch=3):
 
 
 # ----------------------------------------------------------------------------------
-# The declared properties, through check_divergence: each checks ≥ 0, zero iff
-# equal, finiteness (values and gradients) at logits up to ±1e4 in float32 and
-# float64, and that a batch of any leading shape equals its rows.
+# The declared properties, through check_divergence: beside what each spec declares
+# (symmetry, bound, triangle inequality of fn ** (1 / power), local constant), it
+# checks ≥ 0, zero iff equal, finiteness (values and gradients) at logits up to ±1e4
+# in float32 and float64, and that a batch of any leading shape equals its rows.
 
 
-def test_jensen_shannon_is_symmetric_bounded_by_ln2_and_locally_ds2_over_8():
-    # power=2: the triangle inequality is checked on √JSD, which is a metric.
-    check_divergence(
-        jensen_shannon,
-        symmetric=True,
-        triangle=True,
-        power=2,
-        upper_bound=math.log(2),
-        local_constant=1 / 8,
-    )
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda spec: spec.pairwise.__name__)
+def test_every_spec_declares_properties_its_divergence_has(spec):
+    checked = check_divergence(spec.pairwise, **spec.declaration)
+    declared = {
+        "symmetric": spec.symmetric,
+        "upper_bound": spec.upper_bound is not None,
+        "triangle": spec.triangle,
+        "local_constant": True,
+    }
+    assert {prop for prop, on in declared.items() if on} <= set(checked)
 
 
-def test_fisher_rao_is_a_metric_bounded_by_pi_and_locally_ds():
-    check_divergence(
-        fisher_rao, symmetric=True, triangle=True, power=1, upper_bound=math.pi, local_constant=1
-    )
-
-
-def test_squared_hellinger_is_bounded_by_1_its_root_a_metric_and_locally_ds2_over_8():
-    check_divergence(
-        hellinger, symmetric=True, triangle=True, power=2, upper_bound=1.0, local_constant=1 / 8
-    )
-
-
-def test_symmetric_kl_is_symmetric_unbounded_and_locally_ds2():
-    check_divergence(symmetric_kl, symmetric=True, power=2, local_constant=1)
-
-
-def test_squared_fisher_rao_segment_cost_is_locally_ds2():
-    check_divergence(
-        fisher_rao_squared,
-        triangle=True,
-        power=2,
-        upper_bound=math.pi**2,
-        local_constant=1,
-        max_examples=25,
-    )
+def test_every_segment_cost_is_quadratic_in_ds():
+    # Minimising a sum of them over segments gives a constant-speed geodesic.
+    assert all(spec.power == 2 for spec in SPECS.values())
 
 
 # ----------------------------------------------------------------------------------
@@ -143,15 +126,19 @@ def test_fisher_rao_squared_is_the_square_of_the_distance(pair):
 # Bounds, extremes and invariances.
 
 
+BOUNDED = [spec for spec in ALL_SPECS if spec.upper_bound is not None]
+
+
+@pytest.mark.parametrize("spec", BOUNDED, ids=lambda spec: spec.pairwise.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bounds_are_reached_by_disjoint_distributions(dtype):
+def test_bounds_are_reached_by_disjoint_distributions(spec, dtype):
     p = torch.tensor([[1e4, -1e4], [30.0, -30.0]], dtype=dtype)
-    tol = {"rtol": 1e-6, "atol": 1e-6}
     torch.testing.assert_close(
-        jensen_shannon(p, -p), torch.full((2,), math.log(2), dtype=dtype), **tol
+        spec.pairwise(p, -p),
+        torch.full((2,), spec.upper_bound, dtype=dtype),
+        rtol=1e-6,
+        atol=1e-6,
     )
-    torch.testing.assert_close(fisher_rao(p, -p), torch.full((2,), math.pi, dtype=dtype), **tol)
-    torch.testing.assert_close(hellinger(p, -p), torch.ones(2, dtype=dtype), **tol)
 
 
 EXTREME_ROWS = torch.tensor(list(itertools.product([-1e4, 0.0, 1e4], repeat=3)))
@@ -171,7 +158,9 @@ def test_values_and_gradients_are_finite_at_extreme_logits(fn, dtype):
     assert value.dtype == dtype
 
 
-@pytest.mark.parametrize("fn", [jensen_shannon, hellinger, symmetric_kl, fisher_rao_squared])
+@pytest.mark.parametrize(
+    "fn", [spec.pairwise for spec in ALL_SPECS if spec.power == 2], ids=lambda fn: fn.__name__
+)
 def test_the_gradient_vanishes_where_the_distributions_are_equal(fn):
     # The quadratic costs have their minimum at p = q: a zero (not nan) gradient there.
     p = torch.tensor([[0.3, -1.2, 2.0], [1e4, 0.0, -1e4]], requires_grad=True)
@@ -199,10 +188,15 @@ def test_only_the_distributions_matter_not_the_logits_offset(fn, pair, shift):
 @PROPERTY
 @given(nearby_pairs(batch_shape=(4,), scale=st.floats(0.0, 4.0)))
 def test_the_local_constants_tie_the_divergences_together(pair):
-    # JSD ≈ H² ≈ d_FR²/8 ≈ symmetric KL/8 as q → p: all four see the same ds².
+    # JSD ≈ H² ≈ d_FR²/8 ≈ symmetric KL/8 as q → p: all of them see the same ds².
     d2 = fisher_rao(*pair) ** 2
-    for fn, constant in ((jensen_shannon, 1 / 8), (hellinger, 1 / 8), (symmetric_kl, 1.0)):
-        torch.testing.assert_close(fn(*pair), constant * d2, rtol=1e-2, atol=0.0)
+    for spec in ALL_SPECS:
+        torch.testing.assert_close(
+            spec.pairwise(*pair) ** (2 / spec.power),
+            spec.local_constant * d2,
+            rtol=1e-2,
+            atol=0.0,
+        )
 
 
 # ----------------------------------------------------------------------------------
@@ -228,6 +222,31 @@ def test_get_divergence_resolves_names_and_passes_callables_through():
 def test_an_unknown_divergence_name_lists_the_choices():
     with pytest.raises(ValueError, match=r"'divergence' parameter must be one of \['fisher_rao'"):
         get_divergence("wasserstein")
+
+
+def test_the_names_are_those_of_the_specs_and_each_function_has_one_spec():
+    assert list(DIVERGENCES) == list(SPECS) == ["jsd", "fisher_rao", "hellinger", "kl"]
+    assert all(DIVERGENCES[name] is spec.pairwise for name, spec in SPECS.items())
+    assert all(spec.name == name for name, spec in SPECS.items())
+    assert len({id(spec.pairwise) for spec in ALL_SPECS}) == len(ALL_SPECS)
+    assert all(spec_of(spec.pairwise) is spec for spec in ALL_SPECS)
+    # The distance is described too, though its segment cost "fisher_rao" is its square.
+    assert spec_of(fisher_rao).name is None and spec_of(fisher_rao).power == 1
+
+
+def test_a_users_callable_has_no_spec():
+    def total_variation(p, q):
+        return 0.5 * (p.softmax(-1) - q.softmax(-1)).abs().sum(-1)
+
+    assert spec_of(total_variation) is None
+    assert spec_of(lambda p, q: jensen_shannon(p, q)) is None  # identity, not behaviour
+    assert closed_form_segment_gradient(total_variation) is None
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda spec: spec.pairwise.__name__)
+def test_the_segment_form_and_closed_form_gradient_are_the_specs(spec):
+    assert segment_form(spec.pairwise) is spec.segment
+    assert closed_form_segment_gradient(spec.pairwise) is spec.closed_form_gradient
 
 
 # ----------------------------------------------------------------------------------
@@ -289,17 +308,23 @@ def test_clamping_a_value_rounded_below_zero_keeps_the_jensen_shannon_gradient()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(x=st.data())
 @PROPERTY
-def test_log_probabilities_match_torch_for_every_class_count(dtype, x):
-    n_classes = x.draw(st.integers(2, 40))  # both sides of the few-classes threshold
-    z = x.draw(logits(n_classes=n_classes, batch_shape=(4,), dtype=dtype, scale=st.floats(0, 1e4)))
-    got, (got_grad,) = values_and_grads(_log_softmax, z)
-    want, (want_grad,) = values_and_grads(lambda t: torch.log_softmax(t, -1), z)
+def test_log_probabilities_for_few_classes_are_torchs_for_every_class_count(dtype, x):
+    # Through the JSD, whose plain definition uses torch.log_softmax: values and
+    # gradients agree on both sides of the few-classes threshold, up to saturation.
+    n_classes = x.draw(st.integers(2, 40))
+    p, q = (
+        x.draw(logits(n_classes=n_classes, batch_shape=(4,), dtype=dtype, scale=st.floats(0, 1e4)))
+        for _ in range(2)
+    )
+    got, got_grads = values_and_grads(jensen_shannon, p, q)
+    want, want_grads = values_and_grads(plain_jensen_shannon, p, q)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_grad, want_grad, **tol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **tol)
 
 
-@pytest.mark.parametrize("fn", [*ALL, fisher_rao_squared], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
 @PROPERTY
 @given(data=st.data())
 def test_a_segment_form_is_the_divergence_of_neighbouring_points(fn, data):
@@ -331,9 +356,7 @@ def test_a_callable_without_a_segment_form_is_called_pairwise():
     assert calls[0] == ((3, 5, 3), (3, 5, 3))
 
 
-@pytest.mark.parametrize(
-    "fn", [jensen_shannon, fisher_rao_squared, symmetric_kl], ids=lambda f: f.__name__
-)
+@pytest.mark.parametrize("fn", DIVERGENCES.values(), ids=lambda f: f.__name__)
 @settings(max_examples=20, deadline=None, database=None)
 @given(n_points=st.integers(2, 3 * SEGMENTS_PER_BLOCK + 2), seed=st.integers(0, 2**16))
 def test_the_block_wise_energy_step_equals_the_energy_differentiated_at_once(fn, n_points, seed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath, PathEvaluation
+from geoconnect.divergences import SPECS
 from geoconnect.evaluation import evaluate_path, loss_barrier
 from geoconnect.plotting import (
     _grid_losses,
@@ -172,6 +175,17 @@ def test_history_omits_the_lines_energy_for_another_divergence(fitted):
     assert len(axes[0].lines) == 1  # a JSD energy is not comparable with a Hellinger one
     assert len(axes[1].lines) == 2
     assert "squared Hellinger" in axes[0].get_title()
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_the_energy_panel_names_a_built_in_divergence_and_its_units(name):
+    # A stand-in for a fitted connector: its history_ and its divergence parameter.
+    fitted = types.SimpleNamespace(
+        history_={"energy": [0.5, 0.3], "length": [2.0, 1.6], "euclidean_length": [1.0, 1.1]},
+        divergence=name,
+    )
+    spec = SPECS[name]
+    assert plot_history(fitted)[0].get_title() == f"energy ({spec.label}, {spec.units})"
 
 
 def test_history_needs_a_fitted_connector():

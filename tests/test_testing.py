@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoconnect.divergences import fisher_rao, fisher_rao_squared, jensen_shannon
+from geoconnect.divergences import SPECS, fisher_rao, fisher_rao_squared, jensen_shannon, spec_of
 from geoconnect.testing import PROPERTIES, DivergenceCheckError, check_divergence
 from geoconnect.testing.strategies import (
     classifier_pairs,
@@ -23,6 +23,9 @@ from geoconnect.testing.strategies import (
 )
 
 FAST = settings(max_examples=20, deadline=None, database=None)
+# What is declared about the functions the planted defects are variations of.
+JSD = SPECS["jsd"]
+FISHER_RAO = spec_of(fisher_rao)
 
 
 # ----------------------------------------------------------------------------------
@@ -43,7 +46,7 @@ def jsd_with_log_of_softmax(logits_p, logits_q):
 
 
 def jsd_without_the_half(logits_p, logits_q):
-    """KL(p‖m) + KL(q‖m), twice the JSD: locally ds²/4, not ds²/8."""
+    """KL(p‖m) + KL(q‖m), twice the JSD: locally ds²/4, not the JSD's ds²/8."""
     return 2 * jensen_shannon(logits_p, logits_q)
 
 
@@ -102,12 +105,13 @@ def test_a_distance_without_the_triangle_inequality_is_caught():
 
 
 def test_the_square_root_of_the_same_function_passes_the_triangle_check():
-    checked = check_divergence(fisher_rao_squared, triangle=True, power=2, max_examples=30)
+    power = spec_of(fisher_rao_squared).power  # 2
+    checked = check_divergence(fisher_rao_squared, triangle=True, power=power, max_examples=30)
     assert "triangle" in checked
 
 
 def test_log_of_zero_at_extreme_logits_is_caught_as_not_finite():
-    failures = failures_of(jsd_with_log_of_softmax, upper_bound=math.log(2))
+    failures = failures_of(jsd_with_log_of_softmax, upper_bound=JSD.upper_bound)
     assert list(failures) == ["finite"]
     shown = counter_example(failures["finite"])
     assert torch.isnan(jsd_with_log_of_softmax(shown["logits_p"], shown["logits_q"]))
@@ -124,13 +128,13 @@ def test_a_nan_gradient_is_caught_as_not_finite():
 
 
 def test_a_wrong_local_constant_is_caught():
-    failures = failures_of(jsd_without_the_half, power=2, local_constant=1 / 8)
+    failures = failures_of(jsd_without_the_half, power=JSD.power, local_constant=JSD.local_constant)
     assert list(failures) == ["local_constant"]
     assert "ds^2.00" in failures["local_constant"]
 
 
 def test_a_distance_declared_as_a_squared_distance_fails_the_local_law_with_a_hint():
-    failures = failures_of(fisher_rao, power=2, local_constant=1.0)
+    failures = failures_of(fisher_rao, power=2, local_constant=FISHER_RAO.local_constant)
     assert list(failures) == ["local_constant"]
     assert "fn scales like ds^1.00; power=2 declares ds^2" in failures["local_constant"]
 
@@ -148,7 +152,7 @@ def test_a_wrong_output_shape_is_caught_as_a_batch_failure():
 
 
 def test_an_exceeded_bound_is_caught():
-    failures = failures_of(jsd_without_the_half, upper_bound=math.log(2))
+    failures = failures_of(jsd_without_the_half, upper_bound=JSD.upper_bound)
     assert list(failures) == ["upper_bound"]
 
 
@@ -175,9 +179,7 @@ def test_every_failure_names_a_known_property():
 
 
 def test_a_sound_declaration_returns_the_properties_checked():
-    checked = check_divergence(
-        fisher_rao, triangle=True, power=1, upper_bound=math.pi, max_examples=20
-    )
+    checked = check_divergence(fisher_rao, **FISHER_RAO.declaration, max_examples=20)
     assert checked == (
         "finite",
         "batch",
@@ -187,6 +189,7 @@ def test_a_sound_declaration_returns_the_properties_checked():
         "symmetric",
         "upper_bound",
         "triangle",
+        "local_constant",
     )
 
 
