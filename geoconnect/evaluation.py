@@ -6,6 +6,7 @@ plots, command line and benchmarks call these functions.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,7 +113,7 @@ def fisher_rao_length(segment_squared: Tensor | np.ndarray) -> float:
 def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
     """Positions in [0, 1] of the points by cumulative Fisher–Rao arc length.
 
-    Uniform positions when the path has zero length.
+    Uniform positions when the path has zero length, or a NaN or infinite one.
 
     Parameters
     ----------
@@ -133,7 +134,7 @@ def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
     steps = torch.as_tensor(segment_squared, dtype=torch.float64).clamp_min(0.0).sqrt()
     total = float(steps.sum())
     n_points = steps.numel() + 1
-    if total <= 0.0:
+    if not np.isfinite(total) or total <= 0.0:  # no length to measure positions by
         return np.linspace(0.0, 1.0, n_points)
     cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)]) / total
     positions = cumulative.numpy()
@@ -175,7 +176,14 @@ def euclidean_length(path: ModelPath) -> float:
 
 
 def _barrier(values: np.ndarray, sign: float) -> float:
+    """The largest excess over the chord, ≥ 0; NaN when any value is NaN or infinite.
+
+    A point whose loss is not a number is not a point of low loss: the barrier of
+    such a path is NaN, never a finite number that could rank it above a sound one.
+    """
     values = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(values)):
+        return float("nan")
     t = np.linspace(0.0, 1.0, values.size)
     chord = (1.0 - t) * values[0] + t * values[-1]
     return float(max(0.0, np.max(sign * (values - chord))))
@@ -183,6 +191,9 @@ def _barrier(values: np.ndarray, sign: float) -> float:
 
 def loss_barrier(loss: np.ndarray) -> float:
     """``max_i [L_i − ((1 − t_i) L_0 + t_i L_{N−1})]``, ``t_i = i/(N−1)``; ≥ 0.
+
+    NaN when any loss is NaN or infinite (a point that overflows has no loss to
+    compare).
 
     Parameters
     ----------
@@ -199,6 +210,8 @@ def loss_barrier(loss: np.ndarray) -> float:
     >>> from geoconnect.evaluation import loss_barrier
     >>> loss_barrier([0.1, 0.9, 0.3])
     0.7
+    >>> loss_barrier([0.1, float("nan"), 0.3])
+    nan
     """
     return _barrier(loss, 1.0)
 
@@ -234,6 +247,21 @@ class PathStatistics:
     segment_costs: np.ndarray | None  # (N − 1,) means of the divergence, if asked
     loss: np.ndarray | None  # (N,) mean cross-entropy, if labels
     accuracy: np.ndarray | None  # (N,) if labels
+    nonfinite_points: np.ndarray  # indices of points with a NaN or infinite logit
+
+    def warn_if_nonfinite(self, stacklevel: int = 2) -> None:
+        """Warn, naming the points, when some point's logits were NaN or infinite."""
+        if self.nonfinite_points.size == 0:
+            return
+        points = self.nonfinite_points.tolist()
+        warnings.warn(
+            f"Point(s) {points[:10]} of the path give NaN or infinite logits on X, so "
+            "their loss, the barriers and the lengths are NaN. Likely causes: logits "
+            "that overflow a low-precision dtype (float16 overflows above 65504: use "
+            "float32 or bfloat16 models), or a model that returns NaN on some inputs.",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 _POINTS_PER_BLOCK = 4  # points evaluated together in path_statistics (with their next)
@@ -257,7 +285,7 @@ def path_statistics(
     and the per-point loss and accuracy (when the data carry labels).
     """
     n = 0
-    fr_sum = costs_sum = loss_sum = correct = None
+    fr_sum = costs_sum = loss_sum = correct = nonfinite = None
     for batch in data.batches(batch_size):
         logits = path.logits(batch.x)  # (N, B, C)
         if logits.ndim != 3:
@@ -265,6 +293,8 @@ def path_statistics(
                 "The models must map a batch of X to logits of shape (batch, n_classes); "
                 f"got outputs of shape {tuple(logits.shape[1:])}."
             )
+        bad = ~torch.isfinite(logits).flatten(1).all(1)
+        nonfinite = bad if nonfinite is None else nonfinite | bad
         n_points, b, n_classes = logits.shape
         if batch.y is not None:
             check_labels(batch.y, n_classes)
@@ -304,6 +334,7 @@ def path_statistics(
         segment_costs=mean(costs_sum),
         loss=mean(loss_sum),
         accuracy=mean(correct),
+        nonfinite_points=np.flatnonzero(nonfinite.cpu().numpy()),
     )
 
 
@@ -459,6 +490,7 @@ def evaluate_path(
     """
     data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
     stats = path_statistics(path, data, batch_size=batch_size)
+    stats.warn_if_nonfinite()
     if stats.loss is None:
         raise ValueError("evaluate needs labels: pass y, or a Dataset/DataLoader yielding (x, y).")
     return PathEvaluation.from_arrays(

@@ -76,7 +76,7 @@ class FitSettings:
     max_iter: int = 100
     batch_size: int = 256
     tol: float = 1e-3
-    n_iter_no_change: int = 3
+    n_iter_no_change: int = 10
     coarse_to_fine: bool = True
     mixed_precision: bool = False
     strategy: Literal["auto", "vmap", "loop"] = "auto"
@@ -110,6 +110,13 @@ class FitState:
         One entry per epoch, as ``history_``.
     n_iter : int
         Epochs run, previous fits' included (``len(history["energy"])``).
+    initial_energy : float
+        Energy of the initial path (the line, or warm start's path) on the data,
+        as the fit measures it: what a diverging fit is recognised by.
+    rises : int
+        Consecutive epochs whose energy rose.
+    warned : set of str
+        The warnings this fit has already given (each is given once).
     interior : dict of str to Tensor
         The moving tensors: views of the current level's interior points (see
         :meth:`ModelPath.interior`); the optimiser updates them in place.
@@ -133,6 +140,9 @@ class FitState:
     optimizer: torch.optim.Optimizer | None = None
     best: float = math.inf
     stale: int = 0
+    initial_energy: float = math.nan
+    rises: int = 0
+    warned: set[str] = field(default_factory=set)
 
     @classmethod
     def start(
@@ -161,6 +171,11 @@ class FitState:
         >>> FitState.start(path, data, jensen_shannon, FitSettings()).n_iter
         0
         """
+        if path.has_batchnorm and settings.batch_size < 2:
+            raise ValueError(
+                "The models have BatchNorm layers, whose batch statistics need at least "
+                f"two samples per batch. Set batch_size ≥ 2 (now {settings.batch_size})."
+            )
         module = path.batch_statistics_module()
         if settings.strategy != "auto":
             path.strategy = settings.strategy
@@ -170,7 +185,7 @@ class FitState:
             first = next(iter(data.batches(settings.batch_size)))
             path.strategy = choose_strategy(path, first.x, module)
         record = {key: list((history or {}).get(key, [])) for key in HISTORY_KEYS}
-        return cls(
+        state = cls(
             target=path,
             path=path,
             data=data,
@@ -182,6 +197,31 @@ class FitState:
             history=record,
             n_iter=len(record["energy"]),
         )
+        state.initial_energy = path_energy(state)
+        if not math.isfinite(state.initial_energy):
+            raise ValueError(
+                f"The energy of the initial path on X is {state.initial_energy}: some of "
+                "its points give NaN or infinite logits on some inputs. Likely causes: "
+                "logits that overflow a low-precision dtype (float16 overflows above "
+                "65504: use float32 or bfloat16 models), or a model that returns NaN on "
+                "some rows of X (check model_a(X) and model_b(X))."
+            )
+        return state
+
+    def usable(self, batch: Batch) -> bool:
+        """False for a batch of one sample through BatchNorm (no batch statistics)."""
+        if batch.x.shape[0] > 1 or not self.target.has_batchnorm:
+            return True
+        if "single" not in self.warned:
+            self.warned.add("single")
+            warnings.warn(
+                "X yielded a batch of one sample; BatchNorm's batch statistics need at "
+                "least two, so the fit skips such batches. Give the DataLoader a "
+                "batch_size that does not leave one sample over (or drop_last=True).",
+                UserWarning,
+                stacklevel=5,
+            )
+        return False
 
     def begin_level(self) -> None:
         """Make the current level's interior the moving tensors, with a new optimiser."""
@@ -280,11 +320,12 @@ def fit_path(
                 f"Fitting interrupted after {state.n_iter} complete epoch(s) (n_iter_ = "
                 f"{state.n_iter}); the path keeps what was learned so far.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # fit_path, the connector's _fit, fit, the caller
             )
         finally:
             state.end_level()
     _enter_level(state, path.n_points)  # a coarser level, if interrupted, spread out
+    _check_descent(state)
     if not (converged or interrupted):
         warnings.warn(
             f"GeodesicConnector stopped at max_iter={settings.max_iter} epochs before the "
@@ -292,9 +333,61 @@ def fit_path(
             f"{settings.n_iter_no_change}). Raise max_iter, or continue with "
             "warm_start=True.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return FitResult(state.history, state.n_iter, path.strategy, converged, interrupted)
+
+
+@torch.no_grad()
+def path_energy(state: FitState) -> float:
+    """The energy of the full path on the data, measured as the fit measures it.
+
+    The points are evaluated with batch-statistics BatchNorm, a chunk at a time. The
+    first batch also checks the divergence: a negative value would make the fit
+    maximise distance, and is refused.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect._data import as_data
+    >>> from geoconnect.divergences import jensen_shannon
+    >>> from geoconnect.fitting import FitSettings, FitState, path_energy
+    >>> net = torch.nn.Linear(4, 3)
+    >>> path = ModelPath.linear(net, net, 5)  # a model and itself
+    >>> data = as_data(torch.randn(8, 4), device=torch.device("cpu"))
+    >>> path_energy(FitState.start(path, data, jensen_shannon, FitSettings()))
+    0.0
+    """
+    path, total, seen = state.target, 0.0, 0
+    for batch in state.data.batches(state.settings.batch_size):
+        if not state.usable(batch):
+            continue
+        blocks = [
+            path.functional_forward(
+                {k: v[start : start + POINTS_PER_CHUNK] for k, v in path.params.items()},
+                batch.x,
+                module=state.module,
+            )
+            for start in range(0, path.n_points, POINTS_PER_CHUNK)
+        ]
+        values = segment_divergences(torch.cat(blocks), state.divergence)
+        if seen == 0:
+            _check_sign(values)
+        total += float(values.double().sum())
+        seen += batch.x.shape[0]
+    return total / seen if seen else math.nan
+
+
+def _check_sign(values: Tensor) -> None:
+    low = float(values.min()) if values.numel() else 0.0
+    if low < -1e-6:
+        raise ValueError(
+            f"The divergence returned a negative value ({low:.3g}) between neighbouring "
+            "points of the straight line. A divergence must be ≥ 0 (and 0 only between "
+            "equal distributions), or fitting would push the points apart. Check its "
+            "sign; geoconnect.testing.check_divergence tests every property."
+        )
 
 
 def coarse_to_fine_schedule(
@@ -351,6 +444,24 @@ def _enter_level(state: FitState, n_points: int) -> None:
     state.path = level
 
 
+_RISES = 3  # epochs of rising energy in a row that make the fit warn
+
+
+def _check_descent(state: FitState) -> None:
+    """Warn when the fit ended with more energy than it started with: it diverged."""
+    if state.history["n_points"][-1:] != [state.target.n_points]:
+        return  # the fit never reached the full path (interrupted): nothing to compare
+    final, initial = state.history["energy"][-1], state.initial_energy
+    if final > initial * (1.0 + 1e-3) + 1e-12:
+        warnings.warn(
+            f"The fit ended with energy {final:.4g}, above the {initial:.4g} of the path it "
+            "started from: the descent diverged, and the path is worse than the one it "
+            f"started from. Lower learning_rate_init (now {state.settings.learning_rate}).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
 def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:
     """Descend on the current level for up to ``epochs``; True when it converged."""
     state.begin_level()
@@ -399,18 +510,28 @@ def _run_epoch(state: FitState, bar: tqdm) -> float:
     length_sum = torch.zeros_like(energy_sum)
     seen = 0
     for batch in state.data.batches(state.settings.batch_size, generator=state.generator):
+        if not state.usable(batch):
+            continue
         costs, fr_squared = train_step(state, batch)
         state.optimizer.step()  # type: ignore[union-attr]
         energy_sum += costs
         length_sum += fr_squared
         seen += batch.x.shape[0]
+    if seen == 0:
+        raise ValueError(
+            "No batch of X had two or more samples, which BatchNorm's batch statistics "
+            f"need. Set batch_size ≥ 2 (now {state.settings.batch_size}) or give a "
+            "DataLoader with batches of two or more."
+        )
     # One host-device synchronisation per epoch, here.
     energy = float(energy_sum.sum()) / seen
     if not np.isfinite(energy):
         raise ValueError(
-            f"The energy became {energy} in epoch {state.n_iter + 1}. Lower "
-            f"learning_rate_init (now {state.settings.learning_rate}) or check that "
-            "the divergence is finite for these models."
+            f"The energy became {energy} in epoch {state.n_iter + 1}, from a finite "
+            f"{state.initial_energy:.4g} at the start: the steps moved the points to "
+            "networks with NaN or infinite outputs. Lower learning_rate_init (now "
+            f"{state.settings.learning_rate}), or check that the divergence is finite "
+            "for these models."
         )
     length = fisher_rao_length(length_sum / seen)
     _record_epoch(state, energy, length, time.perf_counter() - tic, bar)
@@ -426,9 +547,21 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
         "n_points": state.path.n_points,
         "seconds": seconds,
     }
+    previous = state.history["energy"][-1] if state.history["energy"] else math.inf
+    same_level = state.history["n_points"][-1:] == [record["n_points"]]
+    state.rises = state.rises + 1 if same_level and energy > previous else 0
     for key, value in record.items():
         state.history[key].append(value)
     state.n_iter += 1
+    if state.rises >= _RISES and "rising" not in state.warned:
+        state.warned.add("rising")
+        warnings.warn(
+            f"The energy rose for {state.rises} epochs running (to {energy:.4g} in epoch "
+            f"{state.n_iter}): the descent is unstable. Lower learning_rate_init (now "
+            f"{state.settings.learning_rate}).",
+            RuntimeWarning,
+            stacklevel=7,
+        )
     bar.update(1)
     bar.set_postfix(points=record["n_points"], energy=f"{energy:.4g}", length=f"{length:.4g}")
     if state.settings.on_epoch is not None:

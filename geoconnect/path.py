@@ -469,7 +469,13 @@ class ModelPath:
         return torch.stack(outputs)
 
     @torch.no_grad()
-    def logits(self, x: Tensor, points: slice | Sequence[int] | None = None) -> Tensor:
+    def logits(
+        self,
+        x: Tensor,
+        points: slice | Sequence[int] | None = None,
+        *,
+        strategy: Strategy | None = None,
+    ) -> Tensor:
         """Eval-mode logits of the points on a batch: shape (n_points, batch, n_classes).
 
         Parameters
@@ -478,6 +484,8 @@ class ModelPath:
             A batch on the path's device.
         points : slice or sequence of int, optional
             Which points (a contiguous block, or indices); default all.
+        strategy : {"vmap", "loop"}, optional
+            How to evaluate them; default :attr:`strategy`.
 
         Examples
         --------
@@ -490,7 +498,7 @@ class ModelPath:
         points = slice(None) if points is None else points
         params = {k: v[points] for k, v in self.params.items()}
         bn = {k: v[points] for k, v in self.batchnorm_buffers.items()}
-        return self.functional_forward(params, x, bn)
+        return self.functional_forward(params, x, bn, strategy=strategy)
 
     def batch_statistics_module(self) -> nn.Module:
         """A copy of the template whose BatchNorm layers always use batch statistics.
@@ -608,6 +616,8 @@ class ModelPath:
             sums: list[Tensor] | None = None
             n_batches = 0
             for batch in data.batches(batch_size):  # type: ignore[attr-defined]
+                if batch.x.shape[0] < 2:
+                    return None  # the loop skips it, and says so
                 out = vmap(one, in_dims=(0, None), randomness="same")(params, batch.x)
                 sums = (
                     [o.double() for o in out]
@@ -654,8 +664,26 @@ def recompute_module_batchnorm(module: nn.Module, data: object, batch_size: int)
         momenta[bn] = bn.momentum
         bn.momentum = None  # cumulative average over the pass
         bn.train()
+    used = skipped = 0
     for batch in data.batches(batch_size):  # type: ignore[attr-defined]
+        if batch.x.shape[0] < 2:  # no batch statistics from one sample
+            skipped += 1
+            continue
         module(batch.x)
+        used += 1
     for bn in batchnorms:
         bn.momentum = momenta[bn]
     module.eval()
+    if used == 0:
+        raise ValueError(
+            "BatchNorm statistics need batches of two or more samples, and X gave none: "
+            f"set batch_size ≥ 2 (now {batch_size}) or pass more samples."
+        )
+    if skipped:
+        warnings.warn(
+            f"{skipped} batch(es) of one sample were left out of the recomputed BatchNorm "
+            "statistics (one sample has no batch statistics). Give the DataLoader a "
+            "batch_size that does not leave one sample over (or drop_last=True).",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from geoconnect import GeodesicConnector, LinearConnector, PathEvaluation
 from geoconnect._data import Batch, as_data
-from geoconnect.divergences import fisher_rao_squared, jensen_shannon
+from geoconnect.divergences import SPECS, fisher_rao_squared, jensen_shannon
 from geoconnect.evaluation import segment_divergences
 from geoconnect.fitting import POINTS_PER_CHUNK, FitSettings, FitState, train_step
 from geoconnect.path import ModelPath
@@ -110,7 +110,7 @@ def test_fit_runs_max_iter_epochs_while_it_improves(small_pair):
     assert conn.n_iter_ == 6
 
 
-@pytest.mark.parametrize("divergence", ["jsd", "fisher_rao", "hellinger", "kl"])
+@pytest.mark.parametrize("divergence", list(SPECS))
 def test_every_divergence_shortens_the_path(divergence, digits_pair):
     line = fit_linear(digits_pair, n_points=5)
     conn = fit_geodesic(digits_pair, divergence=divergence, max_iter=8)

@@ -288,7 +288,8 @@ def test_a_learning_rate_that_diverges_is_reported_not_returned():
         n_points=4, solver="sgd", learning_rate_init=1e30, max_iter=5, device="cpu"
     )
     with pytest.raises(
-        ValueError, match=r"energy became nan in epoch \d+\. Lower learning_rate_init"
+        ValueError,
+        match=r"energy became nan in epoch \d+, from a finite .* Lower learning_rate_init",
     ):
         conn.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert not hasattr(conn, "path_")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from numbers import Integral
 
@@ -110,6 +113,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         stats = path_statistics(
             path, inputs.data, batch_size=self._eval_batch_size(), divergence=divergence
         )
+        stats.warn_if_nonfinite(stacklevel=4)  # _path_attributes, _fit, fit, the caller
         path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
         n_classes = int(path.logits(inputs.data.head(1)).shape[-1])
         classes = inputs.label_classes
@@ -120,6 +124,26 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             classes_=np.arange(n_classes) if classes is None else classes,
         )
         return attributes
+
+    @contextlib.contextmanager
+    def _own_torch_rng(self) -> Iterator[None]:
+        """Run the fit on a fork of torch's global RNG, seeded from ``random_state``.
+
+        Torch draws from its global generator behind the user's back (every
+        DataLoader iteration draws a base seed; a shuffling one its order). In a fork
+        those draws follow ``random_state`` and the caller's RNG is left as it was.
+        """
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    def _line(self, inputs: FitInputs) -> ModelPath:
+        """The straight line between the models, its ends checked against them."""
+        path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        if inputs.data is not None:
+            _check_ends(path, inputs)
+        return path
 
     # -- fitting helpers ---------------------------------------------------------------
 
@@ -174,6 +198,11 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         copy_b = self._align_models(copy_a, copy_b, data)
         if isinstance(data, TensorData):
             check_labels(data.y, n_classes)
+            if data.n_samples < 2 and has_batchnorm(copy_a):
+                raise ValueError(
+                    "X has one sample, and the models have BatchNorm layers, whose "
+                    "statistics need at least two. Pass more samples."
+                )
         dtype = float_dtype(copy_a)
         return FitInputs(device, copy_a, copy_b, data, n_classes, dtype, features, classes)
 
@@ -381,6 +410,10 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def score(self, X: object, y: object = None, sample_weight: None = None) -> float:
         """Minus the loss barrier on (X, y): higher is better, 0 is the best.
 
+        ``-inf`` when the barrier is NaN (some point's loss is not finite; a
+        ``RuntimeWarning`` names the points), so a broken path never outranks a sound
+        one in a grid search.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, *input_shape), tensor, Dataset or DataLoader
@@ -404,7 +437,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         """
         if sample_weight is not None:
             raise ValueError("sample_weight is not supported by score.")
-        return -self.evaluate(X, y).barrier
+        barrier = self.evaluate(X, y).barrier
+        # A broken path (NaN barrier) ranks below every sound one, in any comparison.
+        return -barrier if np.isfinite(barrier) else -np.inf
 
     def predict_proba(self, X: object) -> np.ndarray:
         """Class probabilities of the path as an ensemble: the mean over its points.
@@ -521,6 +556,71 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             [f"point{i}_class{k}" for i in range(len(self.path_)) for k in range(self.n_classes_)],
             dtype=object,
         )
+
+
+@torch.no_grad()
+def _check_ends(path: ModelPath, inputs: FitInputs) -> None:
+    """Warn, naming what differs, when an end of the path does not compute its model.
+
+    The path's points share model_a's module (its hooks, plain attributes and every
+    buffer that is not a BatchNorm statistic); what model_b has of its own is lost.
+    """
+    assert inputs.data is not None
+    x = inputs.data.head(8)
+    if has_batchnorm(inputs.model_a) and x.shape[0] < 2:
+        x = x.repeat(2, *([1] * (x.ndim - 1)))
+    ends = path.logits(x, points=[0, -1], strategy="loop")
+    for end, name, model in (
+        (ends[0], "model_a", inputs.model_a),
+        (ends[1], "model_b", inputs.model_b),
+    ):
+        expected = model(x)
+        if not isinstance(expected, torch.Tensor) or torch.equal(end, expected):
+            continue
+        scale = max(float(expected.nan_to_num(0.0, 0.0, 0.0).abs().max()), 1.0)
+        if torch.allclose(end, expected, rtol=1e-5, atol=1e-6 * scale, equal_nan=True):
+            continue
+        gap = float((end - expected).nan_to_num(0.0).abs().max())
+        warnings.warn(
+            f"The path's {'first' if name == 'model_a' else 'last'} point does not compute "
+            f"what {name} computes (largest logit difference {gap:.3g} on the first "
+            f"samples of X): {_differences(inputs.model_a, inputs.model_b)}. Every point "
+            "of a path shares model_a's module: its hooks, plain attributes and buffers "
+            "that are not BatchNorm statistics. Make them equal in both models, or make "
+            "them parameters.",
+            UserWarning,
+            stacklevel=5,  # _check_ends, _line, _fit, fit, the caller
+        )
+
+
+def _differences(model_a: nn.Module, model_b: nn.Module) -> str:
+    """What model_b has that a path built from model_a's module does not reproduce."""
+    found = []
+    buffers_b = dict(model_b.named_buffers())
+    for name, buffer in model_a.named_buffers():
+        other = buffers_b.get(name)
+        if other is not None and not torch.equal(buffer, other.to(buffer.device)):
+            found.append(f"buffer {name!r}")
+    modules_b = dict(model_b.named_modules())
+    for name, module in model_a.named_modules():
+        other = modules_b.get(name)
+        if other is None:
+            continue
+        label = name or type(module).__name__
+        if len(other._forward_hooks) + len(other._forward_pre_hooks) != len(
+            module._forward_hooks
+        ) + len(module._forward_pre_hooks):
+            found.append(f"the hooks of {label!r}")
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training":
+                continue
+            if _plain(value) and _plain(vars(other).get(attr)) and value != vars(other)[attr]:
+                found.append(f"attribute {label}.{attr} ({value!r} against {vars(other)[attr]!r})")
+    return "differing " + ", ".join(found[:5]) if found else "nothing found to differ"
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, (bool, int, float, str, tuple)) and not isinstance(value, torch.Tensor)
 
 
 def _check_numeric_dtype(X: object) -> None:

@@ -49,7 +49,7 @@ class GeodesicConnector(_BaseConnector):
         Early stopping: an epoch improves when it lowers the lowest energy so far by
         more than the fraction ``tol`` of it (a relative rule, the same for every
         divergence and number of points).
-    n_iter_no_change : int, default=3
+    n_iter_no_change : int, default=10
         Stop after this many epochs of the full path without improvement. When
         ``max_iter`` runs out first, a ``ConvergenceWarning`` says so.
     device : str or torch.device, default="auto"
@@ -181,7 +181,7 @@ class GeodesicConnector(_BaseConnector):
         max_iter: int = 100,
         batch_size: int = 256,
         tol: float = 1e-3,
-        n_iter_no_change: int = 3,
+        n_iter_no_change: int = 10,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
@@ -242,6 +242,13 @@ class GeodesicConnector(_BaseConnector):
         self : GeodesicConnector
         """
         self._validate_params()
+        with self._own_torch_rng():
+            attributes = self._fit(X, y, model_a, model_b)
+        self._assign_fitted(attributes)
+        return self
+
+    def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
+        """The fit's work; returns the fitted attributes instead of setting them."""
         divergence = get_divergence(self.divergence)
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
         self._check_mixed_precision(inputs.device)
@@ -259,8 +266,7 @@ class GeodesicConnector(_BaseConnector):
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
         attributes.update(history_=history, n_iter_=n_iter, strategy_=path.strategy)
-        self._assign_fitted(attributes)
-        return self
+        return attributes
 
     def _settings(self, continuing: bool) -> FitSettings:
         return FitSettings(
@@ -295,7 +301,7 @@ class GeodesicConnector(_BaseConnector):
 
     def _initial_path(self, inputs: FitInputs, continuing: bool) -> ModelPath:
         """The straight line between the models, or, continuing, path_'s interior."""
-        path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        path = self._line(inputs)
         if not continuing:
             return path
         previous: ModelPath = self.path_

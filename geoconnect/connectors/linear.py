@@ -8,7 +8,6 @@ import numpy as np
 from torch import nn
 
 from ..divergences import jensen_shannon
-from ..path import ModelPath
 from ._base import _BaseConnector
 
 
@@ -128,8 +127,15 @@ DataLoader, optional
         self : LinearConnector
         """
         self._validate_params()
+        with self._own_torch_rng():
+            attributes = self._fit(X, y, model_a, model_b)
+        self._assign_fitted(attributes)
+        return self
+
+    def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
+        """The fit's work; returns the fitted attributes instead of setting them."""
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=False)
-        path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        path = self._line(inputs)
         if path.has_batchnorm:
             if inputs.data is None:
                 raise ValueError(
@@ -138,5 +144,4 @@ DataLoader, optional
                     "points' statistics are recomputed on it."
                 )
             path.recompute_batchnorm(inputs.data, batch_size=self._eval_batch_size())
-        self._assign_fitted(self._path_attributes(path, inputs, jensen_shannon))
-        return self
+        return self._path_attributes(path, inputs, jensen_shannon)
