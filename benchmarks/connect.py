@@ -36,11 +36,13 @@ import dataclasses
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from geoconnect import GeodesicConnector, LinearConnector
@@ -294,6 +296,8 @@ def summarise(report: dict) -> str:
 
 
 def main() -> None:
+    # The ladder's fits stop at their budgets on purpose.
+    warnings.simplefilter("ignore", ConvergenceWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short ladder (smoke test)")
     parser.add_argument("--json", help="also write the full report to this JSON file")

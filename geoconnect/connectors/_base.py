@@ -157,18 +157,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         for the fit to assign at its end; sets nothing on the estimator.
         """
         owner = type(self).__name__
-        if (model_a is None) != (model_b is None):
-            given, missing = ("model_a", "model_b") if model_b is None else ("model_b", "model_a")
-            raise ValueError(
-                f"{owner}.fit got {given} but not {missing}: pass both model_a and "
-                "model_b, or neither (then fit trains two models on (X, y) itself, "
-                "from model_factory)."
-            )
-        train = model_a is None
-        if not train:
-            model_a = check_model(model_a, "model_a", owner)
-            model_b = check_model(model_b, "model_b", owner)
-            check_same_architecture(model_a, model_b)
+        train = self._check_models(model_a, model_b)
         device = resolve_device(self.device, owner)
         if X is None:
             if require_X or train:
@@ -205,6 +194,23 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 )
         dtype = float_dtype(copy_a)
         return FitInputs(device, copy_a, copy_b, data, n_classes, dtype, features, classes)
+
+    def _check_models(self, model_a: object, model_b: object) -> bool:
+        """Check the two models (both or neither); True when fit must train them."""
+        owner = type(self).__name__
+        if (model_a is None) != (model_b is None):
+            given, missing = ("model_a", "model_b") if model_b is None else ("model_b", "model_a")
+            raise ValueError(
+                f"{owner}.fit got {given} but not {missing}: pass both model_a and "
+                "model_b, or neither (then fit trains two models on (X, y) itself, "
+                "from model_factory)."
+            )
+        if model_a is None:
+            return True
+        check_same_architecture(
+            check_model(model_a, "model_a", owner), check_model(model_b, "model_b", owner)
+        )
+        return False
 
     def _align_models(
         self, model_a: nn.Module, model_b: nn.Module, data: TensorData | StreamData | None
@@ -288,30 +294,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     ) -> tuple[nn.Module, nn.Module, TensorData, np.ndarray]:
         """Train two models from ``model_factory`` with two seeds from random_state."""
         owner = type(self).__name__
-        if y is None and not isinstance(X, (Dataset, DataLoader)):
-            raise ValueError(
-                f"{owner} requires y to be passed, but the target y is None. Without "
-                "model_a and model_b, fit trains two models on (X, y): pass y (class "
-                "labels), or pass both models."
-            )
-        if isinstance(X, (Dataset, DataLoader)):
-            data = as_data(X, y, device=device).materialise()
-            if data.y is None:
-                raise ValueError(
-                    f"{owner} requires y to be passed, but the target y is None: X yields "
-                    "no labels. Without model_a and model_b, fit trains two models on "
-                    "(X, y); yield (x, y) pairs from X, or pass both models."
-                )
-            labels = data.y.cpu().numpy()
-        else:
-            labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
-            labels = column_or_1d(np.asarray(labels), warn=True)
-            data = as_data(X, None, device=device)
-            if labels.shape[0] != data.n_samples:
-                raise ValueError(
-                    f"y has {labels.shape[0]} labels but X has {data.n_samples} samples; "
-                    "they must have the same length."
-                )
+        data, labels = self._labelled_data(X, y, device)
         check_classification_targets(labels)
         classes, encoded = np.unique(labels, return_inverse=True)
         if classes.size < 2:
@@ -337,6 +320,37 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             models.append(copy.deepcopy(model).to(device).eval())
         check_same_architecture(*models)
         return models[0], models[1], data, classes
+
+    def _labelled_data(
+        self, X: object, y: object, device: torch.device
+    ) -> tuple[TensorData, np.ndarray]:
+        """X in memory, and the labels to train the models on (from y or from X)."""
+        owner = type(self).__name__
+        if y is None and not isinstance(X, (Dataset, DataLoader)):
+            raise ValueError(
+                f"{owner} requires y to be passed, but the target y is None. Without "
+                "model_a and model_b, fit trains two models on (X, y): pass y (class "
+                "labels), or pass both models."
+            )
+        if isinstance(X, (Dataset, DataLoader)):
+            data = as_data(X, y, device=device).materialise()
+            if data.y is None:
+                raise ValueError(
+                    f"{owner} requires y to be passed, but the target y is None: X yields "
+                    "no labels. Without model_a and model_b, fit trains two models on "
+                    "(X, y); yield (x, y) pairs from X, or pass both models."
+                )
+            labels = data.y.cpu().numpy()
+        else:
+            labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+            labels = column_or_1d(np.asarray(labels), warn=True)
+            data = as_data(X, None, device=device)
+            if labels.shape[0] != data.n_samples:
+                raise ValueError(
+                    f"y has {labels.shape[0]} labels but X has {data.n_samples} samples; "
+                    "they must have the same length."
+                )
+        return data, labels
 
     def _eval_batch_size(self) -> int:
         return int(getattr(self, "batch_size", _EVAL_BATCH_SIZE))
