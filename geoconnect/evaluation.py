@@ -153,7 +153,8 @@ def euclidean_length(path: ModelPath) -> float:
     Returns
     -------
     float
-        Over all trainable parameters, in parameter units.
+        Over the trainable parameters (not the path's ``frozen`` ones), in parameter
+        units.
 
     Examples
     --------
@@ -167,11 +168,14 @@ def euclidean_length(path: ModelPath) -> float:
     5.0
     """
     squared = None
-    for stack in path.params.values():
+    for name, stack in path.params.items():
+        if name in path.frozen:
+            continue
         diff = (stack[1:] - stack[:-1]).double().reshape(stack.shape[0] - 1, -1)
         term = diff.square().sum(1)
         squared = term if squared is None else squared + term
-    assert squared is not None
+    if squared is None:  # every parameter frozen
+        return 0.0
     return float(squared.sqrt().sum())
 
 

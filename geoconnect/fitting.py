@@ -42,6 +42,7 @@ from .evaluation import euclidean_length, fisher_rao_length, segment_divergences
 from .path import ModelPath, Strategy
 
 __all__ = [
+    "EndLogits",
     "FitResult",
     "FitSettings",
     "FitState",
@@ -49,6 +50,7 @@ __all__ = [
     "coarse_to_fine_schedule",
     "energy_step",
     "fit_path",
+    "path_energy",
     "train_step",
 ]
 
@@ -174,6 +176,11 @@ class FitState:
         >>> FitState.start(path, data, jensen_shannon, FitSettings()).n_iter
         0
         """
+        if path.frozen.issuperset(path.params):
+            raise ValueError(
+                "Every parameter is frozen (requires_grad=False) in both models: there is "
+                "nothing to move between them. Unfreeze the parameters the path may move."
+            )
         if path.has_batchnorm and settings.batch_size < 2:
             raise ValueError(
                 "The models have BatchNorm layers, whose batch statistics need at least "
@@ -228,7 +235,7 @@ class FitState:
 
     def begin_level(self) -> None:
         """Make the current level's interior the moving tensors, with a new optimiser."""
-        self.interior = self.path.interior()
+        self.interior = self.path.interior(trainable=True)
         self.optimizer = _make_optimizer(self.interior, self.settings)
         self.best, self.stale, self.lowest = math.inf, 0, math.inf
 
@@ -676,13 +683,14 @@ class _Chunk:
 def _forward_chunk(state: FitState, where: slice, x: Tensor, dtype: torch.dtype) -> _Chunk:
     """Evaluate the interior points ``where`` as fresh leaves of the autograd graph."""
     leaves = {n: t[where].detach().requires_grad_(True) for n, t in state.interior.items()}
+    fixed = {n: t[where] for n, t in state.path.interior().items() if n not in leaves}
     precision = (
         torch.autocast(x.device.type, dtype=torch.bfloat16)
         if state.settings.mixed_precision
         else contextlib.nullcontext()
     )
     with precision:
-        out = state.path.functional_forward(leaves, x, module=state.module)
+        out = state.path.functional_forward({**leaves, **fixed}, x, module=state.module)
     return _Chunk(where, leaves, out.to(dtype))
 
 

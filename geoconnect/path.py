@@ -45,6 +45,10 @@ class ModelPath:
         Positions of the points in [0, 1]; default ``i / (n_points − 1)``.
     strategy : {"loop", "vmap"}, default="loop"
         How a stack of points is evaluated: see :attr:`strategy`.
+    frozen : iterable of str, optional
+        Names of parameters that fitting must not move; default those of
+        ``template`` with ``requires_grad=False``. Modules of the path keep them
+        frozen.
 
     Attributes
     ----------
@@ -71,8 +75,16 @@ class ModelPath:
         batchnorm_buffers: dict[str, Tensor] | None = None,
         t: Sequence[float] | np.ndarray | None = None,
         strategy: Strategy = "loop",
+        frozen: Iterable[str] | None = None,
     ):
         self.template = copy.deepcopy(template).eval()
+        #: Parameters that do not move along a fit (``requires_grad=False`` in both
+        #: models): default, those the template has frozen.
+        self.frozen = frozenset(
+            (n for n, p in self.template.named_parameters() if not p.requires_grad)
+            if frozen is None
+            else frozen
+        )
         for p in self.template.parameters():
             p.requires_grad_(False)
         names = [name for name, _ in self.template.named_parameters()]
@@ -170,7 +182,7 @@ class ModelPath:
             device = next(model_a.parameters()).device
         t = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)
         params_b = dict(model_b.named_parameters())
-        params = {}
+        params, frozen = {}, set()
         with torch.no_grad():
             for name, pa in model_a.named_parameters():
                 a = pa.detach().to(device)
@@ -178,6 +190,9 @@ class ModelPath:
                 shape = (n_points,) + (1,) * a.ndim
                 w = t.to(device=device).reshape(shape)
                 params[name] = ((1 - w) * a.double() + w * b.double()).to(a.dtype)
+                if not (pa.requires_grad or params_b[name].requires_grad):
+                    frozen.add(name)
+                    _check_frozen(name, a, b, params[name])
             bn = {}
             buffers_b = dict(model_b.named_buffers())
             for name in batchnorm_buffer_names(model_a):
@@ -197,7 +212,7 @@ class ModelPath:
                         stacklevel=2,
                     )
         template = copy.deepcopy(model_a).to(device)
-        return cls(template, params, bn)
+        return cls(template, params, bn, frozen=frozen)
 
     def resample(self, n_points: int) -> ModelPath:
         """The same polygon in parameter space through ``n_points`` evenly spaced points.
@@ -239,7 +254,7 @@ class ModelPath:
             a, b = stack[low.to(device)], stack[(low + 1).to(device)]
             params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
         bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
-        return ModelPath(self.template, params, bn, strategy=self.strategy)
+        return ModelPath(self.template, params, bn, strategy=self.strategy, frozen=self.frozen)
 
     # -- container protocol -----------------------------------------------------------
 
@@ -314,11 +329,12 @@ class ModelPath:
         """
         return torch.cat([v.reshape(self.n_points, -1) for v in self.params.values()], 1)
 
-    def interior(self) -> dict[str, Tensor]:
+    def interior(self, *, trainable: bool = False) -> dict[str, Tensor]:
         """Views of the interior points' parameters: ``(n_points − 2, *shape)`` each.
 
         Writing into them moves the path; fitting optimises them in place, so the
-        parameters are never held twice.
+        parameters are never held twice. ``trainable=True`` leaves out the
+        :attr:`frozen` ones.
 
         Examples
         --------
@@ -328,7 +344,11 @@ class ModelPath:
         >>> path.interior()["weight"].shape
         torch.Size([2, 2, 2])
         """
-        return {name: stack[1:-1] for name, stack in self.params.items()}
+        return {
+            name: stack[1:-1]
+            for name, stack in self.params.items()
+            if not (trainable and name in self.frozen)
+        }
 
     @torch.no_grad()
     def copy_interior_from(self, other: ModelPath) -> None:
@@ -365,8 +385,8 @@ class ModelPath:
                 buffers = dict(module.named_buffers())
                 for name, value in bn.items():
                     buffers[name].copy_(value)
-        for p in module.parameters():
-            p.requires_grad_(True)
+        for name, p in module.named_parameters():
+            p.requires_grad_(name not in self.frozen)
         return module.eval()
 
     def at(self, t: float, X: object = None, *, batch_size: int = 256) -> nn.Module:
@@ -640,6 +660,20 @@ class ModelPath:
                     (len(points),), n_batches, dtype=torch.long, device=self.device
                 )
         return statistics
+
+
+def _check_frozen(name: str, a: Tensor, b: Tensor, stack: Tensor) -> None:
+    """A parameter frozen in both models stays at its common value; or is said to move."""
+    if torch.equal(a, b):
+        stack.copy_(a.expand_as(stack))  # exactly the common value, at every point
+        return
+    warnings.warn(
+        f"Parameter {name!r} is frozen (requires_grad=False) in both models but its "
+        "values differ between them: the path interpolates it between the ends, and "
+        "fitting leaves it there.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _has_tied_tensors(module: nn.Module) -> bool:

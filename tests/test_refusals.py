@@ -257,3 +257,50 @@ def test_fisher_rao_of_undefined_distributions_is_nan_not_zero(bad):
     logits = torch.tensor([[bad, 0.0]])
     assert torch.isnan(fisher_rao(logits, torch.zeros(1, 2))).all()
     assert torch.isnan(fisher_rao_squared(logits, torch.zeros(1, 2))).all()
+
+
+# -- frozen parameters stay frozen -----------------------------------------------------
+
+
+def frozen_backbone_pair(same_backbone: bool = True):
+    a, b = make_mlp((5, 8, 8, 3), seed=1), make_mlp((5, 8, 8, 3), seed=2)
+    if same_backbone:
+        b[0].load_state_dict(a[0].state_dict())  # a shared pre-trained first layer
+    for net in (a, b):
+        net[0].requires_grad_(False)
+    return a.eval(), b.eval()
+
+
+def test_parameters_frozen_in_both_models_stay_at_their_common_value(small_pair):
+    a, b = frozen_backbone_pair()
+    conn = geodesic(n_points=7, max_iter=4, tol=0.0).fit(small_pair.X, model_a=a, model_b=b)
+    for name in ("0.weight", "0.bias"):
+        stack = conn.path_.params[name]
+        assert torch.equal(stack, stack[:1].expand_as(stack)), name
+    moved = conn.path_.params["2.weight"]
+    line = linear(n_points=7).fit(small_pair.X, model_a=a, model_b=b).path_.params["2.weight"]
+    assert not torch.equal(moved, line)  # the trainable layers did move
+    point = conn.path_[3]
+    assert not point[0].weight.requires_grad and point[2].weight.requires_grad
+
+
+def test_the_euclidean_length_counts_trainable_parameters_only(small_pair):
+    a, b = frozen_backbone_pair(same_backbone=False)
+    with pytest.warns(UserWarning, match="'0.weight' is frozen .* values differ"):
+        line = linear().fit(small_pair.X, model_a=a, model_b=b)
+    trainable = [n for n, p in a.named_parameters() if p.requires_grad]
+    expected = math.sqrt(
+        sum(
+            float((dict(a.named_parameters())[n] - dict(b.named_parameters())[n]).square().sum())
+            for n in trainable
+        )
+    )
+    assert line.euclidean_length_ == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fit_with_every_parameter_frozen_is_refused(small_pair):
+    a, b = small_pair.copies()
+    a.requires_grad_(False)
+    b.requires_grad_(False)
+    with pytest.raises(ValueError, match="Every parameter is frozen"):
+        geodesic(max_iter=2).fit(small_pair.X, model_a=a, model_b=b)
