@@ -176,24 +176,9 @@ class FitState:
         >>> FitState.start(path, data, jensen_shannon, FitSettings()).n_iter
         0
         """
-        if path.frozen.issuperset(path.params):
-            raise ValueError(
-                "Every parameter is frozen (requires_grad=False) in both models: there is "
-                "nothing to move between them. Unfreeze the parameters the path may move."
-            )
-        if path.has_batchnorm and settings.batch_size < 2:
-            raise ValueError(
-                "The models have BatchNorm layers, whose batch statistics need at least "
-                f"two samples per batch. Set batch_size ≥ 2 (now {settings.batch_size})."
-            )
+        _check_fittable(path, settings)
         module = path.batch_statistics_module()
-        if settings.strategy != "auto":
-            path.strategy = settings.strategy
-        elif settings.mixed_precision:
-            path.strategy = "loop"  # torch.autocast does not reach inside vmap (torch 2.13)
-        else:
-            first = next(iter(data.batches(settings.batch_size)))
-            path.strategy = choose_strategy(path, first.x, module)
+        path.strategy = _resolve_strategy(path, data, module, settings)
         record = {key: list((history or {}).get(key, [])) for key in HISTORY_KEYS}
         state = cls(
             target=path,
@@ -208,14 +193,7 @@ class FitState:
             n_iter=len(record["energy"]),
         )
         state.initial_energy = path_energy(state)
-        if not math.isfinite(state.initial_energy):
-            raise ValueError(
-                f"The energy of the initial path on X is {state.initial_energy}: some of "
-                "its points give NaN or infinite logits on some inputs. Likely causes: "
-                "logits that overflow a low-precision dtype (float16 overflows above "
-                "65504: use float32 or bfloat16 models), or a model that returns NaN on "
-                "some rows of X (check model_a(X) and model_b(X))."
-            )
+        _check_finite_start(state.initial_energy)
         return state
 
     def usable(self, batch: Batch) -> bool:
@@ -245,6 +223,42 @@ class FitState:
             tensor.grad = None
             tensor.requires_grad_(False)
         self.interior, self.optimizer = {}, None
+
+
+def _check_fittable(path: ModelPath, settings: FitSettings) -> None:
+    """Refuse what no step can fit: nothing trainable, BatchNorm batches of one."""
+    if path.frozen.issuperset(path.params):
+        raise ValueError(
+            "Every parameter is frozen (requires_grad=False) in both models: there is "
+            "nothing to move between them. Unfreeze the parameters the path may move."
+        )
+    if path.has_batchnorm and settings.batch_size < 2:
+        raise ValueError(
+            "The models have BatchNorm layers, whose batch statistics need at least "
+            f"two samples per batch. Set batch_size ≥ 2 (now {settings.batch_size})."
+        )
+
+
+def _resolve_strategy(
+    path: ModelPath, data: TensorData | StreamData, module: nn.Module, settings: FitSettings
+) -> Strategy:
+    if settings.strategy != "auto":
+        return settings.strategy
+    if settings.mixed_precision:
+        return "loop"  # torch.autocast does not reach inside vmap (torch 2.13)
+    first = next(iter(data.batches(settings.batch_size)))
+    return choose_strategy(path, first.x, module)
+
+
+def _check_finite_start(energy: float) -> None:
+    if not math.isfinite(energy):
+        raise ValueError(
+            f"The energy of the initial path on X is {energy}: some of its points give "
+            "NaN or infinite logits on some inputs. Likely causes: logits that overflow "
+            "a low-precision dtype (float16 overflows above 65504: use float32 or "
+            "bfloat16 models), or a model that returns NaN on some rows of X (check "
+            "model_a(X) and model_b(X))."
+        )
 
 
 @dataclass
