@@ -76,6 +76,13 @@ class TensorData:
         return self.x[:n].to(self.device)
 
 
+_EMPTY_STREAM = (
+    "X is empty: the Dataset/DataLoader yielded no batch. If X is an iterable that was "
+    "already consumed (e.g. by an earlier fit), make its __iter__ return a fresh "
+    "iterator each time it is called."
+)
+
+
 class StreamData:
     """A ``Dataset`` or ``DataLoader`` yielding ``x`` or ``(x, y)``."""
 
@@ -84,6 +91,9 @@ class StreamData:
         self.device = device
         self.dtype = dtype
         self.n_samples = _stream_length(source)
+        # Set once a pass has yielded a batch: a later pass that yields none means X is
+        # a one-shot iterable (its __iter__ returns the same, exhausted iterator).
+        self._yielded = False
 
     def batches(
         self, batch_size: int, *, generator: torch.Generator | None = None
@@ -97,6 +107,7 @@ class StreamData:
                 shuffle=generator is not None,
                 generator=generator,
             )
+        n_batches = 0
         for item in loader:
             if isinstance(item, (tuple, list)):
                 if len(item) == 0:
@@ -107,19 +118,29 @@ class StreamData:
                 x, y = item, None
             x = _check_stream_tensor(x, self.dtype)
             if y is not None:
-                y = torch.as_tensor(y).reshape(-1)
+                y = _stream_labels(y)
                 if y.shape[0] != x.shape[0]:
                     raise ValueError(
                         f"X yielded a batch of {x.shape[0]} inputs with {y.shape[0]} "
                         "labels; each batch must have as many labels as inputs."
                     )
                 y = y.to(self.device, dtype=torch.long)
+            n_batches += 1
+            self._yielded = True  # before the yield: a caller may stop after one batch
             yield Batch(x.to(self.device, non_blocking=True), y, None)
+        if n_batches == 0 and self._yielded:
+            raise ValueError(
+                "X could be iterated only once: it yielded batches on an earlier pass but "
+                "none now, and fit needs several passes over X (probing the models, "
+                "fitting, evaluating). Make the dataset's __iter__ return a fresh iterator "
+                "each time it is called (e.g. write it as a generator), or use a "
+                "map-style Dataset."
+            )
 
     def head(self, n: int) -> Tensor:
         for batch in self.batches(n):
             return batch.x[:n]
-        raise ValueError("X is empty: the Dataset/DataLoader yielded no batch.")
+        raise ValueError(_EMPTY_STREAM)
 
     def materialise(self, batch_size: int = 256) -> TensorData:
         """Gather every batch into one in-memory :class:`TensorData`."""
@@ -128,7 +149,7 @@ class StreamData:
             xs.append(batch.x)
             ys.append(batch.y)
         if not xs:
-            raise ValueError("X is empty: the Dataset/DataLoader yielded no batch.")
+            raise ValueError(_EMPTY_STREAM)
         labelled = [y is not None for y in ys]
         if any(labelled) and not all(labelled):
             raise ValueError("X yielded some batches with labels and some without.")
@@ -157,12 +178,59 @@ def _check_stream_tensor(x: object, dtype: torch.dtype) -> Tensor:
                 f"must yield x or (x, y) with x a tensor. Got {type(x).__name__}."
             ) from None
     if x.is_floating_point():
-        x = x.to(dtype)
+        original, x = x, x.to(dtype)
         if not torch.isfinite(x).all():
-            raise ValueError(
-                "X contains NaN or infinity. Remove or impute those values before fitting."
-            )
+            raise _nonfinite_error(original, dtype, "A batch of X")
     return x
+
+
+def _stream_labels(y: object) -> Tensor:
+    """The labels of a streamed batch as a 1-D tensor; strings get a clear error."""
+    if not isinstance(y, Tensor):
+        values = [y] if isinstance(y, (str, bytes)) else y
+        if isinstance(values, np.ndarray) and values.dtype.kind in "USO":
+            values = values.ravel().tolist()
+        if isinstance(values, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in values):
+            shown = ", ".join(repr(v) for v in list(values)[:3])
+            raise ValueError(
+                f"X yielded string labels ({shown}, …); y must hold integer class indices "
+                "0 … n_classes−1. Encode them with sklearn.preprocessing.LabelEncoder: fit "
+                "it on the labels and have the Dataset return "
+                "encoder.transform([label])[0] for each sample."
+            )
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"X yielded labels of type {type(y).__name__} that are not numbers; y must "
+                "hold integer class indices 0 … n_classes−1."
+            ) from None
+    return y.reshape(-1)
+
+
+def _nonfinite_error(source: Tensor | np.ndarray, dtype: torch.dtype, what: str) -> ValueError:
+    """The error for X that is not finite once cast to the models' ``dtype``.
+
+    Either X holds NaN or infinity, or it is finite in its own dtype (float64, int64)
+    and overflows in ``dtype``: then say so, with the sizes.
+    """
+    if isinstance(source, Tensor):  # via float64: numpy has no bfloat16
+        array = source.detach().to(torch.float64).cpu().numpy()
+    else:
+        array = source
+    if array.dtype.kind in "fiub" and bool(np.isfinite(array).all()):
+        largest = float(np.abs(array.astype(np.float64, copy=False)).max())
+        limit = float(torch.finfo(dtype).max)
+        name = str(dtype).removeprefix("torch.")
+        return ValueError(
+            f"{what} has values beyond the range of {name}, the models' dtype: its "
+            f"largest |value| is {largest:.4g} but {name}'s largest is {limit:.4g}, so "
+            f"they become infinite when cast to {name}. Rescale X (e.g. with "
+            "sklearn.preprocessing.StandardScaler) or use float64 models (model.double())."
+        )
+    return ValueError(
+        f"{what} contains NaN or infinity. Remove or impute those values before fitting."
+    )
 
 
 def as_data(
@@ -193,7 +261,7 @@ def as_data(
     # X is only ever read, so it is converted at most once: no copy when it already
     # is a tensor of the right dtype (a dataset can be most of the memory a fit uses).
     if isinstance(X, Tensor):
-        x = X.detach()
+        x = source = X.detach()
     else:
         try:
             array = np.asarray(X)
@@ -213,6 +281,7 @@ def as_data(
         # differs); a read-only array is copied by ``torch.tensor``, which never warns.
         convert = torch.as_tensor if array.flags.writeable else torch.tensor
         x = convert(array, dtype=dtype)
+        source = array
     if x.ndim < 2:
         raise ValueError(
             f"X must have shape (n_samples, *input_shape); got shape {tuple(x.shape)}. "
@@ -228,9 +297,7 @@ def as_data(
         # Integer *tensors* are kept as they are (token ids for an embedding layer).
         x = x.to(dtype)
     if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError(
-            "X contains NaN or infinity. Remove or impute those values before fitting."
-        )
+        raise _nonfinite_error(source, x.dtype, "X")
     return TensorData(x, _as_labels(y, x.shape[0]), device)
 
 

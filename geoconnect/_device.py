@@ -50,4 +50,38 @@ def resolve_device(device: str | torch.device, owner: str = "GeodesicConnector")
                 f"The 'device' parameter of {owner} asks for 'mps', which is not "
                 "available here. Use device='auto' or device='cpu'."
             )
+    if resolved.type == "meta":
+        raise ValueError(
+            f"The 'device' parameter of {owner} asks for 'meta', but tensors on the meta "
+            "device have shapes and no values, so no data can live there and nothing can "
+            f"be computed. Use a device that holds data: {_working_devices()}."
+        )
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        # Backends torch knows by name but may lack (xla without torch_xla, xpu, hpu, …):
+        # try one tiny tensor there rather than fail deep inside the fit.
+        try:
+            torch.empty(1, device=resolved)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            reason = lines[0] if lines else "no message"
+            reason = reason if len(reason) <= 100 else reason[:100] + "…"
+            hint = " (for 'xla', install torch_xla)" if resolved.type == "xla" else ""
+            raise ValueError(
+                f"The 'device' parameter of {owner} asks for {str(resolved)!r}, but its "
+                f"backend is not installed or not usable here{hint}: creating a tensor "
+                f"there raised {type(exc).__name__} ({reason}). Use one of the devices "
+                f"that work here: {_working_devices()}."
+            ) from None
     return resolved
+
+
+def _working_devices() -> str:
+    """The device strings that work here, for error messages."""
+    devices = ["'auto'", "'cpu'"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        devices.append("'cuda'" + (f" ('cuda:0' … 'cuda:{count - 1}')" if count > 1 else ""))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("'mps'")
+    return ", ".join(devices)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+from torch.nn.utils.weight_norm import WeightNorm
 
 
 def check_model(model: object, name: str, owner: str) -> nn.Module:
@@ -27,9 +29,67 @@ def check_model(model: object, name: str, owner: str) -> nn.Module:
             f"{name} must be a torch.nn.Module mapping a batch of X to logits; got "
             f"{type(model).__name__}."
         )
+    _check_not_scripted(model, name)
+    _check_initialised(model, name)
+    _check_no_legacy_weight_norm(model, name)
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{name} has no parameters; there is nothing to connect.")
     return model
+
+
+def _where(module_name: str) -> str:
+    return f"submodule {module_name!r}" if module_name else "the model itself"
+
+
+def _check_not_scripted(model: nn.Module, name: str) -> None:
+    """Refuse TorchScript modules: the path copies the model and calls it functionally."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            what = name if not module_name else f"{name}'s submodule {module_name!r}"
+            raise TypeError(
+                f"{what} is a torch.jit scripted or traced module "
+                f"({type(module).__name__}); a path needs the original torch.nn.Module, "
+                "because it copies the model and calls it functionally with each point's "
+                "parameters, which TorchScript does not support. Pass the un-scripted "
+                "nn.Module (the one given to torch.jit.script or torch.jit.trace)."
+            )
+
+
+def _check_initialised(model: nn.Module, name: str) -> None:
+    """Refuse uninitialised lazy modules and tensors on the meta device."""
+    tensors = [("parameter", key, t) for key, t in model.named_parameters()]
+    tensors += [("buffer", key, t) for key, t in model.named_buffers()]
+    for kind, key, tensor in tensors:
+        if is_lazy(tensor):
+            raise ValueError(
+                f"{name} has an uninitialised {kind} {key!r}: it comes from a lazy module "
+                "(nn.LazyLinear, nn.LazyConv2d, …), whose shapes are only set by its first "
+                f"forward pass. Run one forward pass on a batch first to initialise it, "
+                f"e.g. {name}(X[:2]) under torch.no_grad(), then fit."
+            )
+    for kind, key, tensor in tensors:
+        if tensor.is_meta:
+            raise ValueError(
+                f"{name}'s {kind} {key!r} is on the 'meta' device: it has a shape but no "
+                f"values. Load its weights first, e.g. {name}.to_empty(device='cpu') then "
+                f"{name}.load_state_dict(state_dict), or "
+                f"{name}.load_state_dict(state_dict, assign=True)."
+            )
+
+
+def _check_no_legacy_weight_norm(model: nn.Module, name: str) -> None:
+    """Refuse ``torch.nn.utils.weight_norm``: its weight is a plain, recomputed tensor."""
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                raise ValueError(
+                    f"{name} uses the legacy torch.nn.utils.weight_norm (on "
+                    f"{_where(module_name)}, weight {hook.name!r}), which recomputes the "
+                    "weight in a forward pre-hook as a plain tensor, so the model can be "
+                    "neither copied nor called with a point's parameters. Use "
+                    "torch.nn.utils.parametrizations.weight_norm instead, or call "
+                    "torch.nn.utils.remove_weight_norm on the module before connecting."
+                )
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
