@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoconnect.divergences import SPECS, fisher_rao, fisher_rao_squared, jensen_shannon, spec_of
-from geoconnect.testing import PROPERTIES, DivergenceCheckError, check_divergence
+from geoconnect.testing import PROPERTIES, DivergenceCheckError, check_divergence, infer_power
 from geoconnect.testing.strategies import (
     classifier_pairs,
     logits,
@@ -55,14 +55,29 @@ def jsd_centred_over_the_batch(logits_p, logits_q):
     return jensen_shannon(logits_p - logits_p.mean(0), logits_q - logits_q.mean(0))
 
 
-def failures_of(fn, **declaration) -> dict[str, str]:
+def jensen_shannon_distance(logits_p, logits_q):
+    """√JSD, a metric; the slope of √ is infinite at 0, so it has no gradient where p = q."""
+    return jensen_shannon(logits_p, logits_q).sqrt()
+
+
+def naive_fisher_rao(logits_p, logits_q):
+    """2 arccos Σ √(p_k q_k): √ has an infinite slope at p_k = 0, and 0 · ∞ = nan."""
+    bc = (logits_p.softmax(-1) * logits_q.softmax(-1)).sqrt().sum(-1)
+    return 2 * torch.acos(bc.clamp(-1.0, 1.0))
+
+
+def failure_of(fn, **declaration) -> DivergenceCheckError:
     declaration.setdefault("max_examples", 30)
     with pytest.raises(DivergenceCheckError) as caught:
         check_divergence(fn, **declaration)
     assert isinstance(caught.value, AssertionError)
     for prop in caught.value.failures:
         assert f"[{prop}]" in str(caught.value)
-    return caught.value.failures
+    return caught.value
+
+
+def failures_of(fn, **declaration) -> dict[str, str]:
+    return failure_of(fn, **declaration).failures
 
 
 def counter_example(message: str) -> dict[str, torch.Tensor]:
@@ -118,13 +133,60 @@ def test_log_of_zero_at_extreme_logits_is_caught_as_not_finite():
 
 
 def test_a_nan_gradient_is_caught_as_not_finite():
-    def naive_fisher_rao(logits_p, logits_q):  # sqrt has an infinite slope at p_k = 0
-        bc = (logits_p.softmax(-1) * logits_q.softmax(-1)).sqrt().sum(-1)
-        return 2 * torch.acos(bc.clamp(-1.0, 1.0))
-
     failures = failures_of(naive_fisher_rao)
     assert "finite" in failures
     assert "gradient" in failures["finite"]
+
+
+@pytest.mark.parametrize("power", [None, 1])
+def test_a_distance_without_a_gradient_at_the_diagonal_passes_the_finite_check(power):
+    checked = check_divergence(
+        jensen_shannon_distance,
+        triangle=True,
+        power=power,
+        upper_bound=math.sqrt(JSD.upper_bound),
+        local_constant=JSD.local_constant,
+    )
+    assert {"finite", "triangle", "local_constant"} <= set(checked)
+
+
+def test_a_nan_value_off_the_diagonal_is_caught_as_checked_by_default():
+    error = failure_of(jsd_with_log_of_softmax, triangle=True)  # √ of a power-2 divergence
+    assert list(error.failures) == ["finite"]
+    assert "finite (checked by default)" in str(error).splitlines()[0]
+    assert error.origins == {"finite": "checked by default"}
+
+
+def test_a_nan_gradient_off_the_diagonal_of_a_distance_is_caught():
+    failures = failures_of(naive_fisher_rao, triangle=True, power=1)
+    assert list(failures) == ["finite"]
+    assert "gradient" in failures["finite"] and "p ≠ q" in failures["finite"]
+    shown = counter_example(failures["finite"])
+    assert not torch.equal(shown["logits_p"].softmax(-1), shown["logits_q"].softmax(-1))
+
+
+def test_a_nan_gradient_at_the_diagonal_is_caught_for_a_squared_distance():
+    def squared_through_a_root(logits_p, logits_q):  # (√JSD)²: 0 · ∞ = nan where p = q
+        return jensen_shannon_distance(logits_p, logits_q) ** 2
+
+    failures = failures_of(squared_through_a_root, triangle=True)  # power=2, inferred
+    assert list(failures) == ["finite"]
+    shown = counter_example(failures["finite"])
+    assert torch.equal(shown["logits_p"].softmax(-1), shown["logits_q"].softmax(-1))
+
+
+def test_a_wrongly_declared_property_is_said_to_be_declared():
+    error = failure_of(fisher_rao_squared, triangle=True, power=1)
+    assert "breaks 1 property: triangle (declared, power=1)." in str(error)
+    error = failure_of(jsd_without_the_half, local_constant=JSD.local_constant)
+    assert "local_constant (declared, power=2 inferred from fn)" in str(error)
+    assert "power=2 (inferred) means ds^2" in error.failures["local_constant"]
+
+
+def test_symmetry_is_said_to_be_checked_by_default_and_how_to_turn_it_off():
+    error = failure_of(forward_kl)
+    assert "symmetric (checked by default; symmetric=False turns it off)" in str(error)
+    assert check_divergence(forward_kl, symmetric=False, max_examples=10)
 
 
 def test_a_wrong_local_constant_is_caught():
@@ -198,10 +260,40 @@ def test_the_check_is_deterministic_for_a_seed():
     assert failures_of(forward_kl, seed=3, max_examples=10) == first
 
 
+@pytest.mark.parametrize(
+    ("fn", "power"),
+    [(fisher_rao, 1), (jensen_shannon, 2), (jensen_shannon_distance, 1), (fisher_rao_squared, 2)],
+)
+def test_the_power_of_a_distance_or_a_squared_distance_is_inferred(fn, power):
+    assert infer_power(fn) == power
+    assert infer_power(fn, n_classes=st.integers(3, 5)) == power
+
+
+@pytest.mark.parametrize("spec", [FISHER_RAO, JSD])
+def test_a_declaration_without_power_checks_the_inferred_one(spec):
+    declaration = {k: v for k, v in spec.declaration.items() if k != "power"}
+    checked = check_divergence(spec.pairwise, **declaration, max_examples=20)
+    assert {"triangle", "local_constant"} <= set(checked)
+
+
+@pytest.mark.parametrize(
+    ("fn", "measured"),
+    [
+        (lambda p, q: jensen_shannon(p, q) ** 0.6, r"is e = 1\.200 .*not within 0\.1 of a half"),
+        (lambda p, q: (p.argmax(-1) != q.argmax(-1)) * 1.0, r"fn\(p, p \+ 0\.001·v\) = 0 with p"),
+        (lambda p, q: jensen_shannon(p, q) + 1.0, r"fn does not vanish as q → p: .* e = 0\.0"),
+    ],
+)
 @pytest.mark.parametrize("declaration", [{"triangle": True}, {"local_constant": 0.125}])
-def test_triangle_and_local_constant_need_a_power(declaration):
-    with pytest.raises(ValueError, match=r"needs 'power'.*power=1 if fn is a distance"):
-        check_divergence(jensen_shannon, **declaration)
+def test_a_power_that_cannot_be_measured_is_refused_with_what_was_measured(
+    fn, measured, declaration
+):
+    with pytest.raises(ValueError, match=r"not given 'power' .* could not infer it: ") as caught:
+        check_divergence(fn, **declaration)
+    assert re.search(measured, str(caught.value))
+    assert "Pass power=1 if fn is a distance" in str(caught.value)
+    with pytest.raises(ValueError, match=measured):
+        infer_power(fn)
 
 
 @pytest.mark.parametrize(

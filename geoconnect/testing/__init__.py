@@ -3,8 +3,10 @@
 ``check_divergence`` runs hypothesis searches for the properties a divergence
 declares (symmetry, a bound, the triangle inequality, its local constant against the
 Fisher metric, and the laws every divergence obeys) and names the broken ones with a
-minimal counter-example. :mod:`geoconnect.testing.strategies` holds the strategies it
-is built from, for your own tests.
+minimal counter-example; ``infer_power`` measures whether a function is a distance
+(power 1) or behaves like a squared one (power 2), which ``check_divergence`` does
+when the power is not given. :mod:`geoconnect.testing.strategies` holds the
+strategies it is built from, for your own tests.
 
 This subpackage needs hypothesis, which the rest of geoconnect does not:
 ``pip install "geoconnect[testing]"``.
@@ -14,8 +16,8 @@ Examples
 >>> import math
 >>> from geoconnect.divergences import fisher_rao
 >>> from geoconnect.testing import check_divergence
->>> checked = check_divergence(fisher_rao, triangle=True, power=1, upper_bound=math.pi,
-...                            local_constant=1.0, max_examples=10)
+>>> checked = check_divergence(fisher_rao, triangle=True, upper_bound=math.pi,
+...                            local_constant=1.0, max_examples=10)  # power=1, inferred
 >>> "triangle" in checked
 True
 """
@@ -29,6 +31,6 @@ except ImportError as error:  # pragma: no cover - exercised by a test with it h
     ) from error
 
 from . import strategies
-from ._checks import PROPERTIES, DivergenceCheckError, check_divergence
+from ._checks import PROPERTIES, DivergenceCheckError, check_divergence, infer_power
 
-__all__ = ["PROPERTIES", "DivergenceCheckError", "check_divergence", "strategies"]
+__all__ = ["PROPERTIES", "DivergenceCheckError", "check_divergence", "infer_power", "strategies"]

@@ -16,14 +16,16 @@ from torch import Tensor
 
 from .strategies import (
     _DEFAULT_SCALE,
+    _argument,
     _draw_logits,
     _layouts,
+    _n_classes,
     _non_negative,
     nearby_pairs,
     triples,
 )
 
-__all__ = ["PROPERTIES", "DivergenceCheckError", "check_divergence"]
+__all__ = ["PROPERTIES", "DivergenceCheckError", "check_divergence", "infer_power"]
 
 #: Every property ``check_divergence`` knows, in the order it checks them.
 PROPERTIES = (
@@ -45,22 +47,43 @@ _WIDE_SCALE = st.one_of(_DEFAULT_SCALE, _EXTREME_SCALE)
 
 
 class DivergenceCheckError(AssertionError):
-    """A declared property of a divergence does not hold.
+    """A property of a divergence, checked by default or declared, does not hold.
+
+    The message names each broken property with where it came from: ``checked by
+    default`` for the laws every divergence obeys (and ``symmetric``, on unless
+    ``symmetric=False``), ``declared`` for ``upper_bound``, ``triangle`` and
+    ``local_constant``.
 
     Attributes
     ----------
     failures : dict of str to str
         For each broken property (a name from ``PROPERTIES``), what broke and the
         minimal counter-example hypothesis found.
+    origins : dict of str to str
+        For each broken property, where it came from, as the message shows it
+        (``"checked by default"``, ``"declared"``, ``"declared, power=2 inferred"``...).
     """
 
-    def __init__(self, name: str, failures: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, failures: dict[str, str], origins: dict[str, str] | None = None
+    ) -> None:
         self.failures = dict(failures)
+        self.origins = {prop: (origins or {}).get(prop, _origin(prop)) for prop in failures}
         noun = "property" if len(failures) == 1 else "properties"
-        lines = [f"{name} breaks {len(failures)} declared {noun}: {', '.join(failures)}."]
+        named = ", ".join(f"{prop} ({self.origins[prop]})" for prop in failures)
+        lines = [f"{name} breaks {len(failures)} {noun}: {named}."]
         for prop, message in failures.items():
             lines += ["", f"[{prop}] {message}"]
         super().__init__("\n".join(lines))
+
+
+def _origin(prop: str) -> str:
+    """Whether ``prop`` is checked by default or only when declared."""
+    if prop == "symmetric":
+        return "checked by default; symmetric=False turns it off"
+    if prop in ("upper_bound", "triangle", "local_constant"):
+        return "declared"
+    return "checked by default"
 
 
 DivergenceCheckError.__module__ = "geoconnect.testing"  # where users import it from
@@ -171,13 +194,16 @@ def _evaluate(fn: Callable[[Tensor, Tensor], Tensor], p: Tensor, q: Tensor) -> T
 class _Declaration:
     """What the caller declared, with the tolerances that go with it."""
 
+    power: float | None = None  # None: not declared, and not needed
+    power_inferred = False
+
     def __init__(self, fn: Callable, **kwargs: Any) -> None:
         self.fn = fn
         self.__dict__.update(kwargs)
 
     def delta(self, values: Tensor) -> Tensor:
         """The distance-like ``fn ** (1 / power)`` the triangle and local laws are about."""
-        return values.clamp_min(0.0) ** (1.0 / self.power)
+        return values.clamp_min(0.0) ** (1.0 / (self.power or 1.0))
 
     def close(self, a: Tensor, b: Tensor) -> Tensor:
         return (a - b).abs() <= self.atol + self.rtol * torch.maximum(a.abs(), b.abs())
@@ -195,16 +221,32 @@ def _check_finite(d: _Declaration, pair: tuple[Tensor, Tensor]) -> None:
         if not (isinstance(out, Tensor) and out.requires_grad):
             return  # not differentiable (or detached): only the values are checked
         grads = torch.autograd.grad(out.sum(), [p, q], allow_unused=True)
+    # A distance has no gradient where p = q (|x| has none at 0, √JSD's slope is
+    # infinite there), so only a declared (or inferred) squared distance, smooth there,
+    # has its gradient checked on the diagonal. The diagonal includes what rounds to
+    # it: distributions equal in the dtype, or within 10 √eps where fn reads 0.
+    rp, rq = _rows(p.detach(), q.detach())
+    smooth = d.power is not None and d.power >= 2
+    if smooth:
+        checked = torch.ones(len(rp), dtype=torch.bool)
+    else:
+        prob_p, prob_q = rp.softmax(-1), rq.softmax(-1)
+        gap = (prob_p - prob_q).abs().amax(-1)
+        zero = out.detach().reshape(-1) == 0
+        near = gap <= 10 * math.sqrt(torch.finfo(rp.dtype).eps)
+        checked = (gap > 0) & ~(zero & near)
     for name, grad in zip(("logits_p", "logits_q"), grads):
         if grad is None:
             continue
-        bad = ~torch.isfinite(grad.reshape(-1, grad.shape[-1])).all(dim=-1)
+        bad = checked & ~torch.isfinite(grad.reshape(-1, grad.shape[-1])).all(dim=-1)
         if bad.any():
             i = int(bad.nonzero()[0])
             (rg,) = _rows(grad)
+            where = "" if smooth else ", at distinct distributions (p ≠ q)"
             raise _Broken(
                 "finite",
-                f"fn(logits_p, logits_q) is finite but its gradient with respect to {name} is not.",
+                f"fn(logits_p, logits_q) is finite but its gradient with respect to {name} "
+                f"is not{where}.",
                 {**_example(i, logits_p=p.detach(), logits_q=q.detach()), name + ".grad": rg[i]},
             )
 
@@ -333,7 +375,8 @@ def _check_local_constant(d: _Declaration, pair: tuple[Tensor, Tensor]) -> None:
         if values[i] > 0 and half > 0:
             expo = (
                 f" Near p, fn scales like ds^{math.log2(values[i].item() / half.item()):.2f}; "
-                f"power={d.power:g} declares ds^{d.power:g}."
+                f"power={d.power:g} {'(inferred) means' if d.power_inferred else 'declares'} "
+                f"ds^{d.power:g}."
             )
         law = "fn" if d.power == 2 else f"fn^(2/{d.power:g})"
         raise _Broken(
@@ -344,6 +387,153 @@ def _check_local_constant(d: _Declaration, pair: tuple[Tensor, Tensor]) -> None:
             f"{ds2[i].item():.6g}.{expo}",
             _example(i, logits_p=p, logits_q=q),
         )
+
+
+# ----------------------------------------------------------------------------------
+# Measuring the power.
+
+#: Logit steps ε and 2ε of the measurement, and how far from a half-integer it may be.
+_POWER_STEP = 1e-3
+_POWER_TOLERANCE = 0.1
+_POWER_DIRECTIONS = 4  # per number of classes
+
+
+class _PowerNotMeasured(ValueError):
+    """The local exponent of fn is not measurable, or not a half-integer."""
+
+
+def _class_counts(n_classes: Any) -> list[int]:
+    """A few numbers of classes from ``n_classes`` (a value, or a strategy drawn from)."""
+    if not isinstance(n_classes, SearchStrategy):
+        return [_n_classes(_OWNER, n_classes)]
+    drawn: list[int] = []
+
+    def record(k: int) -> None:
+        drawn.append(k)
+
+    config = settings(
+        max_examples=20,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        verbosity=Verbosity.quiet,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    hypothesis.seed(0)(config(given(_argument(_OWNER, n_classes, _n_classes))(record)))()
+    counts = sorted(set(drawn))
+    return counts if len(counts) <= 3 else [counts[0], counts[len(counts) // 2], counts[-1]]
+
+
+def _measure_power(fn: Callable[[Tensor, Tensor], Tensor], counts: list[int]) -> float:
+    """The exponent of ``fn(p, p + εv) ~ ε^power``, rounded to the nearest half-integer.
+
+    ``fn(p, p + 2εv) / fn(p, p + εv) → 2^power`` as ``ε → 0``; it is measured in float64
+    at ``ε = 1e-3`` from random logits ``p`` (entries of unit scale) in random unit
+    directions ``v`` that change the distribution, the same ones on every call.
+    """
+    generator = torch.Generator().manual_seed(0)
+    exponents: list[float] = []
+    for k in counts:
+        for _ in range(_POWER_DIRECTIONS):
+            p = torch.randn(1, k, generator=generator, dtype=torch.float64)
+            v = torch.randn(1, k, generator=generator, dtype=torch.float64)
+            v = v - v.mean()
+            v = v / v.norm()
+            steps = []
+            for step in (_POWER_STEP, 2 * _POWER_STEP):
+                with torch.no_grad():
+                    out = fn(p, p + step * v)
+                if not isinstance(out, Tensor) or out.numel() < 1:
+                    got = "an empty tensor" if isinstance(out, Tensor) else type(out).__name__
+                    raise TypeError(
+                        f"fn must return a torch.Tensor with one value per distribution; got {got}."
+                    )
+                value = float(out.detach().reshape(-1)[0])
+                if not (math.isfinite(value) and value > 0):
+                    raise _PowerNotMeasured(
+                        f"fn(p, p + {step:g}·v) = {value:.6g} with p = {_show(p[0])} and v = "
+                        f"{_show(v[0])}, and measuring the power needs finite positive values "
+                        "near p."
+                    )
+                steps.append(value)
+            exponents.append(math.log2(steps[1] / steps[0]))
+    measured = sorted(exponents)[len(exponents) // 2]
+    power = round(2 * measured) / 2
+    spread = max(abs(e - power) for e in exponents)
+    span = (
+        f"the median of fn(p, p + 2εv) / fn(p, p + εv) = 2^e over {len(exponents)} random "
+        f"(p, v) at ε = {_POWER_STEP:g} is e = {measured:.3f} (from {min(exponents):.3f} to "
+        f"{max(exponents):.3f})"
+    )
+    if power < 0.5:
+        raise _PowerNotMeasured(f"fn does not vanish as q → p: {span}.")
+    if spread > _POWER_TOLERANCE:
+        raise _PowerNotMeasured(
+            f"{span}, not within {_POWER_TOLERANCE:g} of a half-integer (1 for a distance, "
+            "2 for a squared distance)."
+        )
+    return power
+
+
+def infer_power(
+    fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    n_classes: int | SearchStrategy[int] = st.integers(2, 8),  # noqa: B008
+) -> float:
+    """Measure the local scaling exponent of a divergence: ``fn(p, q) ~ ds^power``.
+
+    ``power`` is what :func:`check_divergence` uses when it is not given: 1 for a
+    distance (``fisher_rao``, ``√JSD``), 2 for a divergence that behaves like a
+    squared distance (``jensen_shannon``, ``hellinger``, ``symmetric_kl``). As
+    ``ε → 0``, ``fn(p, p + 2εv) / fn(p, p + εv) → 2^power``; the ratio is measured in
+    float64 at ``ε = 1e-3``, for four random logits ``p`` (of unit scale) and logit
+    directions ``v`` per number of classes (up to three numbers drawn from
+    ``n_classes``), and rounded to the nearest half-integer. The measurement is
+    deterministic: the same ``p`` and ``v`` on every call.
+
+    Parameters
+    ----------
+    fn : callable
+        ``(logits_p, logits_q) -> Tensor`` of per-distribution values; called on
+        float64 logits of shape ``(1, n_classes)``.
+    n_classes : int or strategy, default=integers(2, 8)
+        Numbers of classes to measure at.
+
+    Returns
+    -------
+    float
+        The exponent, a half-integer ``>= 0.5``: ``1.0`` or ``2.0`` for every
+        divergence in :mod:`geoconnect.divergences`.
+
+    Raises
+    ------
+    ValueError
+        Where the exponent cannot be measured (``fn`` is zero, negative or not finite
+        near ``p``) or is not within 0.1 of a half-integer for every ``(p, v)``; the
+        message says what was measured.
+    TypeError
+        ``fn`` does not return a tensor.
+
+    Examples
+    --------
+    >>> from geoconnect.divergences import fisher_rao, jensen_shannon
+    >>> from geoconnect.testing import infer_power
+    >>> infer_power(fisher_rao), infer_power(jensen_shannon)
+    (1.0, 2.0)
+    >>> infer_power(lambda p, q: jensen_shannon(p, q) ** 0.6)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: infer_power() could not measure the power of fn: ... is e = 1.200 ...
+    """
+    if not callable(fn):
+        raise TypeError(
+            "The 'fn' argument of infer_power() must be a callable (logits_p, logits_q) "
+            f"-> Tensor. Got {type(fn).__name__} instead."
+        )
+    try:
+        return _measure_power(fn, _class_counts(n_classes))
+    except _PowerNotMeasured as error:
+        raise ValueError(f"infer_power() could not measure the power of fn: {error}") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -380,22 +570,24 @@ def check_divergence(
     connectors. For a function of probabilities, pass
     ``lambda a, b: my_fn(a.softmax(-1), b.softmax(-1))``.
 
-    Checked always:
+    Checked by default:
 
-    - ``finite``: finite values, and finite gradients when the output carries a
-      gradient, at extreme logits (up to ±1e4, in float32 and ``dtype``), including
-      equal and opposite pairs;
+    - ``finite``: finite values, at extreme logits (up to ±1e4, in float32 and
+      ``dtype``), including equal and opposite pairs; and finite gradients when the
+      output carries a gradient, off the diagonal ``p ≠ q`` (where a distance such as
+      ``√JSD`` has none), and on it too when ``power`` is 2 or more (a squared
+      distance is smooth there);
     - ``batch``: the output has the batch's shape, and a batch (of any leading shape)
       equals its rows evaluated one by one;
     - ``non_negative``: ``fn ≥ 0``;
     - ``zero_on_equal``: ``fn(p, q) = 0`` when the logits give the same distribution
       (equal, or differing by a constant);
     - ``positive_on_distinct``: ``fn(p, q) > 0`` when a probability differs by
-      ``1e-3`` or more.
+      ``1e-3`` or more;
+    - ``symmetric``: ``fn(p, q) = fn(q, p)``, unless ``symmetric=False``.
 
     Checked when declared:
 
-    - ``symmetric``: ``fn(p, q) = fn(q, p)``;
     - ``upper_bound``: ``fn ≤ upper_bound``, also at saturated logits;
     - ``triangle``: ``δ(a, c) ≤ δ(a, b) + δ(b, c)`` for ``δ = fn ** (1 / power)``,
       on triples where ``b`` is also drawn between ``a`` and ``c``;
@@ -407,15 +599,18 @@ def check_divergence(
     triangle is checked on ``fn``, the local law is ``fn² ≈ c·ds²``), ``power=2`` for a
     divergence that behaves like a squared distance (``jensen_shannon``,
     ``hellinger``, ``symmetric_kl``: the triangle is checked on ``√fn``, the local law
-    is ``fn ≈ c·ds²``). It must be given whenever ``triangle`` or ``local_constant``
-    is, so that neither is read the wrong way silently.
+    is ``fn ≈ c·ds²``). When ``triangle`` or ``local_constant`` is declared without
+    it, ``power`` is measured from ``fn`` by :func:`infer_power` (``fn(p, p + 2εv) / fn(p, p + εv) →
+    2^power``, rounded to the nearest half-integer), and a ``ValueError`` says what
+    was measured if that is not close to one. A failure message says of each broken
+    property whether it was checked by default or declared, and with which power.
 
     Parameters
     ----------
     fn : callable
         ``(logits_p, logits_q) -> Tensor`` of per-distribution values.
     symmetric : bool, default=True
-        Declare ``fn(p, q) = fn(q, p)``.
+        Check ``fn(p, q) = fn(q, p)``; False for an asymmetric divergence.
     triangle : bool, default=False
         Declare that ``fn ** (1 / power)`` obeys the triangle inequality.
     upper_bound : float, optional
@@ -427,7 +622,8 @@ def check_divergence(
         ``symmetric_kl``).
     power : float, optional
         ``fn`` is the ``power``-th power of a distance-like quantity (see above).
-        Required with ``triangle=True`` or ``local_constant``.
+        Used by ``triangle=True`` and ``local_constant``, and measured with
+        :func:`infer_power` when they are declared without it.
     n_classes : int or strategy, default=integers(2, 8)
         Numbers of classes to draw.
     dtype : torch.dtype, default=torch.float64
@@ -451,11 +647,12 @@ def check_divergence(
     Raises
     ------
     DivergenceCheckError
-        An ``AssertionError`` listing every broken property, each with the minimal
-        counter-example hypothesis found (its ``failures`` attribute maps property
-        names to those messages).
+        An ``AssertionError`` listing every broken property, whether checked by
+        default or declared, each with the minimal counter-example hypothesis found
+        (its ``failures`` attribute maps property names to those messages).
     TypeError, ValueError
-        Invalid arguments, or ``fn`` returning something other than a tensor.
+        Invalid arguments, ``fn`` returning something other than a tensor, or a
+        ``power`` needed but not given that cannot be measured.
 
     Notes
     -----
@@ -467,19 +664,27 @@ def check_divergence(
     >>> import math
     >>> from geoconnect.divergences import jensen_shannon
     >>> from geoconnect.testing import check_divergence
-    >>> check_divergence(jensen_shannon, triangle=True, power=2, upper_bound=math.log(2),
-    ...                  local_constant=1 / 8, max_examples=10)
+    >>> check_divergence(jensen_shannon, triangle=True, upper_bound=math.log(2),
+    ...                  local_constant=1 / 8, max_examples=10)  # power=2, inferred
     ... # doctest: +NORMALIZE_WHITESPACE
     ('finite', 'batch', 'non_negative', 'zero_on_equal', 'positive_on_distinct',
      'symmetric', 'upper_bound', 'triangle', 'local_constant')
 
+    The Jensen–Shannon distance ``√JSD`` is a metric, though its gradient is infinite
+    where ``p = q``:
+
+    >>> "triangle" in check_divergence(lambda p, q: jensen_shannon(p, q).sqrt(),
+    ...                                triangle=True, max_examples=10)  # power=1
+    True
+
     A broken declaration is caught and named:
 
-    >>> check_divergence(jensen_shannon, triangle=True, power=1, max_examples=20)
-    Traceback (most recent call last):
-    ...
-    geoconnect.testing.DivergenceCheckError: jensen_shannon breaks 1 declared property: triangle.
-    ...
+    >>> from geoconnect.testing import DivergenceCheckError
+    >>> try:
+    ...     check_divergence(jensen_shannon, triangle=True, power=1, max_examples=20)
+    ... except DivergenceCheckError as error:
+    ...     print(str(error).splitlines()[0])
+    jensen_shannon breaks 1 property: triangle (declared, power=1).
     """
     if not callable(fn):
         raise TypeError(
@@ -497,15 +702,6 @@ def check_divergence(
         local_constant = _real("local_constant", local_constant, positive=True)
     if power is not None:
         power = _real("power", power, positive=True)
-    elif triangle or local_constant is not None:
-        declared = "triangle=True" if triangle else f"local_constant={local_constant:g}"
-        raise ValueError(
-            f"{_OWNER} needs 'power' with {declared}, to know what fn is: power=1 if fn "
-            "is a distance (like fisher_rao), power=2 if it behaves like a squared "
-            "distance (like jensen_shannon, hellinger, symmetric_kl). triangle=True "
-            "then checks fn ** (1 / power) and local_constant=c checks "
-            "fn ** (2 / power) ≈ c · ds²."
-        )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(
             f"The 'dtype' argument of {_OWNER} must be a floating torch.dtype. Got "
@@ -521,15 +717,8 @@ def check_divergence(
             f"The 'seed' argument of {_OWNER} must be an int or None. Got {seed!r} instead."
         )
     eps = torch.finfo(dtype).eps
-    declaration = _Declaration(
-        fn,
-        power=power if power is not None else 1.0,
-        upper_bound=upper_bound,
-        local_constant=local_constant,
-        local_rtol=0.02 if dtype == torch.float64 else 0.1,
-        rtol=math.sqrt(eps) if rtol is None else _real("rtol", rtol, positive=False),
-        atol=10 * math.sqrt(eps) if atol is None else _real("atol", atol, positive=False),
-    )
+    rtol = math.sqrt(eps) if rtol is None else _real("rtol", rtol, positive=False)
+    atol = 10 * math.sqrt(eps) if atol is None else _real("atol", atol, positive=False)
 
     values = st.just(dtype)
     extreme_dtypes = st.sampled_from(sorted({torch.float32, dtype}, key=str))
@@ -581,6 +770,28 @@ def check_divergence(
         plan.append(("local_constant", strategy, _check_local_constant))
 
     _check_returns_a_tensor(fn, dtype)
+    power_inferred = power is None and (triangle or local_constant is not None)
+    if power_inferred:
+        declared = "triangle=True" if triangle else f"local_constant={local_constant:g}"
+        try:
+            power = _measure_power(fn, _class_counts(n_classes))
+        except _PowerNotMeasured as error:
+            raise ValueError(
+                f"{_OWNER} was not given 'power' with {declared} and could not infer it: "
+                f"{error} Pass power=1 if fn is a distance (like fisher_rao), power=2 if "
+                "it behaves like a squared distance (like jensen_shannon)."
+            ) from None
+    declaration = _Declaration(
+        fn,
+        power=power,
+        power_inferred=power_inferred,
+        upper_bound=upper_bound,
+        local_constant=local_constant,
+        local_rtol=0.02 if dtype == torch.float64 else 0.1,
+        rtol=rtol,
+        atol=atol,
+    )
+
     config = settings(
         max_examples=max_examples,
         deadline=None,
@@ -610,7 +821,11 @@ def check_divergence(
         torch.set_num_threads(threads)
     if failures:
         ordered = {prop: failures[prop] for prop in PROPERTIES if prop in failures}
-        raise DivergenceCheckError(getattr(fn, "__name__", repr(fn)), ordered)
+        origins = {prop: _origin(prop) for prop in ordered}
+        if power is not None:
+            how = f"power={power:g}" + (" inferred from fn" if power_inferred else "")
+            origins.update({prop: f"declared, {how}" for prop in ("triangle", "local_constant")})
+        raise DivergenceCheckError(getattr(fn, "__name__", repr(fn)), ordered, origins)
     return tuple(prop for prop, _, _ in plan)
 
 
