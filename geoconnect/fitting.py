@@ -48,6 +48,7 @@ __all__ = [
     "FitState",
     "choose_strategy",
     "coarse_to_fine_schedule",
+    "copy_history",
     "energy_step",
     "fit_path",
     "path_energy",
@@ -110,8 +111,6 @@ class FitState:
         The batch order.
     history : dict of str to list
         One entry per epoch, as ``history_``.
-    n_iter : int
-        Epochs run, previous fits' included (``len(history["energy"])``).
     initial_energy : float
         Energy of the initial path (the line, or warm start's path) on the data,
         as the fit measures it: what a diverging fit is recognised by.
@@ -124,6 +123,8 @@ class FitState:
     interior : dict of str to Tensor
         The moving tensors: views of the current level's interior points (see
         :meth:`ModelPath.interior`); the optimiser updates them in place.
+    fixed : dict of str to Tensor
+        Views of the current level's interior points' frozen parameters.
     optimizer : torch.optim.Optimizer or None
         The current level's optimiser of ``interior``.
     best, stale : float, int
@@ -139,8 +140,8 @@ class FitState:
     ends: EndLogits
     generator: torch.Generator
     history: dict[str, list]
-    n_iter: int
     interior: dict[str, Tensor] = field(default_factory=dict)
+    fixed: dict[str, Tensor] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     best: float = math.inf
     stale: int = 0
@@ -148,6 +149,11 @@ class FitState:
     lowest: float = math.inf
     rises: int = 0
     warned: set[str] = field(default_factory=set)
+
+    @property
+    def n_iter(self) -> int:
+        """Epochs run, previous fits' included (``len(history["energy"])``)."""
+        return len(self.history["energy"])
 
     @classmethod
     def start(
@@ -179,7 +185,6 @@ class FitState:
         _check_fittable(path, settings)
         module = path.batch_statistics_module()
         path.strategy = _resolve_strategy(path, data, module, settings)
-        record = {key: list((history or {}).get(key, [])) for key in HISTORY_KEYS}
         state = cls(
             target=path,
             path=path,
@@ -189,8 +194,7 @@ class FitState:
             module=module,
             ends=EndLogits(path, data, settings.batch_size),
             generator=torch.Generator() if generator is None else generator,
-            history=record,
-            n_iter=len(record["energy"]),
+            history=copy_history(history),
         )
         state.initial_energy = path_energy(state)
         _check_finite_start(state.initial_energy)
@@ -214,6 +218,7 @@ class FitState:
     def begin_level(self) -> None:
         """Make the current level's interior the moving tensors, with a new optimiser."""
         self.interior = self.path.interior(trainable=True)
+        self.fixed = {n: v for n, v in self.path.interior().items() if n not in self.interior}
         self.optimizer = _make_optimizer(self.interior, self.settings)
         self.best, self.stale, self.lowest = math.inf, 0, math.inf
 
@@ -222,7 +227,7 @@ class FitState:
         for tensor in self.interior.values():
             tensor.grad = None
             tensor.requires_grad_(False)
-        self.interior, self.optimizer = {}, None
+        self.interior, self.fixed, self.optimizer = {}, {}, None
 
 
 def _check_fittable(path: ModelPath, settings: FitSettings) -> None:
@@ -268,15 +273,30 @@ class FitResult:
     Examples
     --------
     >>> from geoconnect.fitting import FitResult
-    >>> FitResult(history={"energy": [0.1]}, n_iter=1, strategy="loop").converged
-    False
+    >>> FitResult(history={"energy": [0.1]}).n_iter
+    1
     """
 
     history: dict[str, list]
-    n_iter: int
-    strategy: Strategy
     converged: bool = False
     interrupted: bool = False
+
+    @property
+    def n_iter(self) -> int:
+        """Epochs in the record, previous fits' included."""
+        return len(self.history["energy"])
+
+
+def copy_history(history: dict[str, list] | None = None) -> dict[str, list]:
+    """A fresh per-epoch record with every key, continuing ``history`` (not modified).
+
+    Examples
+    --------
+    >>> from geoconnect.fitting import copy_history
+    >>> copy_history({"energy": [0.5]})["energy"], copy_history()["n_points"]
+    ([0.5], [])
+    """
+    return {key: list((history or {}).get(key, [])) for key in HISTORY_KEYS}
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -359,7 +379,7 @@ def fit_path(
             ConvergenceWarning,
             stacklevel=4,
         )
-    return FitResult(state.history, state.n_iter, path.strategy, converged, interrupted)
+    return FitResult(state.history, converged, interrupted)
 
 
 @torch.no_grad()
@@ -587,7 +607,6 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
     state.rises = state.rises + 1 if same_level and energy > previous else 0
     for key, value in record.items():
         state.history[key].append(value)
-    state.n_iter += 1
     climbed = energy > _CLIMB * state.lowest  # well above the level's lowest: no wobble
     state.lowest = min(state.lowest, energy)
     if state.rises >= _RISES and climbed and "rising" not in state.warned:
@@ -697,7 +716,7 @@ class _Chunk:
 def _forward_chunk(state: FitState, where: slice, x: Tensor, dtype: torch.dtype) -> _Chunk:
     """Evaluate the interior points ``where`` as fresh leaves of the autograd graph."""
     leaves = {n: t[where].detach().requires_grad_(True) for n, t in state.interior.items()}
-    fixed = {n: t[where] for n, t in state.path.interior().items() if n not in leaves}
+    fixed = {n: t[where] for n, t in state.fixed.items()}
     precision = (
         torch.autocast(x.device.type, dtype=torch.bfloat16)
         if state.settings.mixed_precision

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..divergences import DIVERGENCES, get_divergence
-from ..fitting import HISTORY_KEYS, FitSettings, fit_path
+from ..fitting import FitSettings, copy_history, fit_path
 from ..path import ModelPath
 from ._base import FitInputs, _BaseConnector
 
@@ -260,12 +260,12 @@ class GeodesicConnector(_BaseConnector):
             assert inputs.data is not None
             settings, order = self._settings(continuing), self._batch_order()
             result = fit_path(path, inputs.data, divergence, settings, previous, order)
-            history, n_iter = result.history, result.n_iter
+            history = result.history
         else:  # nothing moves between two ends
-            history = {key: list((previous or {}).get(key, [])) for key in HISTORY_KEYS}
-            n_iter = len(history["energy"])
+            history = copy_history(previous)
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
+        n_iter = len(history["energy"])
         attributes.update(history_=history, n_iter_=n_iter, strategy_=path.strategy)
         return attributes
 
