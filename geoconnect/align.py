@@ -327,7 +327,8 @@ def weight_matching(
     spec: PermutationSpec | None = None,
     max_iter: int = 100,
     random_state: int | np.random.RandomState | None = None,
-) -> nn.Module:
+    return_permutations: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, Tensor]]:
     """Permute ``model_b``'s hidden units to match ``model_a``'s weights.
 
     Weight matching (Ainsworth et al., *Git Re-Basin*, 2023): coordinate descent
@@ -352,11 +353,16 @@ def weight_matching(
         Maximum number of sweeps over the permutations.
     random_state : int, RandomState instance or None, default=None
         Seeds the order in which each sweep visits the permutations.
+    return_permutations : bool, default=False
+        Also return the permutations found, by group name (``spec.apply(model_b,
+        permutations)`` is the result).
 
     Returns
     -------
     nn.Module
         A permuted copy of ``model_b``.
+    permutations : dict of str to Tensor
+        Only with ``return_permutations=True``: each group's permutation, int64.
 
     Raises
     ------
@@ -432,7 +438,8 @@ def weight_matching(
                 improved = True
         if not improved:
             break
-    return spec.apply(model_b, perms)
+    aligned = spec.apply(model_b, perms)
+    return (aligned, perms) if return_permutations else aligned
 
 
 # -- derivation by tracing ---------------------------------------------------------------

@@ -7,6 +7,7 @@ plots, command line and benchmarks call these functions.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -143,12 +144,16 @@ def arc_length_positions(segment_squared: Tensor | np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def euclidean_length(path: ModelPath) -> float:
+def euclidean_length(path: ModelPath | Mapping[str, Tensor], frozen: Iterable[str] = ()) -> float:
     """Length ``Σ_i ‖θ_{i+1} − θ_i‖₂`` of the path in parameter space.
 
     Parameters
     ----------
-    path : ModelPath
+    path : ModelPath or mapping of str to Tensor
+        A path, or its stacked parameters ``(n_points, *shape)`` by name (as a saved
+        file holds them).
+    frozen : iterable of str, default=()
+        With stacked parameters: the names to leave out (a path knows its own).
 
     Returns
     -------
@@ -167,9 +172,13 @@ def euclidean_length(path: ModelPath) -> float:
     >>> round(euclidean_length(ModelPath.linear(a, b, 6)), 6)
     5.0
     """
+    if isinstance(path, Mapping):
+        params, frozen = path, set(frozen)
+    else:
+        params, frozen = path.params, path.frozen
     squared = None
-    for name, stack in path.params.items():
-        if name in path.frozen:
+    for name, stack in params.items():
+        if name in frozen:
             continue
         diff = (stack[1:] - stack[:-1]).double().reshape(stack.shape[0] - 1, -1)
         term = diff.square().sum(1)

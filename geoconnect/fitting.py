@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from ._data import Batch, StreamData, TensorData
+from .checkpoint import Checkpoint
 from .divergences import (
     Divergence,
     closed_form_segment_gradient,
@@ -40,6 +41,7 @@ from .divergences import (
 )
 from .evaluation import euclidean_length, fisher_rao_length, segment_divergences
 from .path import ModelPath, Strategy
+from .persistence import prefixed
 
 __all__ = [
     "EndLogits",
@@ -86,6 +88,9 @@ class FitSettings:
     verbose: int = 0
     #: Called with the state after every recorded epoch (benchmarks trace fits with it).
     on_epoch: Callable[[FitState], None] | None = field(default=None, compare=False)
+    #: Where the state is written after every epoch, and resumed from (see
+    #: :class:`~geoconnect.checkpoint.Checkpoint`).
+    checkpoint: Checkpoint | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -129,6 +134,13 @@ class FitState:
         The current level's optimiser of ``interior``.
     best, stale : float, int
         Early stopping: the lowest energy of the level, epochs since it improved.
+    level, level_epochs : int
+        The current level's index in :func:`coarse_to_fine_schedule`, and the epochs
+        run on it.
+    moments : dict of str to Tensor or None
+        Optimiser moments to load into the next level's optimiser (a warm start's or
+        a checkpoint's); after a fit, those of the full path's optimiser
+        (``"<solver>/<tensor index>/<name>"``).
     """
 
     target: ModelPath
@@ -149,6 +161,9 @@ class FitState:
     lowest: float = math.inf
     rises: int = 0
     warned: set[str] = field(default_factory=set)
+    level: int = 0
+    level_epochs: int = 0
+    moments: dict[str, Tensor] | None = None
 
     @property
     def n_iter(self) -> int:
@@ -162,13 +177,14 @@ class FitState:
         data: TensorData | StreamData,
         divergence: Divergence,
         settings: FitSettings,
-        history: dict[str, list] | None = None,
+        previous: FitResult | None = None,
         generator: torch.Generator | None = None,
     ) -> FitState:
         """The state at the start of a fit: the strategy chosen, the ends cached.
 
         Sets ``path.strategy`` (by :func:`choose_strategy` when ``settings.strategy``
-        is ``"auto"``); ``history`` is copied, never modified.
+        is ``"auto"``). A ``previous`` fit's history is continued (copied, never
+        modified) and its optimiser moments are loaded into the first level's.
 
         Examples
         --------
@@ -194,7 +210,8 @@ class FitState:
             module=module,
             ends=EndLogits(path, data, settings.batch_size),
             generator=torch.Generator() if generator is None else generator,
-            history=copy_history(history),
+            history=copy_history(None if previous is None else previous.history),
+            moments=None if previous is None else previous.moments,
         )
         state.initial_energy = path_energy(state)
         _check_finite_start(state.initial_energy)
@@ -216,18 +233,91 @@ class FitState:
         return False
 
     def begin_level(self) -> None:
-        """Make the current level's interior the moving tensors, with a new optimiser."""
+        """Make the current level's interior the moving tensors, with a new optimiser.
+
+        The optimiser starts from :attr:`moments` when there are some (then cleared).
+        """
         self.interior = self.path.interior(trainable=True)
         self.fixed = {n: v for n, v in self.path.interior().items() if n not in self.interior}
         self.optimizer = _make_optimizer(self.interior, self.settings)
-        self.best, self.stale, self.lowest = math.inf, 0, math.inf
+        if self.moments is not None:
+            _load_moments(self.optimizer, self.moments, self.settings.solver)
+            self.moments = None
+        self.best, self.stale, self.lowest, self.level_epochs = math.inf, 0, math.inf, 0
 
     def end_level(self) -> None:
-        """Detach the moving tensors from the finished (or interrupted) level."""
+        """Detach the moving tensors from the finished (or interrupted) level.
+
+        The full path's optimiser leaves its moments in :attr:`moments`.
+        """
+        if self.optimizer is not None and self.path is self.target:
+            self.moments = _moments(self.optimizer, self.settings.solver)
         for tensor in self.interior.values():
             tensor.grad = None
             tensor.requires_grad_(False)
         self.interior, self.fixed, self.optimizer = {}, {}, None
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything a resumed fit needs, as tensors and a JSON-serialisable record.
+
+        The current level's points, the optimiser's moments, the batch order's and
+        torch's random generators, the counters and the history: :meth:`restore`
+        continues from it exactly where this fit is.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> from geoconnect._data import as_data
+        >>> from geoconnect.divergences import jensen_shannon
+        >>> from geoconnect.fitting import FitSettings, FitState
+        >>> path = ModelPath.linear(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 5)
+        >>> data = as_data(torch.randn(8, 4), device=torch.device("cpu"))
+        >>> tensors, record = FitState.start(path, data, jensen_shannon, FitSettings()).snapshot()
+        >>> sorted(tensors)[:3], record["level"], record["n_points"]
+        (['level/bias', 'level/weight', 'rng/generator'], 0, 5)
+        """
+        tensors = {f"level/{name}": stack for name, stack in self.path.params.items()}
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        if self.optimizer is not None:
+            moments = _moments(self.optimizer, self.settings.solver)
+            tensors.update({f"moments/{key}": value for key, value in moments.items()})
+        record = {
+            "level": self.level,
+            "level_epochs": self.level_epochs,
+            "n_points": self.path.n_points,
+            "history": self.history,
+            "best": self.best,
+            "stale": self.stale,
+            "lowest": self.lowest,
+            "rises": self.rises,
+            "warned": sorted(self.warned),
+        }
+        return tensors, record
+
+    def restore(self, tensors: dict[str, Tensor], record: dict, levels: list) -> None:
+        """Continue from a :meth:`snapshot` of this fit taken after an epoch of ``levels``."""
+        level = record["level"]
+        if not 0 <= level < len(levels) or levels[level][0] != record["n_points"]:
+            raise ValueError(
+                f"The checkpoint's level ({level}, of {record['n_points']} points) is not "
+                f"one of this fit's levels {levels}: it was written by another version "
+                "of geoconnect. Delete it to start afresh."
+            )
+        self.level = level
+        _enter_level(self, record["n_points"])
+        with torch.no_grad():
+            for name, stack in self.path.params.items():
+                stack.copy_(tensors[f"level/{name}"])
+        self.moments = prefixed(tensors, "moments/")
+        self.begin_level()
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.history = copy_history(record["history"])
+        self.best, self.stale, self.lowest = record["best"], record["stale"], record["lowest"]
+        self.rises, self.warned = record["rises"], set(record["warned"])
+        self.level_epochs = record["level_epochs"]
 
 
 def _check_fittable(path: ModelPath, settings: FitSettings) -> None:
@@ -280,6 +370,8 @@ class FitResult:
     history: dict[str, list]
     converged: bool = False
     interrupted: bool = False
+    #: The full path's optimiser moments at the end (see :attr:`FitState.moments`).
+    moments: dict[str, Tensor] | None = None
 
     @property
     def n_iter(self) -> int:
@@ -307,7 +399,7 @@ def fit_path(
     data: TensorData | StreamData,
     divergence: Divergence,
     settings: FitSettings,
-    history: dict[str, list] | None = None,
+    previous: FitResult | None = None,
     generator: torch.Generator | None = None,
 ) -> FitResult:
     """Minimise the energy of ``path``'s interior on ``data``; the path moves in place.
@@ -316,6 +408,8 @@ def fit_path(
     SGD descent with early stopping on the last. Ctrl-C keeps what was learned: a
     coarser level is spread out to the full path, and a warning says how many epochs
     were complete. A ``ConvergenceWarning`` says when ``max_iter`` ran out first.
+    With ``settings.checkpoint``, the state is written after every epoch, and a
+    checkpoint found there is resumed: the result is the uninterrupted fit's.
 
     Parameters
     ----------
@@ -326,8 +420,9 @@ def fit_path(
     divergence : callable
         The segment cost ``(logits_p, logits_q) -> per-sample tensor``.
     settings : FitSettings
-    history : dict of str to list, optional
-        A previous fit's record to continue (not modified: it is copied).
+    previous : FitResult, optional
+        A previous fit to continue: its history (copied, not modified) and its
+        optimiser moments (a warm start).
     generator : torch.Generator, optional
         The batch order; default a fresh, unseeded one.
 
@@ -350,12 +445,17 @@ def fit_path(
     >>> result.n_iter, len(result.history["energy"])
     (3, 3)
     """
-    state = FitState.start(path, data, divergence, settings, history, generator)
+    state = FitState.start(path, data, divergence, settings, previous, generator)
     levels = coarse_to_fine_schedule(path.n_points, settings.max_iter, settings.coarse_to_fine)
+    if settings.checkpoint is not None and settings.checkpoint.saved is not None:
+        state.restore(*settings.checkpoint.saved, levels)
     converged = interrupted = False
     with _progress_bar(settings, sum(epochs for _, epochs in levels)) as bar:
+        bar.update(sum(epochs for _, epochs in levels[: state.level]) + state.level_epochs)
         try:
-            for level, (n_points, epochs) in enumerate(levels):
+            for level in range(state.level, len(levels)):
+                state.level = level
+                n_points, epochs = levels[level]
                 _enter_level(state, n_points)
                 converged = _run_level(state, epochs, bar, final=level == len(levels) - 1)
         except KeyboardInterrupt:
@@ -379,7 +479,7 @@ def fit_path(
             ConvergenceWarning,
             stacklevel=4,
         )
-    return FitResult(state.history, converged, interrupted)
+    return FitResult(state.history, converged, interrupted, state.moments)
 
 
 @torch.no_grad()
@@ -518,14 +618,24 @@ def _check_descent(state: FitState) -> None:
 
 
 def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:
-    """Descend on the current level for up to ``epochs``; True when it converged."""
-    state.begin_level()
-    for _ in range(epochs):
+    """Descend on the current level for up to ``epochs``; True when it converged.
+
+    A level resumed from a checkpoint is already begun, some of its epochs run.
+    Each epoch ends with the checkpoint, written after early stopping has counted
+    it, so that a resumed fit stops where the uninterrupted one did.
+    """
+    if state.optimizer is None:
+        state.begin_level()
+    stopped = final and state.stale >= state.settings.n_iter_no_change
+    while not stopped and state.level_epochs < epochs:
         energy = _run_epoch(state, bar)
-        if final and _update_no_improvement_count(state, energy):
-            return True
-    state.end_level()
-    return False
+        state.level_epochs += 1
+        stopped = final and _update_no_improvement_count(state, energy)
+        if state.settings.checkpoint is not None:
+            state.settings.checkpoint.write(*state.snapshot())
+    if not stopped:
+        state.end_level()
+    return stopped
 
 
 def _make_optimizer(interior: dict[str, Tensor], settings: FitSettings) -> torch.optim.Optimizer:
@@ -538,6 +648,34 @@ def _make_optimizer(interior: dict[str, Tensor], settings: FitSettings) -> torch
     device = tensors[0].device
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     return torch.optim.Adam(tensors, lr=settings.learning_rate, **fused)
+
+
+def _moments(optimizer: torch.optim.Optimizer, solver: str) -> dict[str, Tensor]:
+    """The optimiser's state tensors, ``"<solver>/<tensor index>/<name>"``, copied."""
+    return {
+        f"{solver}/{index}/{name}": value.detach().clone()
+        for index, entry in optimizer.state_dict()["state"].items()
+        for name, value in entry.items()
+        if isinstance(value, Tensor)
+    }
+
+
+def _load_moments(
+    optimizer: torch.optim.Optimizer, moments: dict[str, Tensor], solver: str
+) -> None:
+    """Load :func:`_moments` of the same solver and tensors into ``optimizer``."""
+    params = optimizer.param_groups[0]["params"]
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in moments.items():
+        owner, index, name = key.split("/", 2)
+        if owner != solver:
+            return  # another solver's moments mean nothing to this one
+        if int(index) >= len(params) or (value.ndim and value.shape != params[int(index)].shape):
+            return  # another path's
+        state.setdefault(int(index), {})[name] = value
+    if state:
+        groups = optimizer.state_dict()["param_groups"]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _update_no_improvement_count(state: FitState, energy: float) -> bool:

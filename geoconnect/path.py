@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -55,6 +57,13 @@ class ModelPath:
     t_ : ndarray of shape (n_points,)
         Positions of the points along the path, from 0 to 1. Connectors set them to
         the cumulative Fisher–Rao arc length on the fit data, normalised.
+    metadata : dict
+        JSON-serialisable facts about the path, saved with it by :meth:`save`.
+        Connectors record the connector, the divergence and the path's lengths and
+        energy on the fit data.
+    alignment : dict of str to Tensor
+        With ``align="weight_matching"``, the permutation of each group of model_b's
+        units that aligned it to model_a (see :mod:`geoconnect.align`); else empty.
 
     Examples
     --------
@@ -108,6 +117,8 @@ class ModelPath:
             np.linspace(0.0, 1.0, self.n_points) if t is None else np.asarray(t, dtype=float).copy()
         )
         self.strategy = strategy
+        self.metadata: dict = {}
+        self.alignment: dict[str, Tensor] = {}
 
     @property
     def strategy(self) -> Strategy:
@@ -254,7 +265,9 @@ class ModelPath:
             a, b = stack[low.to(device)], stack[(low + 1).to(device)]
             params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
         bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
-        return ModelPath(self.template, params, bn, strategy=self.strategy, frozen=self.frozen)
+        path = ModelPath(self.template, params, bn, strategy=self.strategy, frozen=self.frozen)
+        path.alignment = dict(self.alignment)
+        return path
 
     # -- container protocol -----------------------------------------------------------
 
@@ -310,9 +323,167 @@ class ModelPath:
         self.template.to(device)
         self.params = {k: v.to(device) for k, v in self.params.items()}
         self.batchnorm_buffers = {k: v.to(device) for k, v in self.batchnorm_buffers.items()}
+        self.alignment = {k: v.to(device) for k, v in self.alignment.items()}
         bn_names = set(self.batchnorm_buffers)
         self.shared_buffers = {k: v for k, v in self.template.named_buffers() if k not in bn_names}
         return self
+
+    # -- persistence -------------------------------------------------------------------
+
+    def save(self, file: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+        """Write the path to ``file`` in the safetensors format; return the file's path.
+
+        The file holds the stacked parameters and per-point BatchNorm statistics, the
+        shared buffers, :attr:`t_`, the :attr:`strategy`, the :attr:`alignment`
+        permutations, and a JSON record: the geoconnect and torch versions, the
+        architecture (every module's class, every parameter's and buffer's name,
+        shape and dtype, and a fingerprint of them), :attr:`metadata` and
+        ``metadata``. Reading it runs no code (unlike ``pickle``), and a digest of
+        the whole content makes a truncated or altered file fail to load. The file
+        is written atomically: a crash leaves the previous file or the new one.
+
+        Parameters
+        ----------
+        file : str or path-like
+            Conventionally ``*.safetensors``; replaced if it exists.
+        metadata : dict, optional
+            More JSON-serialisable facts to store (they update :attr:`metadata`
+            in the file, not on the path).
+
+        Returns
+        -------
+        Path
+
+        See Also
+        --------
+        load : read it back, given a module of the architecture.
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from geoconnect import ModelPath
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> file = ModelPath.linear(a, b, 5).save(tempfile.mkdtemp() + "/path.safetensors")
+        >>> path = ModelPath.load(file, template=torch.nn.Linear(4, 3))
+        >>> torch.equal(path[-1](torch.ones(1, 4)), b(torch.ones(1, 4)))
+        True
+        """
+        from .persistence import save_path
+
+        return save_path(self, file, metadata)
+
+    @classmethod
+    def load(
+        cls,
+        file: str | os.PathLike,
+        template: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+    ) -> ModelPath:
+        """Read a path :meth:`save` wrote.
+
+        Parameters
+        ----------
+        file : str or path-like
+        template : nn.Module
+            A module of the saved architecture (a fresh instance of your model
+            class); its values are not used, it is copied, and it is checked against
+            the file's record: the first difference (a parameter's name, shape or
+            dtype, a buffer, a module's class) is named in a ``ValueError``.
+        device : torch.device or str, optional
+            Where the path lives; default the template's device. A path saved on one
+            device and loaded on another computes the same logits (up to the
+            devices' arithmetic).
+
+        Returns
+        -------
+        ModelPath
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``file`` does not exist.
+        ValueError
+            If ``file`` is truncated, corrupted, of another format or kind, or was
+            saved from another architecture.
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from geoconnect import ModelPath
+        >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> file = ModelPath.linear(a, b, 5).save(tempfile.mkdtemp() + "/path.safetensors")
+        >>> ModelPath.load(file, template=torch.nn.Linear(4, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: The template does not match the architecture saved in ...: parameter \
+'weight' has shape (3, 4) in the file and (2, 4) in the template. ...
+        """
+        from .persistence import load_path
+
+        return load_path(file, template, device)
+
+    def export(self, point: int | float, X: object = None, *, batch_size: int = 256) -> nn.Module:
+        """A standalone module of the architecture: point ``i``, or position ``t``.
+
+        An ``int`` selects the point of that index (negative from the end); a
+        ``float`` the position ``t`` ∈ [0, 1] along the path (:meth:`at`; a network
+        with BatchNorm needs ``X`` between points). The module is a fresh copy of the
+        architecture's class with its own weights, in eval mode, sharing nothing with
+        the path; its ``state_dict()`` loads into an instance of your own class.
+
+        Parameters
+        ----------
+        point : int or float
+            A point's index, or a position t.
+        X : array-like, tensor, Dataset or DataLoader, optional
+            Data to recompute BatchNorm statistics on, for a t between points.
+        batch_size : int, default=256
+
+        Returns
+        -------
+        nn.Module
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 5)
+        >>> mine = torch.nn.Linear(4, 3)
+        >>> _ = mine.load_state_dict(path.export(0.5).state_dict())
+        >>> torch.equal(mine.weight, path.export(2).weight)
+        True
+        """
+        if isinstance(point, bool) or not isinstance(point, (int, float, np.integer, np.floating)):
+            raise TypeError(
+                "point must be an int (a point's index) or a float (a position t in "
+                f"[0, 1]); got {type(point).__name__}."
+            )
+        if isinstance(point, (int, np.integer)):
+            return self[int(point)]
+        return self.at(float(point), X, batch_size=batch_size)
+
+    def __getstate__(self) -> dict:
+        """Pickle on the CPU: a path fitted on a GPU unpickles on any machine.
+
+        ``pickle`` runs code when it reads: unpickle only files you trust, and share
+        paths with :meth:`save`. :func:`copy.deepcopy` keeps the device.
+        """
+        state = self.__dict__.copy()
+        state["template"] = copy.deepcopy(self.template).to("cpu")
+        for key in ("params", "batchnorm_buffers", "alignment"):
+            state[key] = {k: v.to("cpu") for k, v in state[key].items()}
+        bn_names = set(state["batchnorm_buffers"])
+        state["shared_buffers"] = {
+            k: v for k, v in state["template"].named_buffers() if k not in bn_names
+        }
+        return state
+
+    def __deepcopy__(self, memo: dict) -> ModelPath:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def parameters_vector(self) -> Tensor:
         """All points' parameters, flattened: a tensor of shape (n_points, n_params).

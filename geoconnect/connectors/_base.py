@@ -62,6 +62,8 @@ class FitInputs:
     dtype: torch.dtype
     features: dict[str, object] = field(default_factory=dict)
     label_classes: np.ndarray | None = None
+    #: The permutations ``align`` applied to model_b's units, by group; empty without.
+    alignment: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _BaseConnector(TransformerMixin, BaseEstimator):
@@ -75,6 +77,24 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         "model_factory": [callable, None],
         "align": [StrOptions({"weight_matching"}), None],
     }
+
+    # -- pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Pickle on the CPU: an estimator fitted on a GPU unpickles on any machine.
+
+        ``pickle`` runs code when it reads a file: unpickle only files you trust, and
+        share a fitted path with ``path_.save(file)`` (safetensors), which
+        :meth:`ModelPath.load` reads without running any. ``copy.deepcopy`` keeps
+        the devices.
+        """
+        return {key: _on_cpu(value) for key, value in super().__getstate__().items()}
+
+    def __deepcopy__(self, memo: dict) -> _BaseConnector:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # -- the transaction ---------------------------------------------------------------
 
@@ -107,6 +127,10 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             "_label_classes": inputs.label_classes,
             **inputs.features,
         }
+        path.metadata = {
+            "connector": type(self).__name__,
+            "euclidean_length": attributes["euclidean_length_"],
+        }
         if inputs.data is None:
             attributes.update(length_=None, energy_=None, n_classes_=_UNSET, classes_=_UNSET)
             return attributes
@@ -122,6 +146,12 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             energy_=float(np.sum(stats.segment_costs)),
             n_classes_=n_classes,
             classes_=np.arange(n_classes) if classes is None else classes,
+        )
+        path.metadata.update(
+            divergence=_divergence_name(getattr(self, "divergence", "jsd")),
+            length=attributes["length_"],
+            energy=attributes["energy_"],
+            n_classes=n_classes,
         )
         return attributes
 
@@ -141,6 +171,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def _line(self, inputs: FitInputs) -> ModelPath:
         """The straight line between the models, its ends checked against them."""
         path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        path.alignment = {k: v.to(inputs.device) for k, v in inputs.alignment.items()}
         if inputs.data is not None:
             _check_ends(path, inputs)
         return path
@@ -170,9 +201,10 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 raise ValueError("y was given without X; pass X too, or neither.")
             copy_a = copy.deepcopy(model_a).to(device).eval()
             copy_b = copy.deepcopy(model_b).to(device).eval()
-            copy_b = self._align_models(copy_a, copy_b, None)
+            copy_b, alignment = self._align_models(copy_a, copy_b, None)
             features = {"n_features_in_": _UNSET, "feature_names_in_": _UNSET}
-            return FitInputs(device, copy_a, copy_b, None, -1, float_dtype(copy_a), features)
+            dtype = float_dtype(copy_a)
+            return FitInputs(device, copy_a, copy_b, None, -1, dtype, features, None, alignment)
         X, features = self._validate_fit_X(X)
         classes = None
         if train:
@@ -184,7 +216,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             data = as_data(X, y, device=device, dtype=float_dtype(copy_a))
         n_classes = _probe_model(copy_a, data, "model_a")
         _probe_model(copy_b, data, "model_b")
-        copy_b = self._align_models(copy_a, copy_b, data)
+        copy_b, alignment = self._align_models(copy_a, copy_b, data)
         if isinstance(data, TensorData):
             check_labels(data.y, n_classes)
             if data.n_samples < 2 and has_batchnorm(copy_a):
@@ -193,7 +225,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                     "statistics need at least two. Pass more samples."
                 )
         dtype = float_dtype(copy_a)
-        return FitInputs(device, copy_a, copy_b, data, n_classes, dtype, features, classes)
+        return FitInputs(
+            device, copy_a, copy_b, data, n_classes, dtype, features, classes, alignment
+        )
 
     def _check_models(self, model_a: object, model_b: object) -> bool:
         """Check the two models (both or neither); True when fit must train them."""
@@ -214,15 +248,22 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
 
     def _align_models(
         self, model_a: nn.Module, model_b: nn.Module, data: TensorData | StreamData | None
-    ) -> nn.Module:
-        """Apply ``align`` to the copy of model_b; check on data that it still agrees."""
+    ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Apply ``align`` to the copy of model_b; check on data that it still agrees.
+
+        Returns the aligned copy and the permutations (none without ``align``).
+        """
         if getattr(self, "align", None) is None:
-            return model_b
+            return model_b, {}
         from ..align import weight_matching
 
-        aligned = weight_matching(
-            model_a, model_b, random_state=getattr(self, "random_state", None)
-        ).eval()
+        aligned, permutations = weight_matching(
+            model_a,
+            model_b,
+            random_state=getattr(self, "random_state", None),
+            return_permutations=True,
+        )
+        aligned.eval()
         if data is not None:
             with torch.no_grad():
                 x = data.head(64)
@@ -235,7 +276,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                     "geoconnect.align.weight_matching(model_a, model_b, spec=...) and an "
                     "explicit PermutationSpec, and fit with align=None."
                 )
-        return aligned
+        return aligned, permutations
 
     def _validate_fit_X(self, X: object) -> tuple[object, dict[str, object]]:
         """Validate fit's X; return it and its feature attributes, set on nothing.
@@ -631,6 +672,22 @@ def _differences(model_a: nn.Module, model_b: nn.Module) -> str:
             if _plain(value) and _plain(vars(other).get(attr)) and value != vars(other)[attr]:
                 found.append(f"attribute {label}.{attr} ({value!r} against {vars(other)[attr]!r})")
     return "differing " + ", ".join(found[:5]) if found else "nothing found to differ"
+
+
+def _on_cpu(value: object) -> object:
+    """Tensors, in dicts at any depth, moved to the CPU (a path moves itself)."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu")
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    return value
+
+
+def _divergence_name(divergence: object) -> str:
+    """A divergence as a file records it: its name, or a callable's qualified name."""
+    if isinstance(divergence, str):
+        return divergence
+    return f"{getattr(divergence, '__module__', '?')}.{getattr(divergence, '__qualname__', '?')}"
 
 
 def _plain(value: object) -> bool:

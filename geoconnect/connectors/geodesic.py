@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from numbers import Integral, Real
 
@@ -11,10 +12,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
+from .._data import StreamData, TensorData
+from ..checkpoint import Checkpoint
 from ..divergences import DIVERGENCES, get_divergence
-from ..fitting import FitSettings, copy_history, fit_path
+from ..fitting import FitResult, FitSettings, copy_history, fit_path
 from ..path import ModelPath
-from ._base import FitInputs, _BaseConnector
+from ..persistence import describe_architecture, tensor_digest
+from ._base import _UNSET, FitInputs, _BaseConnector
 
 
 class GeodesicConnector(_BaseConnector):
@@ -96,6 +100,17 @@ class GeodesicConnector(_BaseConnector):
         on the machine's load (:func:`geoconnect.fitting.choose_strategy`); the
         choice is ``strategy_``. With ``mixed_precision`` it is the loop, since
         ``torch.autocast`` does not reach inside ``vmap``.
+    checkpoint : str or path-like, default=None
+        A directory where the fit writes its whole state after every epoch
+        (``checkpoint.safetensors``, replaced atomically: a crash leaves the last
+        complete epoch's). A later ``fit`` with the same directory, models, X and
+        parameters resumes from it and ends with the same path as an uninterrupted
+        fit (bitwise on the CPU); a checkpoint of a finished fit is resumed at its
+        end. A checkpoint made with other models, data or parameters is refused,
+        naming what differs, and never overwritten. ``verbose``, ``device`` and
+        ``checkpoint`` itself may differ. Give each fit its own directory (in a
+        grid search, a fit per candidate would refuse the others' checkpoints).
+        See :mod:`geoconnect.checkpoint`.
 
     Attributes
     ----------
@@ -171,6 +186,7 @@ class GeodesicConnector(_BaseConnector):
         "coarse_to_fine": ["boolean"],
         "mixed_precision": ["boolean"],
         "strategy": [StrOptions({"auto", "vmap", "loop"})],
+        "checkpoint": [str, os.PathLike, None],
     }
 
     def __init__(
@@ -192,6 +208,7 @@ class GeodesicConnector(_BaseConnector):
         coarse_to_fine: bool = True,
         mixed_precision: bool = False,
         strategy: str = "auto",
+        checkpoint: str | os.PathLike | None = None,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -210,6 +227,7 @@ class GeodesicConnector(_BaseConnector):
         self.align = align
         self.mixed_precision = mixed_precision
         self.strategy = strategy
+        self.checkpoint = checkpoint
 
     def fit(
         self,
@@ -223,7 +241,8 @@ class GeodesicConnector(_BaseConnector):
 
         A transaction: every fitted attribute is assigned at the end, together; a fit
         that raises leaves the estimator as it was. Ctrl-C during the optimisation
-        keeps the path learned so far (with a warning).
+        keeps the path learned so far (with a warning); with ``checkpoint``, a fit
+        resumes where an earlier one in that directory stopped.
 
         Parameters
         ----------
@@ -251,25 +270,56 @@ class GeodesicConnector(_BaseConnector):
     def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
         """The fit's work; returns the fitted attributes instead of setting them."""
         divergence = get_divergence(self.divergence)
+        if self.checkpoint is not None:  # before any work: a directory that cannot be used
+            Checkpoint.check_directory(self.checkpoint)
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
         self._check_mixed_precision(inputs.device)
         continuing = self.warm_start and hasattr(self, "path_")
         path = self._initial_path(inputs, continuing)
-        previous = self.history_ if continuing else None
-        if path.n_points > 2:
+        previous = (
+            FitResult(self.history_, moments=getattr(self, "_fit_moments", None))
+            if continuing
+            else None
+        )
+        result = FitResult(copy_history(None if previous is None else previous.history))
+        if path.n_points > 2:  # else nothing moves between two ends
             assert inputs.data is not None
-            settings, order = self._settings(continuing), self._batch_order()
+            checkpoint = self._open_checkpoint(path, inputs.data)
+            settings, order = self._settings(continuing, checkpoint), self._batch_order()
             result = fit_path(path, inputs.data, divergence, settings, previous, order)
-            history = result.history
-        else:  # nothing moves between two ends
-            history = copy_history(previous)
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
-        n_iter = len(history["energy"])
-        attributes.update(history_=history, n_iter_=n_iter, strategy_=path.strategy)
+        attributes.update(
+            history_=result.history,
+            n_iter_=result.n_iter,
+            strategy_=path.strategy,
+            _fit_moments=_UNSET if result.moments is None else result.moments,
+        )
         return attributes
 
-    def _settings(self, continuing: bool) -> FitSettings:
+    def _open_checkpoint(self, path: ModelPath, data: TensorData | StreamData) -> Checkpoint | None:
+        """The fit's checkpoint, with the fingerprint that tells this fit from others."""
+        if self.checkpoint is None:
+            return None
+        ignored = ("verbose", "device", "checkpoint")
+        parameters = {
+            name: _describe(value)
+            for name, value in self.get_params(deep=False).items()
+            if name not in ignored
+        }
+        ends = {f"params/{k}": v[[0, -1]] for k, v in path.params.items()}
+        ends.update({f"batchnorm/{k}": v[[0, -1]] for k, v in path.batchnorm_buffers.items()})
+        ends.update({f"buffers/{k}": v for k, v in path.shared_buffers.items()})
+        fingerprint = {
+            "parameters": parameters,
+            "architecture": describe_architecture(path.template)["fingerprint"],
+            "models": tensor_digest(ends),
+            "start": tensor_digest(path.interior()),
+            "data": _data_digest(data),
+        }
+        return Checkpoint.open(self.checkpoint, fingerprint)
+
+    def _settings(self, continuing: bool, checkpoint: Checkpoint | None = None) -> FitSettings:
         return FitSettings(
             solver=self.solver,
             learning_rate=self.learning_rate_init,
@@ -281,6 +331,7 @@ class GeodesicConnector(_BaseConnector):
             mixed_precision=self.mixed_precision,
             strategy=self.strategy,
             verbose=self.verbose,
+            checkpoint=checkpoint,
         )
 
     def _batch_order(self) -> torch.Generator:
@@ -315,3 +366,21 @@ class GeodesicConnector(_BaseConnector):
         # The ends are the models given now; the interior continues from path_.
         path.copy_interior_from(previous)
         return path
+
+
+def _describe(value: object) -> object:
+    """A parameter's value as a checkpoint's fingerprint records it (JSON)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.random.RandomState):
+        return "a RandomState instance"
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
+
+
+def _data_digest(data: TensorData | StreamData) -> str:
+    """A digest of X: all of it in memory, or a stream's first batch and length."""
+    if isinstance(data, TensorData):
+        return tensor_digest({"x": data.x})
+    return tensor_digest({"head": data.head(256)}, f"a stream of {data.n_samples} samples")
