@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "show_info"]
 
 
 def run_demo(
@@ -106,6 +106,49 @@ def run_demo(
     return rows
 
 
+def show_info(file: str | Path, *, as_json: bool = False) -> int:
+    """Print a saved path's or checkpoint's summary; return the exit status.
+
+    Needs no model class: everything comes from the file's record, which is checked
+    against its digest first. A file that cannot be read prints why, on stderr, and
+    returns 1.
+
+    Parameters
+    ----------
+    file : str or Path
+        A file written by :meth:`geoconnect.ModelPath.save`, or a checkpoint.
+    as_json : bool, default=False
+        Print the whole record as JSON instead of the summary.
+
+    Returns
+    -------
+    int
+        0, or 1 when the file cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.cli import show_info
+    >>> path = ModelPath.linear(torch.nn.Linear(2, 3), torch.nn.Linear(2, 3), 5)
+    >>> show_info(path.save(tempfile.mkdtemp() + "/line.safetensors"))  # doctest: +ELLIPSIS
+    file          .../line.safetensors (... bytes, digest verified)
+    ...
+    0
+    """
+    import json
+
+    from .persistence import file_info, format_info
+
+    try:
+        info = file_info(file)
+    except (OSError, ValueError) as exc:
+        print(f"geoconnect info: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=2) if as_json else format_info(info))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geoconnect`` console command."""
     parser = argparse.ArgumentParser(
@@ -124,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--verbose", "-v", action="count", default=0, help="show the geodesic fit's progress"
     )
+    info = commands.add_parser(
+        "info",
+        help="summarise a saved path or checkpoint (no model class needed)",
+        description="Print what a file written by ModelPath.save or by checkpoint= holds: "
+        "points, architecture and its fingerprint, divergence, lengths, metadata. The "
+        "file's digest is checked first.",
+    )
+    info.add_argument("file", help="a .safetensors file geoconnect wrote")
+    info.add_argument("--json", action="store_true", help="print the whole record as JSON")
     args = parser.parse_args(argv)
+    if args.command == "info":
+        return show_info(args.file, as_json=args.json)
     if args.command == "demo":
         if args.n_points < 2:
             parser.error("--n-points must be at least 2")

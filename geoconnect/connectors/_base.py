@@ -127,10 +127,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             "_label_classes": inputs.label_classes,
             **inputs.features,
         }
-        path.metadata = {
-            "connector": type(self).__name__,
-            "euclidean_length": attributes["euclidean_length_"],
-        }
+        path.metadata = {"connector": type(self).__name__}
         if inputs.data is None:
             attributes.update(length_=None, energy_=None, n_classes_=_UNSET, classes_=_UNSET)
             return attributes
