@@ -29,11 +29,11 @@ __all__ = ["Checkpoint"]
 
 #: What each part of a fingerprint stands for, in the refusal's words.
 _PARTS = {
-    "parameters": "the estimator's parameters",
-    "architecture": "the models' architecture",
-    "models": "model_a and model_b (the path's ends)",
-    "start": "the path the fit starts from (warm_start's previous path_)",
-    "data": "X",
+    "parameters": "the estimator's parameters differ",
+    "architecture": "the models' architecture differs",
+    "models": "model_a or model_b (the path's ends) differs",
+    "start": "the path the fit starts from (warm_start's previous path_) differs",
+    "data": "X differs",
 }
 
 
@@ -115,6 +115,11 @@ class Checkpoint:
                 f"{type(directory).__name__}."
             )
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(
+                f"checkpoint={str(directory)!r} is a file, not a directory. Pass a directory "
+                "(it is created if needed); the fit keeps checkpoint.safetensors in it."
+            )
         try:
             directory.mkdir(parents=True, exist_ok=True)
             probe = directory / f".write-test-{uuid.uuid4().hex}"
@@ -147,7 +152,7 @@ class Checkpoint:
                     f"{mine.get(name, 'unset')} now"
                 )
             else:
-                what = f"{label} differ"
+                what = label
             raise ValueError(
                 f"The checkpoint {self.file} was made by another fit: {what}. Resuming it "
                 "would not give this fit's path, and the fit does not overwrite it: pass "

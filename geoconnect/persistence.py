@@ -1,6 +1,6 @@
 """Paths and fit states on disk, in the safetensors format: reading a file runs no code.
 
-Every file geoconnect writes is a `safetensors <https://huggingface.co/docs/safetensors>`_
+Every file geoconnect writes is a [safetensors](https://huggingface.co/docs/safetensors)
 file — the weights format of the field, which holds raw tensors and a JSON header and
 so, unlike ``pickle`` or ``torch.load``, cannot execute code when read. Its header
 carries geoconnect's own record (what the file is, the architecture it was saved
@@ -91,8 +91,8 @@ def write_file(file: str | os.PathLike, tensors: Mapping[str, Tensor], header: d
     tensors : mapping of str to Tensor
         Copied to the CPU.
     header : dict
-        JSON-serialisable; ``format``, ``format_version`` and ``geoconnect_version``
-        are added.
+        JSON-serialisable, with str keys; ``format``, ``format_version``,
+        ``geoconnect_version`` and ``torch_version`` are added.
 
     Returns
     -------
@@ -111,6 +111,12 @@ def write_file(file: str | os.PathLike, tensors: Mapping[str, Tensor], header: d
     from . import __version__
 
     file = Path(file)
+    if not file.parent.is_dir():
+        raise OSError(
+            f"Could not write {file}: the directory {file.parent} does not exist. Create "
+            "it first, or choose an existing one."
+        )
+    _check_json(header, "the metadata")
     header = {
         **header,
         "format": _FORMAT,
@@ -134,13 +140,29 @@ def write_file(file: str | os.PathLike, tensors: Mapping[str, Tensor], header: d
         _fsync(temporary)
         os.replace(temporary, file)
         _fsync(file.parent)
-    except OSError as exc:
+    except Exception as exc:  # an OSError, or safetensors' own SafetensorError
         raise OSError(
-            f"Could not write {file}: {exc.strerror or exc}. Choose a writable location."
+            f"Could not write {file}: {getattr(exc, 'strerror', None) or exc}. Choose a "
+            "writable location."
         ) from exc
     finally:
         temporary.unlink(missing_ok=True)
     return file
+
+
+def _check_json(value: object, where: str) -> None:
+    """Refuse dict keys JSON would silently turn into strings (or fail to sort)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"The keys of {where} must be str to be saved as JSON; got {key!r} "
+                    f"({type(key).__name__}). Use str({key!r})."
+                )
+            _check_json(item, where)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_json(item, where)
 
 
 def _fsync(path: Path) -> None:
@@ -201,7 +223,7 @@ def read_file(file: str | os.PathLike, kind: str | None = None) -> tuple[dict[st
         raise ValueError(
             f"{file} is not a readable safetensors file ({exc}): it is truncated or "
             "corrupted, or a file of another format. geoconnect reads the files that "
-            "ModelPath.save and checkpoint= write; save the path again."
+            "ModelPath.save and checkpoint= write."
         ) from None
     if _HEADER_KEY not in metadata:
         raise ValueError(
@@ -214,8 +236,8 @@ def read_file(file: str | os.PathLike, kind: str | None = None) -> tuple[dict[st
     if metadata.get(_DIGEST_KEY) != tensor_digest(tensors, text):
         raise ValueError(
             f"{file} is corrupted: its content does not match the digest it was written "
-            "with (bytes were changed after it was saved). Use an intact copy, or save "
-            "the path again."
+            "with (bytes were changed after it was written). Use an intact copy, or "
+            "write it again."
         )
     header = json.loads(text)
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
@@ -306,11 +328,6 @@ def describe_architecture(module: nn.Module) -> dict[str, Any]:
 
 def _check_template(saved: dict, template: nn.Module, file: Path) -> None:
     """Raise naming the first difference between the saved architecture and the template's."""
-    if not isinstance(template, nn.Module):
-        raise TypeError(
-            f"template must be an nn.Module of the saved architecture; got "
-            f"{type(template).__name__}. Pass a fresh instance of your model class."
-        )
     own = describe_architecture(template)
     if own["fingerprint"] == saved["fingerprint"]:
         return
@@ -390,11 +407,18 @@ def load_path(
     """Read a path :func:`save_path` wrote: what :meth:`ModelPath.load` does."""
     from .path import ModelPath
 
+    if not isinstance(template, nn.Module):
+        raise TypeError(
+            f"template must be an nn.Module of the saved architecture; got "
+            f"{type(template).__name__}. Pass a fresh instance of your model class."
+        )
     file = Path(file)
     tensors, header = read_file(file, "path")
+    architecture = header.get("architecture")
+    if not isinstance(architecture, dict) or "fingerprint" not in architecture:
+        raise ValueError(f"{file} has a geoconnect header without an architecture record.")
+    _check_template(architecture, template, file)
     try:
-        architecture = header["architecture"]
-        _check_template(architecture, template, file)
         names = [name for name, _, _ in architecture["parameters"]]
         params = {name: tensors[f"params/{name}"] for name in names}
         batchnorm = prefixed(tensors, "batchnorm/")
@@ -483,7 +507,10 @@ def format_info(info: dict[str, Any]) -> str:
     lengths       Euclidean ...
     aligned       no
     """
-    arch = info["architecture"]
+    arch = info.get("architecture")
+    if arch is None:  # a checkpoint records only its fit's fingerprint
+        fingerprint = info.get("fingerprint", {}).get("architecture")
+        arch = {"class": "(the fitted models')", "fingerprint": fingerprint}
     lines = [
         ("file", f"{info['file']} ({info['bytes']} bytes, digest verified)"),
         (
@@ -492,12 +519,13 @@ def format_info(info: dict[str, Any]) -> str:
             f"{info['geoconnect_version']} (torch {info['torch_version']})",
         ),
         ("architecture", f"{arch['class']}, fingerprint {arch['fingerprint']}"),
-        (
-            "",
-            f"modules {len(arch['modules'])}, parameter tensors {len(arch['parameters'])}, "
-            f"buffers {len(arch['buffers'])}",
-        ),
     ]
+    if "modules" in arch:
+        counts = (
+            f"modules {len(arch['modules'])}, parameter tensors {len(arch['parameters'])}, "
+            f"buffers {len(arch['buffers'])}"
+        )
+        lines.append(("", counts))
     if info["kind"] == "path":
         lines += _path_lines(info)
     else:

@@ -383,4 +383,8 @@ def _data_digest(data: TensorData | StreamData) -> str:
     """A digest of X: all of it in memory, or a stream's first batch and length."""
     if isinstance(data, TensorData):
         return tensor_digest({"x": data.x})
-    return tensor_digest({"head": data.head(256)}, f"a stream of {data.n_samples} samples")
+    # Reading a shuffling DataLoader draws from torch's generator: a fit with a
+    # checkpoint must draw what one without draws, so the reading draws from a fork.
+    with torch.random.fork_rng(devices=[]):
+        head = data.head(256)
+    return tensor_digest({"head": head}, f"a stream of {data.n_samples} samples")
