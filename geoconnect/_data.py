@@ -2,15 +2,20 @@
 
 Two kinds of source:
 
-* :class:`TensorData` — arrays and tensors, held whole (on the device when it is
-  small enough), batched by index. Indices let the connectors cache the endpoints'
-  outputs per sample.
-* :class:`StreamData` — a ``Dataset`` or ``DataLoader``, streamed batch by batch.
+* :class:`TensorData` — arrays and tensors, or a mapping of names to equal-length
+  arrays and tensors (keyword arguments of the models' forward), held whole (on the
+  device when small enough), batched by index. Indices let the connectors cache the
+  endpoints' outputs per sample.
+* :class:`StreamData` — a ``Dataset`` or ``DataLoader`` yielding ``x``, ``(x, y)``,
+  a mapping, or ``(mapping, y)``, streamed batch by batch.
+
+A batch's inputs are one tensor or a mapping of tensors: :mod:`geoconnect._inputs`
+handles both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,30 +23,32 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ._inputs import Inputs, concat, is_mapping, move, n_rows, rows
+
 # Arrays up to this size are moved to the device once rather than batch by batch.
 _DEVICE_RESIDENT_BYTES = 1 << 30
 
 
 @dataclass
 class Batch:
-    x: Tensor
+    x: Inputs
     y: Tensor | None
     index: Tensor | None  # row indices into a TensorData, None when streamed
 
 
 class TensorData:
-    """An in-memory data set: ``x`` of shape (n_samples, *input_shape), optional ``y``."""
+    """An in-memory data set: ``x`` of shape (n_samples, *input_shape) or a mapping of
+    such tensors, and optional ``y``."""
 
-    def __init__(self, x: Tensor, y: Tensor | None, device: torch.device):
-        nbytes = x.element_size() * x.nelement()
+    def __init__(self, x: Inputs, y: Tensor | None, device: torch.device):
+        tensors = [x] if isinstance(x, Tensor) else list(x.values())
+        nbytes = sum(t.element_size() * t.nelement() for t in tensors)
         self.device = device
-        self.x = x.to(device) if nbytes <= _DEVICE_RESIDENT_BYTES else x
-        self.y = None if y is None else y.to(self.x.device)
-        self.n_samples = int(x.shape[0])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
+        self.x = move(x, device) if nbytes <= _DEVICE_RESIDENT_BYTES else x
+        #: Where the held tensors are: the device, or the CPU for a large data set.
+        self.home = tensors[0].device if nbytes > _DEVICE_RESIDENT_BYTES else device
+        self.y = None if y is None else y.to(self.home)
+        self.n_samples = n_rows(x)
 
     def batches(
         self, batch_size: int, *, generator: torch.Generator | None = None
@@ -51,7 +58,7 @@ class TensorData:
             order = None
         else:
             order = torch.randperm(self.n_samples, generator=generator)
-            order = order.to(self.x.device)
+            order = order.to(self.home)
         starts = list(range(0, self.n_samples, batch_size))
         if len(starts) > 1 and self.n_samples - starts[-1] == 1:
             # A batch of one breaks BatchNorm's batch statistics: fold it into the last.
@@ -59,21 +66,21 @@ class TensorData:
         ends = starts[1:] + [self.n_samples]
         for start, stop in zip(starts, ends):
             if order is None:
-                index = torch.arange(start, stop, device=self.x.device)
-                xb = self.x[start:stop]
+                index = torch.arange(start, stop, device=self.home)
+                xb = rows(self.x, slice(start, stop))
                 yb = None if self.y is None else self.y[start:stop]
             else:
                 index = order[start:stop]
-                xb = self.x[index]
+                xb = rows(self.x, index)
                 yb = None if self.y is None else self.y[index]
             yield Batch(
-                xb.to(self.device, non_blocking=True),
+                move(xb, self.device, non_blocking=True),
                 None if yb is None else yb.to(self.device, non_blocking=True),
                 index.to(self.device),
             )
 
-    def head(self, n: int) -> Tensor:
-        return self.x[:n].to(self.device)
+    def head(self, n: int) -> Inputs:
+        return move(rows(self.x, slice(0, n)), self.device)
 
 
 _EMPTY_STREAM = (
@@ -84,7 +91,8 @@ _EMPTY_STREAM = (
 
 
 class StreamData:
-    """A ``Dataset`` or ``DataLoader`` yielding ``x`` or ``(x, y)``."""
+    """A ``Dataset`` or ``DataLoader`` yielding ``x`` or ``(x, y)``, ``x`` a tensor or a
+    mapping of tensors."""
 
     def __init__(self, source: Dataset | DataLoader, device: torch.device, dtype: torch.dtype):
         self.source = source
@@ -116,18 +124,18 @@ class StreamData:
                 y = item[1] if len(item) > 1 else None
             else:
                 x, y = item, None
-            x = _check_stream_tensor(x, self.dtype)
+            x = _check_stream_inputs(x, self.dtype)
             if y is not None:
                 y = _stream_labels(y)
-                if y.shape[0] != x.shape[0]:
+                if y.shape[0] != n_rows(x):
                     raise ValueError(
-                        f"X yielded a batch of {x.shape[0]} inputs with {y.shape[0]} "
+                        f"X yielded a batch of {n_rows(x)} inputs with {y.shape[0]} "
                         "labels; each batch must have as many labels as inputs."
                     )
                 y = y.to(self.device, dtype=torch.long)
             n_batches += 1
             self._yielded = True  # before the yield: a caller may stop after one batch
-            yield Batch(x.to(self.device, non_blocking=True), y, None)
+            yield Batch(move(x, self.device, non_blocking=True), y, None)
         if n_batches == 0 and self._yielded:
             raise ValueError(
                 "X could be iterated only once: it yielded batches on an earlier pass but "
@@ -137,9 +145,9 @@ class StreamData:
                 "map-style Dataset."
             )
 
-    def head(self, n: int) -> Tensor:
+    def head(self, n: int) -> Inputs:
         for batch in self.batches(n):
-            return batch.x[:n]
+            return rows(batch.x, slice(0, n))
         raise ValueError(_EMPTY_STREAM)
 
     def materialise(self, batch_size: int = 256) -> TensorData:
@@ -154,7 +162,7 @@ class StreamData:
         if any(labelled) and not all(labelled):
             raise ValueError("X yielded some batches with labels and some without.")
         y = torch.cat(ys) if all(labelled) else None  # type: ignore[arg-type]
-        return TensorData(torch.cat(xs), y, self.device)
+        return TensorData(concat(xs), y, self.device)
 
 
 def _stream_length(source: Dataset | DataLoader) -> int | None:
@@ -168,19 +176,31 @@ def _stream_length(source: Dataset | DataLoader) -> int | None:
     return n
 
 
-def _check_stream_tensor(x: object, dtype: torch.dtype) -> Tensor:
+def _check_stream_inputs(x: object, dtype: torch.dtype) -> Inputs:
+    """A streamed batch's inputs, checked: a tensor, or a mapping of equal-length ones."""
+    if not isinstance(x, Mapping):
+        return _check_stream_tensor(x, dtype)
+    checked = {key: _check_stream_tensor(value, dtype, key) for key, value in x.items()}
+    _check_mapping(checked, "X yielded a batch whose")
+    return checked
+
+
+def _check_stream_tensor(x: object, dtype: torch.dtype, key: str | None = None) -> Tensor:
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError):
+            what = "a batch that is" if key is None else f"a batch whose {key!r} is"
             raise TypeError(
-                "X yielded a batch that is not a tensor or array; a Dataset/DataLoader "
-                f"must yield x or (x, y) with x a tensor. Got {type(x).__name__}."
+                f"X yielded {what} not a tensor or array; a Dataset/DataLoader must yield "
+                "x or (x, y) with x a tensor or a mapping of tensors. Got "
+                f"{type(x).__name__}."
             ) from None
     if x.is_floating_point():
         original, x = x, x.to(dtype)
         if not torch.isfinite(x).all():
-            raise _nonfinite_error(original, dtype, "A batch of X")
+            what = "A batch of X" if key is None else f"X[{key!r}] in a batch"
+            raise _nonfinite_error(original, dtype, what)
     return x
 
 
@@ -258,6 +278,8 @@ def as_data(
                 "from it instead."
             )
         return StreamData(X, device, dtype)
+    if is_mapping(X):
+        return TensorData(_mapping_inputs(X, dtype), _as_labels(y, _mapping_length(X)), device)
     # X is only ever read, so it is converted at most once: no copy when it already
     # is a tensor of the right dtype (a dataset can be most of the memory a fit uses).
     if isinstance(X, Tensor):
@@ -299,6 +321,67 @@ def as_data(
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise _nonfinite_error(source, x.dtype, "X")
     return TensorData(x, _as_labels(y, x.shape[0]), device)
+
+
+def _mapping_inputs(X: Mapping, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A mapping X as keyword tensors: floats in ``dtype``, integers and bools kept."""
+    if not X:
+        raise ValueError(
+            "X is an empty mapping; a mapping X holds the models' keyword arguments, e.g. "
+            '{"input_ids": ids, "attention_mask": mask}.'
+        )
+    inputs = {}
+    for key, value in X.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"A mapping X must have str keys (the names of the models' forward "
+                f"arguments); got the key {key!r} of type {type(key).__name__}."
+            )
+        inputs[key] = _keyword_tensor(key, value, dtype)
+    _check_mapping(inputs, "X's")
+    return inputs
+
+
+def _keyword_tensor(key: str, value: object, dtype: torch.dtype) -> Tensor:
+    if isinstance(value, Tensor):
+        tensor = source = value.detach()
+    else:
+        try:
+            source = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"X[{key!r}] must be an array or tensor; got {exc}.") from None
+        if source.dtype == object or not (
+            np.issubdtype(source.dtype, np.number) or source.dtype == bool
+        ):
+            raise TypeError(f"X[{key!r}] must hold numbers; got an array of dtype {source.dtype}.")
+        tensor = torch.as_tensor(source) if source.flags.writeable else torch.tensor(source)
+    if tensor.ndim < 1:
+        raise ValueError(
+            f"X[{key!r}] is a scalar; every entry of a mapping X must have the samples "
+            "along its first axis, shape (n_samples, ...)."
+        )
+    if tensor.is_floating_point():  # integer token ids and boolean masks keep their dtype
+        tensor = tensor.to(dtype)
+        if not torch.isfinite(tensor).all():
+            raise _nonfinite_error(source, dtype, f"X[{key!r}]")
+    return tensor
+
+
+def _mapping_length(X: Mapping) -> int:
+    return int(np.shape(next(iter(X.values())))[0])
+
+
+def _check_mapping(inputs: dict[str, Tensor], whose: str) -> None:
+    """Refuse a mapping of inputs whose entries differ in length, or have no samples."""
+    lengths = {key: int(value.shape[0]) if value.ndim else 0 for key, value in inputs.items()}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{key!r} has {n}" for key, n in lengths.items())
+        raise ValueError(
+            f"{whose} entries must all have the same number of samples (first axis), but "
+            f"{shown}. Pass one row per sample in every entry."
+        )
+    if not next(iter(lengths.values())):
+        raise ValueError(f"{whose} entries are empty: at least one sample is required.")
 
 
 def _as_labels(y: object, n_samples: int) -> Tensor | None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._data import StreamData, TensorData, as_data, check_labels
+from ._inputs import n_rows
 from ._model_checks import float_dtype
 from .divergences import Divergence, fisher_rao_squared, segment_form
 
@@ -334,7 +335,7 @@ def path_statistics(
         if batch.y is not None:
             loss_sum = _add(loss_sum, torch.cat(loss))
             correct = _add(correct, torch.cat(hits))
-        n += batch.x.shape[0]
+        n += n_rows(batch.x)
     if n == 0:
         raise ValueError("X is empty: no samples to evaluate the path on.")
 

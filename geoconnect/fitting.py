@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from ._data import Batch, StreamData, TensorData
+from ._inputs import Inputs, n_rows
 from .checkpoint import Checkpoint
 from .divergences import (
     Divergence,
@@ -219,7 +220,7 @@ class FitState:
 
     def usable(self, batch: Batch) -> bool:
         """False for a batch of one sample through BatchNorm (no batch statistics)."""
-        if batch.x.shape[0] > 1 or not self.target.has_batchnorm:
+        if n_rows(batch.x) > 1 or not self.target.has_batchnorm:
             return True
         if "single" not in self.warned:
             self.warned.add("single")
@@ -511,11 +512,11 @@ def path_energy(state: FitState) -> float:
             if seen == 0:
                 _check_sign(values)
             total += float(values.double().sum())
-        seen += batch.x.shape[0]
+        seen += n_rows(batch.x)
     return total / seen if seen else math.nan
 
 
-def _segment_values(state: FitState, x: Tensor) -> Iterator[Tensor]:
+def _segment_values(state: FitState, x: Inputs) -> Iterator[Tensor]:
     """The full path's segment divergences on ``x``, a chunk of points at a time."""
     path, left = state.target, None
     for start in range(0, path.n_points, POINTS_PER_CHUNK):
@@ -709,7 +710,7 @@ def _run_epoch(state: FitState, bar: tqdm) -> float:
         state.optimizer.step()  # type: ignore[union-attr]
         energy_sum += costs
         length_sum += fr_squared
-        seen += batch.x.shape[0]
+        seen += n_rows(batch.x)
     if seen == 0:
         raise ValueError(
             "No batch of X had two or more samples, which BatchNorm's batch statistics "
@@ -851,12 +852,12 @@ class _Chunk:
     grad: Tensor | None = None
 
 
-def _forward_chunk(state: FitState, where: slice, x: Tensor, dtype: torch.dtype) -> _Chunk:
+def _forward_chunk(state: FitState, where: slice, x: Inputs, dtype: torch.dtype) -> _Chunk:
     """Evaluate the interior points ``where`` as fresh leaves of the autograd graph."""
     leaves = {n: t[where].detach().requires_grad_(True) for n, t in state.interior.items()}
     fixed = {n: t[where] for n, t in state.fixed.items()}
     precision = (
-        torch.autocast(x.device.type, dtype=torch.bfloat16)
+        torch.autocast(state.path.device.type, dtype=torch.bfloat16)
         if state.settings.mixed_precision
         else contextlib.nullcontext()
     )
@@ -1047,7 +1048,7 @@ _LOOP_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def choose_strategy(path: ModelPath, x: Tensor, module: nn.Module | None = None) -> Strategy:
+def choose_strategy(path: ModelPath, x: Inputs, module: nn.Module | None = None) -> Strategy:
     """How to evaluate a stack of points: ``"vmap"`` or ``"loop"``, by a fixed rule.
 
     The rule looks at the architecture and at one trial, never at a clock, so every
@@ -1061,7 +1062,7 @@ def choose_strategy(path: ModelPath, x: Tensor, module: nn.Module | None = None)
     Parameters
     ----------
     path : ModelPath
-    x : Tensor, shape=[batch, *input_shape]
+    x : Tensor of shape (batch, *input_shape), or dict of str to Tensor
         A batch on the path's device.
     module : nn.Module, optional
         The module the fit evaluates (default the path's template).
@@ -1089,7 +1090,7 @@ def choose_strategy(path: ModelPath, x: Tensor, module: nn.Module | None = None)
     return "vmap" if _vmap_runs_natively(path, x, module) else "loop"
 
 
-def _vmap_runs_natively(path: ModelPath, x: Tensor, module: nn.Module) -> bool:
+def _vmap_runs_natively(path: ModelPath, x: Inputs, module: nn.Module) -> bool:
     """Whether a vmapped forward of two points runs, without a batching-rule fallback."""
     params = {k: v[:2] for k, v in path.params.items()}
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():

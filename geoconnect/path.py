@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._inputs import Inputs, Output, arguments, call, check_output, extract_logits, n_rows
 from ._model_checks import batchnorm_buffer_names, has_batchnorm
 
 __all__ = ["ModelPath"]
@@ -51,6 +52,8 @@ class ModelPath:
         Names of parameters that fitting must not move; default those of
         ``template`` with ``requires_grad=False``. Modules of the path keep them
         frozen.
+    output : None, str, int or callable, default=None
+        Where the logits are in the architecture's output: see :attr:`output`.
 
     Attributes
     ----------
@@ -85,6 +88,7 @@ class ModelPath:
         t: Sequence[float] | np.ndarray | None = None,
         strategy: Strategy = "loop",
         frozen: Iterable[str] | None = None,
+        output: Output = None,
     ):
         self.template = copy.deepcopy(template).eval()
         #: Parameters that do not move along a fit (``requires_grad=False`` in both
@@ -117,6 +121,7 @@ class ModelPath:
             np.linspace(0.0, 1.0, self.n_points) if t is None else np.asarray(t, dtype=float).copy()
         )
         self.strategy = strategy
+        self.output = output
         self.metadata: dict = {}
         self.alignment: dict[str, Tensor] = {}
 
@@ -150,6 +155,35 @@ class ModelPath:
                 f"The path's strategy must be one of {list(STRATEGIES)}; got {value!r}."
             )
         self._strategy = value
+
+    @property
+    def output(self) -> Output:
+        """Where the logits are in what the architecture's forward returns.
+
+        ``None`` (automatic) takes a tensor as it is, the first element of a tuple or
+        list, and the ``"logits"`` entry of a mapping — a ``transformers``
+        ``ModelOutput`` is one. A ``str`` is a key, an ``int`` an index, and a
+        callable ``output(model_output) -> logits`` is applied. The path's modules
+        (``path[i]``) still return what the architecture returns; :meth:`logits` and
+        every number are computed from the logits.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> class Scores(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         return {"scores": super().forward(x)}
+        >>> path = ModelPath.linear(Scores(4, 3), Scores(4, 3), 3)
+        >>> path.output = "scores"
+        >>> path.logits(torch.zeros(2, 4)).shape
+        torch.Size([3, 2, 3])
+        """
+        return self._output
+
+    @output.setter
+    def output(self, value: Output) -> None:
+        self._output = check_output(value)
 
     # -- construction ---------------------------------------------------------------
 
@@ -265,7 +299,14 @@ class ModelPath:
             a, b = stack[low.to(device)], stack[(low + 1).to(device)]
             params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
         bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
-        path = ModelPath(self.template, params, bn, strategy=self.strategy, frozen=self.frozen)
+        path = ModelPath(
+            self.template,
+            params,
+            bn,
+            strategy=self.strategy,
+            frozen=self.frozen,
+            output=self.output,
+        )
         path.alignment = dict(self.alignment)
         return path
 
@@ -379,6 +420,7 @@ class ModelPath:
         template: nn.Module,
         *,
         device: torch.device | str | None = None,
+        output: Output = None,
     ) -> ModelPath:
         """Read a path :meth:`save` wrote.
 
@@ -394,6 +436,10 @@ class ModelPath:
             Where the path lives; default the template's device. A path saved on one
             device and loaded on another computes the same logits (up to the
             devices' arithmetic).
+        output : callable, optional
+            Needed only for a path saved with a callable :attr:`output`, which a
+            file cannot hold (its name is recorded): pass the same callable. A key
+            or an index is restored from the file.
 
         Returns
         -------
@@ -421,7 +467,7 @@ class ModelPath:
         """
         from .persistence import load_path
 
-        return load_path(file, template, device)
+        return load_path(file, template, device, output)
 
     def export(self, point: int | float, X: object = None, *, batch_size: int = 256) -> nn.Module:
         """A standalone module of the architecture: point ``i``, or position ``t``.
@@ -625,7 +671,7 @@ class ModelPath:
     def functional_forward(
         self,
         params: dict[str, Tensor],
-        x: Tensor,
+        x: Inputs,
         batchnorm_buffers: dict[str, Tensor] | None = None,
         *,
         module: nn.Module | None = None,
@@ -634,19 +680,22 @@ class ModelPath:
         """Logits of a stack of K points on one batch: shape (K, batch, n_classes).
 
         ``params`` holds tensors ``(K, *shape)``; ``batchnorm_buffers`` likewise, or
-        ``None`` with a ``module`` whose BatchNorm layers use batch statistics. The
-        stack is evaluated with ``torch.func.vmap`` or a Python loop, by ``strategy``
-        (default :attr:`strategy`).
+        ``None`` with a ``module`` whose BatchNorm layers use batch statistics. ``x``
+        is a tensor or a mapping of keyword tensors. The stack is evaluated with
+        ``torch.func.vmap`` or a Python loop, by ``strategy`` (default
+        :attr:`strategy`); the logits are read off each output by :attr:`output`.
         """
         module = self.template if module is None else module
         bn = batchnorm_buffers or {}
+        args, kwargs = arguments(x)
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+            out = functional_call(
+                module, (p, b, self.shared_buffers), args, kwargs, tie_weights=self._tied
+            )
+            return extract_logits(out, self.output)
+
         if (strategy or self.strategy) == "vmap":
-
-            def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-                return functional_call(
-                    module, (p, b, self.shared_buffers), (x,), tie_weights=self._tied
-                )
-
             return vmap(one, in_dims=(0, 0), randomness="same")(params, bn)
         names, stacks = list(params), [params[n].unbind(0) for n in params]
         bn_names, bn_stacks = list(bn), [bn[n].unbind(0) for n in bn]
@@ -654,15 +703,13 @@ class ModelPath:
         for k in range(len(stacks[0])):
             p = {n: s[k] for n, s in zip(names, stacks)}
             b = {n: s[k] for n, s in zip(bn_names, bn_stacks)}
-            outputs.append(
-                functional_call(module, (p, b, self.shared_buffers), (x,), tie_weights=self._tied)
-            )
+            outputs.append(one(p, b))
         return torch.stack(outputs)
 
     @torch.no_grad()
     def logits(
         self,
-        x: Tensor,
+        x: Inputs,
         points: slice | Sequence[int] | None = None,
         *,
         strategy: Strategy | None = None,
@@ -671,8 +718,9 @@ class ModelPath:
 
         Parameters
         ----------
-        x : Tensor, shape=[batch, *input_shape]
-            A batch on the path's device.
+        x : Tensor of shape (batch, *input_shape), or dict of str to Tensor
+            A batch on the path's device: one tensor, or the keyword arguments of
+            the architecture's forward.
         points : slice or sequence of int, optional
             Which points (a contiguous block, or indices); default all.
         strategy : {"vmap", "loop"}, optional
@@ -798,16 +846,17 @@ class ModelPath:
         handles = [m.register_forward_pre_hook(record) for m in layers.values()]
         params = {k: v[points] for k, v in self.params.items()}
 
-        def one(p: dict[str, Tensor], x: Tensor) -> tuple[Tensor, ...]:
+        def one(p: dict[str, Tensor], x: Inputs) -> tuple[Tensor, ...]:
             recorded.clear()
-            functional_call(module, (p, self.shared_buffers), (x,))
+            args, kwargs = arguments(x)
+            functional_call(module, (p, self.shared_buffers), args, kwargs)
             return tuple(t for pair in recorded for t in pair)
 
         try:
             sums: list[Tensor] | None = None
             n_batches = 0
             for batch in data.batches(batch_size):  # type: ignore[attr-defined]
-                if batch.x.shape[0] < 2:
+                if n_rows(batch.x) < 2:
                     return None  # the loop skips it, and says so
                 out = vmap(one, in_dims=(0, None), randomness="same")(params, batch.x)
                 sums = (
@@ -871,10 +920,10 @@ def recompute_module_batchnorm(module: nn.Module, data: object, batch_size: int)
         bn.train()
     used = skipped = 0
     for batch in data.batches(batch_size):  # type: ignore[attr-defined]
-        if batch.x.shape[0] < 2:  # no batch statistics from one sample
+        if n_rows(batch.x) < 2:  # no batch statistics from one sample
             skipped += 1
             continue
-        module(batch.x)
+        call(module, batch.x)
         used += 1
     for bn in batchnorms:
         bn.momentum = momenta[bn]

@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ._inputs import Output, describe_output
+
 if TYPE_CHECKING:  # pragma: no cover
     from .path import ModelPath
 
@@ -394,6 +396,7 @@ def save_path(path: ModelPath, file: str | os.PathLike, metadata: dict | None = 
         "n_points": path.n_points,
         "n_params": path.n_params,
         "strategy": path.strategy,
+        "output": describe_output(path.output),
         "frozen": sorted(path.frozen),
         "architecture": describe_architecture(path.template),
         "metadata": {**path.metadata, **dict(metadata or {})},
@@ -402,7 +405,10 @@ def save_path(path: ModelPath, file: str | os.PathLike, metadata: dict | None = 
 
 
 def load_path(
-    file: str | os.PathLike, template: nn.Module, device: torch.device | str | None = None
+    file: str | os.PathLike,
+    template: nn.Module,
+    device: torch.device | str | None = None,
+    output: Output = None,
 ) -> ModelPath:
     """Read a path :func:`save_path` wrote: what :meth:`ModelPath.load` does."""
     from .path import ModelPath
@@ -429,6 +435,7 @@ def load_path(
             t=tensors["t"].numpy(),
             strategy=header["strategy"],
             frozen=header["frozen"],
+            output=_saved_output(header.get("output"), output, file),
         )
         with torch.no_grad():
             for name, buffer in path.shared_buffers.items():
@@ -443,6 +450,24 @@ def load_path(
     if device is None:
         device = next(iter(template.parameters())).device
     return path.to(device)
+
+
+def _saved_output(saved: object, given: Output, file: Path) -> Output:
+    """The path's ``output``: the file's key or index, or the callable the caller gives."""
+    if isinstance(saved, str) and saved.startswith("callable:"):
+        if given is None:
+            raise ValueError(
+                f"{file} was saved from a path whose logits are read by the callable "
+                f"{saved.removeprefix('callable:')}, which a file cannot hold: pass it "
+                "again, ModelPath.load(file, template, output=that_callable)."
+            )
+        return given
+    if given is not None and given != saved:
+        raise ValueError(
+            f"output={given!r} was given, but {file} records output={saved!r}; leave "
+            "output out to use the file's."
+        )
+    return saved  # type: ignore[return-value]
 
 
 # -- summaries ------------------------------------------------------------------------------

@@ -28,6 +28,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._data import StreamData, TensorData, as_data, check_labels
 from .._device import resolve_device
+from .._inputs import (
+    Inputs,
+    Output,
+    call,
+    check_keywords,
+    describe,
+    extract_logits,
+    is_mapping,
+    n_rows,
+    repeat_rows,
+)
 from .._model_checks import check_model, check_same_architecture, float_dtype, has_batchnorm
 from ..divergences import Divergence
 from ..evaluation import (
@@ -76,6 +87,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         "random_state": ["random_state"],
         "model_factory": [callable, None],
         "align": [StrOptions({"weight_matching"}), None],
+        "output": [None, str, Integral, callable],
     }
 
     # -- pickling ------------------------------------------------------------------------
@@ -136,7 +148,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         )
         stats.warn_if_nonfinite(stacklevel=4)  # _path_attributes, _fit, fit, the caller
         path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
-        n_classes = int(path.logits(inputs.data.head(1)).shape[-1])
+        n_classes = inputs.n_classes
         classes = inputs.label_classes
         attributes.update(
             length_=fisher_rao_length(stats.segment_fisher_rao_sq),
@@ -168,6 +180,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def _line(self, inputs: FitInputs) -> ModelPath:
         """The straight line between the models, its ends checked against them."""
         path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
+        path.output = self.output
         path.alignment = {k: v.to(inputs.device) for k, v in inputs.alignment.items()}
         if inputs.data is not None:
             _check_ends(path, inputs)
@@ -211,8 +224,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             copy_a = copy.deepcopy(model_a).to(device).eval()
             copy_b = copy.deepcopy(model_b).to(device).eval()
             data = as_data(X, y, device=device, dtype=float_dtype(copy_a))
-        n_classes = _probe_model(copy_a, data, "model_a")
-        _probe_model(copy_b, data, "model_b")
+        n_classes = _probe_model(copy_a, data, "model_a", self.output)
+        _probe_model(copy_b, data, "model_b", self.output)
         copy_b, alignment = self._align_models(copy_a, copy_b, data)
         if isinstance(data, TensorData):
             check_labels(data.y, n_classes)
@@ -264,7 +277,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         if data is not None:
             with torch.no_grad():
                 x = data.head(64)
-                before, after = model_b(x), aligned(x)
+                before = extract_logits(call(model_b, x), self.output)
+                after = extract_logits(call(aligned, x), self.output)
             if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * before.abs().max()):
                 raise ValueError(
                     f"align={self.align!r}: the permutation structure derived for "
@@ -283,7 +297,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         inputs give neither, and the fit removes any a previous fit left.
         """
         features: dict[str, object] = {"n_features_in_": _UNSET, "feature_names_in_": _UNSET}
-        if X is None or isinstance(X, (Dataset, DataLoader)):
+        if X is None or isinstance(X, (Dataset, DataLoader)) or is_mapping(X):
             return X, features
         if isinstance(X, torch.Tensor):
             if X.ndim == 2:
@@ -308,7 +322,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         Tensors, Datasets and DataLoaders are validated by
         :func:`~geoconnect._data.as_data`; a 2-D tensor's width is checked here.
         """
-        if X is None or isinstance(X, (Dataset, DataLoader)):
+        if X is None or isinstance(X, (Dataset, DataLoader)) or is_mapping(X):
             return X
         if isinstance(X, torch.Tensor):
             if X.ndim == 2 and hasattr(self, "n_features_in_"):
@@ -333,6 +347,11 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         """Train two models from ``model_factory`` with two seeds from random_state."""
         owner = type(self).__name__
         data, labels = self._labelled_data(X, y, device)
+        if not isinstance(data.x, torch.Tensor):
+            raise ValueError(
+                f"{owner}.fit trains its two models only on an array X; X is a mapping of "
+                "keyword inputs. Pass model_a and model_b, the two networks to connect."
+            )
         check_classification_targets(labels)
         classes, encoded = np.unique(labels, return_inverse=True)
         if classes.size < 2:
@@ -411,7 +430,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         X = self._validate_X(X)
         y = self._encode_labels(y)
         data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
-        _probe_model(path.template, data, "the path's models", params=path)
+        _probe_model(path.template, data, "the path's models", path.output, params=path)
         return data
 
     def _encode_labels(self, y: object) -> object:
@@ -618,16 +637,14 @@ def _check_ends(path: ModelPath, inputs: FitInputs) -> None:
     buffer that is not a BatchNorm statistic); what model_b has of its own is lost.
     """
     assert inputs.data is not None
-    x = inputs.data.head(8)
-    if has_batchnorm(inputs.model_a) and x.shape[0] < 2:
-        x = x.repeat(2, *([1] * (x.ndim - 1)))
+    x = _probe_batch(inputs.data, 8, inputs.model_a)
     ends = path.logits(x, points=[0, -1], strategy="loop")
     for end, name, model in (
         (ends[0], "model_a", inputs.model_a),
         (ends[1], "model_b", inputs.model_b),
     ):
-        expected = model(x)
-        if not isinstance(expected, torch.Tensor) or torch.equal(end, expected):
+        expected = extract_logits(call(model, x), path.output)
+        if torch.equal(end, expected):
             continue
         scale = max(float(expected.nan_to_num(0.0, 0.0, 0.0).abs().max()), 1.0)
         if torch.allclose(end, expected, rtol=1e-5, atol=1e-6 * scale, equal_nan=True):
@@ -700,33 +717,60 @@ def _check_numeric_dtype(X: object) -> None:
         )
 
 
+def _probe_batch(data: TensorData | StreamData, n: int, model: nn.Module) -> Inputs:
+    """The first ``n`` samples of X; two at least for a model with BatchNorm."""
+    x = data.head(n)
+    if has_batchnorm(model) and n_rows(x) < 2:
+        x = repeat_rows(x, 2)
+    return x
+
+
 @torch.no_grad()
 def _probe_model(
     model: nn.Module,
     data: TensorData | StreamData,
     name: str,
+    output: Output,
     params: ModelPath | None = None,
 ) -> int:
     """Run ``model`` on two samples; turn a failure into a clear ``ValueError``.
 
     Returns the number of classes.
     """
-    x = data.head(2)
-    if has_batchnorm(model) and x.shape[0] < 2:
-        x = x.repeat(2, *([1] * (x.ndim - 1)))
+    x = _probe_batch(data, 2, model)
+    check_keywords(model, x, name)
     try:
-        out = params.logits(x, points=[0])[0] if params is not None else model(x)
+        if params is not None:
+            out = params.logits(x, points=[0])[0]
+        else:
+            raw = call(model, x)
     except Exception as exc:
+        expected = (
+            "(n_samples, *input_shape) with the input shape the models expect"
+            if isinstance(x, torch.Tensor)
+            else "a mapping of the keyword arguments the models' forward takes"
+        )
         raise ValueError(
-            f"{name} cannot be applied to X: a batch of shape {tuple(x.shape)} "
-            f"(dtype {x.dtype}) raised {type(exc).__name__}: {exc}. X must have shape "
-            "(n_samples, *input_shape) with the input shape the models expect."
+            f"{name} cannot be applied to X: {describe(x)} raised "
+            f"{type(exc).__name__}: {exc}. X must be {expected}."
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if params is None:
+        out = extract_logits(raw, output)
+    if out.ndim != 2:
         raise ValueError(
-            f"{name} must map a batch of X to logits of shape (batch, n_classes); for a "
-            f"batch of shape {tuple(x.shape)} it returned {shape}."
+            f"{name} must map a batch of X to logits of shape (batch, n_classes); for "
+            f"{describe(x)} its logits have shape {tuple(out.shape)}"
+            + (
+                ". Pass output= to say where the logits are in its output."
+                if output is None
+                else f" (read by output={output!r})."
+            )
+        )
+    if out.shape[0] != n_rows(x):
+        raise ValueError(
+            f"{name}'s logits have shape {tuple(out.shape)} for {describe(x)}: one row per "
+            "sample is needed, (batch, n_classes)."
+            + ("" if output is None else f" Check output={output!r}.")
         )
     if out.shape[1] < 2:
         raise ValueError(

@@ -13,6 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from .._data import StreamData, TensorData
+from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
 from ..divergences import DIVERGENCES, get_divergence
 from ..fitting import FitResult, FitSettings, copy_history, fit_path
@@ -111,6 +112,14 @@ class GeodesicConnector(_BaseConnector):
         ``checkpoint`` itself may differ. Give each fit its own directory (in a
         grid search, a fit per candidate would refuse the others' checkpoints).
         See :mod:`geoconnect.checkpoint`.
+    output : None, str, int or callable, default=None
+        Where the logits are in what the models return. None detects it: a tensor
+        as it is, the first element of a tuple or list, the ``"logits"`` entry of a
+        mapping or a ``transformers`` ``ModelOutput``. Otherwise a key
+        (``output="scores"``), an index, or a callable
+        ``output(model_output) -> logits`` (a named function, so the estimator can
+        be pickled). ``path_[i]`` still returns what the models return; every number
+        is computed from the logits.
 
     Attributes
     ----------
@@ -209,6 +218,7 @@ class GeodesicConnector(_BaseConnector):
         mixed_precision: bool = False,
         strategy: str = "auto",
         checkpoint: str | os.PathLike | None = None,
+        output: str | int | Callable[[object], object] | None = None,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -228,6 +238,7 @@ class GeodesicConnector(_BaseConnector):
         self.mixed_precision = mixed_precision
         self.strategy = strategy
         self.checkpoint = checkpoint
+        self.output = output
 
     def fit(
         self,
@@ -382,9 +393,9 @@ def _describe(value: object) -> object:
 def _data_digest(data: TensorData | StreamData) -> str:
     """A digest of X: all of it in memory, or a stream's first batch and length."""
     if isinstance(data, TensorData):
-        return tensor_digest({"x": data.x})
+        return tensor_digest(named_tensors(data.x, "x"))
     # Reading a shuffling DataLoader draws from torch's generator: a fit with a
     # checkpoint must draw what one without draws, so the reading draws from a fork.
     with torch.random.fork_rng(devices=[]):
         head = data.head(256)
-    return tensor_digest({"head": head}, f"a stream of {data.n_samples} samples")
+    return tensor_digest(named_tensors(head, "head"), f"a stream of {data.n_samples} samples")

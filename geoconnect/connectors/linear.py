@@ -42,6 +42,14 @@ class LinearConnector(_BaseConnector):
         function unchanged but brings it close to model_a in parameter space. Then
         ``path_[-1]`` is the permuted copy of model_b (same outputs, reordered
         units). None connects the models as given.
+    output : None, str, int or callable, default=None
+        Where the logits are in what the models return. None detects it: a tensor
+        as it is, the first element of a tuple or list, the ``"logits"`` entry of a
+        mapping or a ``transformers`` ``ModelOutput``. Otherwise a key
+        (``output="scores"``), an index, or a callable
+        ``output(model_output) -> logits`` (a named function, so the estimator can
+        be pickled). ``path_[i]`` still returns what the models return; every number
+        is computed from the logits.
 
     Attributes
     ----------
@@ -91,12 +99,14 @@ class LinearConnector(_BaseConnector):
         random_state: int | np.random.RandomState | None = None,
         model_factory: Callable[..., nn.Module] | None = None,
         align: str | None = None,
+        output: str | int | Callable[[object], object] | None = None,
     ):
         self.n_points = n_points
         self.device = device
         self.random_state = random_state
         self.model_factory = model_factory
         self.align = align
+        self.output = output
 
     def fit(
         self,
