@@ -12,8 +12,37 @@ re-solves one layer's permutation as a linear assignment problem that maximises
 ``Σ ⟨W_a, P W_b⟩`` over every tensor that permutation touches, the others held
 fixed. Which axes of which tensors a permutation touches is a
 :class:`PermutationSpec`, derived automatically with ``torch.fx`` for sequential
-MLPs and CNNs, BatchNorm/LayerNorm/GroupNorm layers and residual blocks, or given
-explicitly for anything else.
+MLPs and CNNs, BatchNorm/LayerNorm/GroupNorm layers, residual blocks and
+``nn.TransformerEncoder`` stacks, or given explicitly for anything else.
+
+Which architectures align by themselves (what the tests check):
+
+- MLPs and 1-, 2- and 3-d CNNs (``Linear``, ``Conv``, elementwise activations,
+  dropout, max/average/adaptive pooling, ``flatten``): the units (channels) of every
+  hidden layer.
+- BatchNorm, LayerNorm, and GroupNorm with one group per channel: their parameters
+  and running statistics move with the units they normalise. GroupNorm
+  with several channels per group and grouped convolutions keep those channels in
+  order; depthwise convolutions follow their input.
+- Residual blocks, and torchvision's ``resnet18`` / ``resnet50`` module structure
+  (``downsample`` branches, ``out += identity``, in-place ReLU, ``MaxPool2d``,
+  ``AdaptiveAvgPool2d``, ``torch.flatten``): one permutation per residual stream
+  (the stem's, which resnet18's ``layer1`` adds to, and each stage's) and one per
+  inner layer of each block.
+- ``nn.Embedding`` with ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``
+  (post- or pre-norm, ReLU or GELU, padding masks): the residual stream (the
+  embeddings, the attention's input and output projections, every LayerNorm, the
+  head's inputs) and each layer's feed-forward units. Attention heads keep their
+  order.
+- Hugging Face ``transformers`` models (for BERT, torch.fx cannot trace
+  ``bert.encoder.layer.0.attention.self``), ``nn.MultiheadAttention`` called
+  directly, parameters used directly in ``forward``, data-dependent control flow and
+  unknown layers: a ``ValueError`` naming the module, with the two ways forward, an
+  explicit ``PermutationSpec`` or no alignment (``align=None``: the geodesic does not
+  need it).
+
+The network's inputs and outputs are never permuted, so the aligned copy computes
+what model_b computes; the connectors check this on the fit data.
 """
 
 from __future__ import annotations
@@ -139,10 +168,13 @@ class PermutationSpec:
         Supported: ``Linear`` and ``Conv1d/2d/3d`` layers (and transposed
         convolutions), BatchNorm, InstanceNorm, LayerNorm and GroupNorm, elementwise
         activations, dropout, pooling, ``flatten`` / ``view(n, -1)`` / spatial means,
-        and residual additions (which tie the permutations they add). The network's
+        residual additions (which tie the permutations they add), ``Embedding``, and
+        ``TransformerEncoder`` / ``TransformerEncoderLayer`` (the residual stream and
+        the feed-forward units; attention heads keep their order). The network's
         inputs and outputs are never permuted. Linear layers are taken to act on
-        ``(batch, features)`` inputs. GroupNorm with ``1 < num_groups <
-        num_channels`` and grouped convolutions keep their channels in place.
+        ``(batch, features)`` inputs, transformer layers on batched sequences.
+        GroupNorm with ``1 < num_groups < num_channels`` and grouped convolutions
+        keep their channels in place.
 
         Parameters
         ----------
@@ -157,8 +189,10 @@ class PermutationSpec:
         ------
         ValueError
             If the network cannot be traced, or uses a layer or operation whose
-            effect on the units is not known; the message names it. Pass an explicit
-            ``PermutationSpec`` for such networks.
+            effect on the units is not known; the message names it (for a network
+            torch.fx cannot trace, the first submodule on the way that does not trace
+            on its own). Pass an explicit ``PermutationSpec`` for such networks, or
+            connect them without alignment.
 
         Examples
         --------
@@ -636,22 +670,74 @@ class _CannotDerive(ValueError):
     pass
 
 
+# Every derivation error ends with the two ways forward.
+_WAYS_FORWARD = (
+    "Pass an explicit spec=PermutationSpec({tensor name: (permutation name or None "
+    "per axis), ...}) for this network, or connect the models without alignment: "
+    "the geodesic does not need it (fit with align=None)."
+)
+
+
 def _cannot(where: str, why: str) -> _CannotDerive:
     return _CannotDerive(
-        f"Cannot derive the permutation structure at {where}: {why}. Pass an explicit "
-        "spec=PermutationSpec({tensor name: (permutation name or None per axis), ...}) "
-        "for this network."
+        f"Cannot derive the permutation structure at {where}: {why}. {_WAYS_FORWARD}"
     )
+
+
+def _trace_error(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _untraceable_submodule(model: nn.Module) -> tuple[str, nn.Module, Exception] | None:
+    """The deepest submodule on the way to the first that ``torch.fx`` cannot trace.
+
+    Descends from ``model`` (which failed to trace) into its first child that also
+    fails on its own, skipping the modules the tracer keeps whole (``torch.nn``'s
+    own layers); None when every child traces, so ``model``'s own forward is at fault.
+    """
+    tracer = fx.Tracer()
+    found = None
+    prefix, module = "", model
+    while True:
+        for qualified, child in _callable_children(module, prefix):
+            if tracer.is_leaf_module(child, qualified):
+                continue
+            try:
+                fx.symbolic_trace(child)
+            except Exception as exc:  # any failure to trace
+                found = (qualified, child, exc)
+                prefix, module = qualified, child
+                break
+        else:
+            return found
+
+
+def _callable_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """``module``'s children by qualified name, with ModuleLists and ModuleDicts opened."""
+    out = []
+    for name, child in module.named_children():
+        qualified = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(_callable_children(child, qualified))
+        else:
+            out.append((qualified, child))
+    return out
 
 
 def _derive_spec(model: nn.Module) -> PermutationSpec:
     try:
         graph_module = fx.symbolic_trace(model)
     except Exception as exc:
+        culprit = _untraceable_submodule(model)
+        if culprit is None:
+            where = f"its forward ({_trace_error(exc)})"
+        else:
+            name, module, inner = culprit
+            where = f"its submodule {name!r} ({type(module).__name__}; {_trace_error(inner)})"
         raise ValueError(
-            f"Cannot derive the permutation structure of {type(model).__name__}: "
-            f"torch.fx could not trace it ({type(exc).__name__}: {exc}). Pass an explicit "
-            "spec=PermutationSpec({tensor name: (permutation name or None per axis), ...})."
+            f"Cannot derive the permutation structure of {type(model).__name__}: torch.fx "
+            f"cannot trace {where}. {_WAYS_FORWARD}"
         ) from None
     state = _Derivation(model)
     values: dict[fx.Node, object] = {}
@@ -709,7 +795,16 @@ def _module_rule(
 ) -> object:
     name = str(node.target)
     where = f"module {name!r} ({type(module).__name__})"
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+        return _transformer_rule(state, node, module, values, where)
     inputs = _inputs(node, values)
+    if isinstance(module, nn.Embedding):
+        if not all(state.fixed(x.group) for x in inputs):
+            return _cannot(where, "it looks up indices computed from permuted units")
+        g = state.new(name)
+        state.assign(name, module.weight, 1, g)
+        ndim = inputs[0].ndim + 1 if inputs and inputs[0].ndim is not None else None
+        return _Features(g, "flat", ndim)
     if len(inputs) != 1:
         return _unknown(state, inputs, where, "it takes several tensors")
     x = inputs[0]
@@ -776,6 +871,80 @@ def _module_rule(
     if isinstance(module, nn.Flatten):
         return _flatten(state, x, module.start_dim, module.end_dim, where)
     return _unknown(state, inputs, where, "its effect on the units is not known")
+
+
+def _transformer_rule(
+    state: _Derivation,
+    node: fx.Node,
+    module: nn.TransformerEncoder | nn.TransformerEncoderLayer,
+    values: Mapping[fx.Node, object],
+    where: str,
+) -> object:
+    """``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, which fx keeps whole.
+
+    The residual stream keeps the permutation of the layer's input (every layer adds
+    to it, and LayerNorm normalises over it, so one permutation runs through them
+    all); each layer's feed-forward hidden units get their own. Attention heads, and
+    the dimensions within a head, keep their order.
+    """
+    kwargs = dict(node.kwargs)
+    src = node.args[0] if node.args else kwargs.pop("src", None)
+    x = values.get(src) if isinstance(src, fx.Node) else None
+    if isinstance(x, _CannotDerive):
+        return x
+    if not isinstance(x, _Features):
+        return _cannot(where, "its input is not a traced tensor")
+    for arg in _flat_args((node.args[1:], kwargs)):  # the masks
+        mask = values.get(arg) if isinstance(arg, fx.Node) else None
+        if isinstance(mask, _CannotDerive):
+            return mask
+        if isinstance(mask, _Features) and not state.fixed(mask.group):
+            return _cannot(where, "its mask is computed from permuted units")
+    if x.kind == "channels" and not state.fixed(x.group):
+        return _cannot(where, "it is applied to a channels-first feature map")
+    name = str(node.target)
+    if isinstance(module, nn.TransformerEncoder):
+        layers = [(f"{name}.layers.{i}", layer) for i, layer in enumerate(module.layers)]
+        norms = [(f"{name}.norm", module.norm)] if module.norm is not None else []
+    else:
+        layers, norms = [(name, module)], []
+    for layer_name, layer in layers:  # check them all before assigning any axis
+        layer_where = f"module {layer_name!r} ({type(layer).__name__})"
+        # A subclass may compute something else with the same submodules.
+        if type(layer) is not nn.TransformerEncoderLayer:
+            return _cannot(layer_where, "its effect on the units is not known")
+        activation = layer.activation
+        if not (
+            isinstance(activation, _PASS_THROUGH_MODULES) or activation in _PASS_THROUGH_FUNCTIONS
+        ):
+            return _cannot(layer_where, f"its activation {activation!r} is not elementwise")
+        if not layer.self_attn._qkv_same_embed_dim or layer.self_attn.in_proj_weight is None:
+            return _cannot(layer_where, "its attention projects queries, keys and values apart")
+        norms += [(f"{layer_name}.norm1", layer.norm1), (f"{layer_name}.norm2", layer.norm2)]
+    for norm_name, norm in norms:
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+            return _cannot(
+                f"module {norm_name!r} ({type(norm).__name__})",
+                "it is not a LayerNorm over the features",
+            )
+    stream = x.group
+    for layer_name, layer in layers:
+        attn = layer.self_attn
+        state.assign(layer_name, attn.in_proj_weight, 1, stream)
+        state.assign(layer_name, attn.out_proj.weight, 0, stream)
+        state.assign(layer_name, attn.out_proj.bias, 0, stream)
+        hidden = state.new(f"{layer_name}.linear1")
+        state.assign(layer_name, layer.linear1.weight, 0, hidden)
+        state.assign(layer_name, layer.linear1.weight, 1, stream)
+        state.assign(layer_name, layer.linear1.bias, 0, hidden)
+        state.assign(layer_name, layer.linear2.weight, 0, stream)
+        state.assign(layer_name, layer.linear2.weight, 1, hidden)
+        state.assign(layer_name, layer.linear2.bias, 0, stream)
+    for norm_name, norm in norms:
+        for tensor in norm.parameters(recurse=False):
+            state.assign(norm_name, tensor, 0, stream)
+    # Taken to act on batched input: (batch, sequence, features) or (sequence, batch, features).
+    return _Features(stream, "flat", x.ndim if x.ndim is not None else 3)
 
 
 def _unknown(state: _Derivation, inputs: list[_Features], where: str, why: str) -> object:
