@@ -15,6 +15,7 @@ index or a callable.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -124,7 +125,12 @@ def describe(x: Inputs) -> str:
 
 
 def check_keywords(module: nn.Module, x: Inputs, name: str) -> None:
-    """Refuse, naming it, a key of a mapping batch that ``module.forward`` does not take."""
+    """Check a mapping batch's keys against ``module.forward``'s arguments.
+
+    A key forward does not take is refused, naming it; a key that only a ``**kwargs``
+    would take (which may ignore it, as a misspelt ``attention_mask`` would be) is
+    warned about.
+    """
     if isinstance(x, Tensor):
         return
     try:
@@ -132,15 +138,25 @@ def check_keywords(module: nn.Module, x: Inputs, name: str) -> None:
     except (TypeError, ValueError):  # a forward without a signature: let the call say
         return
     accepted = signature.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return
     names = [
         key
         for key, p in accepted.items()
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
+    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for key in x:
-        if key not in names:
+        if key in names:
+            continue
+        if catch_all:
+            warnings.warn(
+                f"X has the key {key!r}, which {name}'s forward "
+                f"({type(module).__name__}.forward) does not name: it goes to its "
+                f"**kwargs, which may ignore it. Its named arguments are {names}; check "
+                f"the spelling of {key!r}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
             raise ValueError(
                 f"X has the key {key!r}, but {name}'s forward "
                 f"({type(module).__name__}.forward) takes no argument of that name; a "

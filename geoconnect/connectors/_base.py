@@ -224,6 +224,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             copy_a = copy.deepcopy(model_a).to(device).eval()
             copy_b = copy.deepcopy(model_b).to(device).eval()
             data = as_data(X, y, device=device, dtype=float_dtype(copy_a))
+        check_keywords(copy_a, data.head(1), "model_a")
         n_classes = _probe_model(copy_a, data, "model_a", self.output)
         _probe_model(copy_b, data, "model_b", self.output)
         copy_b, alignment = self._align_models(copy_a, copy_b, data)
@@ -430,6 +431,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         X = self._validate_X(X)
         y = self._encode_labels(y)
         data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
+        check_keywords(path.template, data.head(1), "the path's models")
         _probe_model(path.template, data, "the path's models", path.output, params=path)
         return data
 
@@ -738,7 +740,6 @@ def _probe_model(
     Returns the number of classes.
     """
     x = _probe_batch(data, 2, model)
-    check_keywords(model, x, name)
     try:
         if params is not None:
             out = params.logits(x, points=[0])[0]
