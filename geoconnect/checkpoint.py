@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,20 @@ class Checkpoint:
         What identifies the fit (JSON-serialisable): compared, part by part, with a
         checkpoint found in ``directory``.
 
+    files : sequence of str, default=("checkpoint.safetensors",)
+        The file names the checkpoint is written to, in turn: one (replaced at every
+        write) in one process; two per rank in a distributed fit, so that a crash
+        while the ranks write still leaves an epoch that every rank has.
+
     Attributes
     ----------
     file : Path
-        ``directory / "checkpoint.safetensors"``.
+        The file the next :meth:`write` replaces.
     saved : tuple of (dict of str to Tensor, dict) or None
-        The found checkpoint's tensors and record, to resume from; None for a fit
-        that starts afresh.
+        The found checkpoint's tensors and record (the latest epoch's of
+        :attr:`found`), to resume from; None for a fit that starts afresh.
+    found : list of tuple of (dict of str to Tensor, dict)
+        Every checkpoint found in the directory under :attr:`files`.
 
     Examples
     --------
@@ -74,14 +82,23 @@ class Checkpoint:
 
     FILENAME = "checkpoint.safetensors"
 
-    def __init__(self, directory: Path, fingerprint: dict[str, Any]):
+    def __init__(
+        self, directory: Path, fingerprint: dict[str, Any], files: Sequence[str] = (FILENAME,)
+    ):
         self.directory = Path(directory)
-        self.file = self.directory / self.FILENAME
+        self._files = [self.directory / name for name in files]
+        self.file = self._files[0]
         self.fingerprint = fingerprint
         self.saved: tuple[dict[str, Tensor], dict[str, Any]] | None = None
+        self.found: list[tuple[dict[str, Tensor], dict[str, Any]]] = []
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, fingerprint: dict[str, Any]) -> Checkpoint:
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        fingerprint: dict[str, Any],
+        files: Sequence[str] = (FILENAME,),
+    ) -> Checkpoint:
         """Check ``directory`` before the fit: writable, and any checkpoint in it this fit's.
 
         Creates the directory if needed. Reads a checkpoint found there into
@@ -93,9 +110,20 @@ class Checkpoint:
             If the directory cannot be created or written to, or holds a checkpoint
             that is corrupted or made by another fit (the message names what differs).
         """
-        checkpoint = cls(cls.check_directory(directory), fingerprint)
-        if checkpoint.file.exists():
-            checkpoint.saved = checkpoint._read()
+        checkpoint = cls(cls.check_directory(directory), fingerprint, files)
+        epochs = []
+        for file in checkpoint._files:
+            if file.exists():
+                checkpoint.file = file
+                checkpoint.found.append(checkpoint._read())
+                epochs.append((checkpoint_epochs(checkpoint.found[-1][1]), file))
+        if checkpoint.found:
+            latest = max(range(len(epochs)), key=lambda k: epochs[k][0])
+            checkpoint.saved = checkpoint.found[latest]
+            checkpoint.file = epochs[latest][1]
+            checkpoint._advance()  # the next write keeps the latest
+        else:
+            checkpoint.file = checkpoint._files[0]
         return checkpoint
 
     @staticmethod
@@ -164,3 +192,13 @@ class Checkpoint:
         """Replace the checkpoint, atomically, with ``tensors`` and the record ``state``."""
         header = {"kind": "checkpoint", "fingerprint": self.fingerprint, "state": state}
         write_file(self.file, tensors, header)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Make the next of :attr:`files` (in turn) the one the next write replaces."""
+        self.file = self._files[(self._files.index(self.file) + 1) % len(self._files)]
+
+
+def checkpoint_epochs(state: dict[str, Any]) -> int:
+    """The number of epochs a checkpoint's record has run."""
+    return len(state.get("history", {}).get("energy", []))

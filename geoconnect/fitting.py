@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from ._data import Batch, StreamData, TensorData
 from ._inputs import Inputs, n_rows
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, checkpoint_epochs
+from .distributed import PathGroup
 from .divergences import (
     Divergence,
     closed_form_segment_gradient,
@@ -92,6 +93,9 @@ class FitSettings:
     #: Where the state is written after every epoch, and resumed from (see
     #: :class:`~geoconnect.checkpoint.Checkpoint`).
     checkpoint: Checkpoint | None = field(default=None, compare=False)
+    #: The ranks the points are split across (see :mod:`geoconnect.distributed`);
+    #: None fits every point in this process.
+    group: PathGroup | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -128,9 +132,13 @@ class FitState:
         The warnings this fit has already given (each is given once).
     interior : dict of str to Tensor
         The moving tensors: views of the current level's interior points (see
-        :meth:`ModelPath.interior`); the optimiser updates them in place.
+        :meth:`ModelPath.interior`) — of this rank's block of them when the fit is
+        distributed; the optimiser updates them in place.
     fixed : dict of str to Tensor
-        Views of the current level's interior points' frozen parameters.
+        Views of the same points' frozen parameters.
+    block : slice
+        Which interior points of the level :attr:`interior` holds: all of them, or
+        this rank's block (:meth:`~geoconnect.distributed.PathGroup.block`).
     optimizer : torch.optim.Optimizer or None
         The current level's optimiser of ``interior``.
     best, stale : float, int
@@ -155,6 +163,7 @@ class FitState:
     history: dict[str, list]
     interior: dict[str, Tensor] = field(default_factory=dict)
     fixed: dict[str, Tensor] = field(default_factory=dict)
+    block: slice = field(default_factory=lambda: slice(0, 0))
     optimizer: torch.optim.Optimizer | None = None
     best: float = math.inf
     stale: int = 0
@@ -237,9 +246,14 @@ class FitState:
         """Make the current level's interior the moving tensors, with a new optimiser.
 
         The optimiser starts from :attr:`moments` when there are some (then cleared).
+        A distributed fit moves this rank's block of the interior only.
         """
-        self.interior = self.path.interior(trainable=True)
-        self.fixed = {n: v for n, v in self.path.interior().items() if n not in self.interior}
+        n_interior = self.path.n_points - 2
+        group = self.settings.group
+        self.block = slice(0, n_interior) if group is None else group.block(n_interior)
+        views = {n: v[self.block] for n, v in self.path.interior().items()}
+        self.interior = {n: v for n, v in views.items() if n not in self.path.frozen}
+        self.fixed = {n: v for n, v in views.items() if n in self.path.frozen}
         self.optimizer = _make_optimizer(self.interior, self.settings)
         if self.moments is not None:
             _load_moments(self.optimizer, self.moments, self.settings.solver)
@@ -448,8 +462,9 @@ def fit_path(
     """
     state = FitState.start(path, data, divergence, settings, previous, generator)
     levels = coarse_to_fine_schedule(path.n_points, settings.max_iter, settings.coarse_to_fine)
-    if settings.checkpoint is not None and settings.checkpoint.saved is not None:
-        state.restore(*settings.checkpoint.saved, levels)
+    saved = _resumable(settings)
+    if saved is not None:
+        state.restore(*saved, levels)
     converged = interrupted = False
     with _progress_bar(settings, sum(epochs for _, epochs in levels)) as bar:
         bar.update(sum(epochs for _, epochs in levels[: state.level]) + state.level_epochs)
@@ -460,6 +475,10 @@ def fit_path(
                 _enter_level(state, n_points)
                 converged = _run_level(state, epochs, bar, final=level == len(levels) - 1)
         except KeyboardInterrupt:
+            if settings.group is not None:
+                # The ranks stop at different points: no path common to them to keep.
+                # Every rank raises; a checkpointed fit resumes from the last epoch.
+                raise
             interrupted = True
             warnings.warn(
                 f"Fitting interrupted after {state.n_iter} complete epoch(s) (n_iter_ = "
@@ -483,13 +502,26 @@ def fit_path(
     return FitResult(state.history, converged, interrupted, state.moments)
 
 
+def _resumable(settings: FitSettings) -> tuple[dict[str, Tensor], dict] | None:
+    """The checkpoint to resume from: the latest, or distributed the latest epoch that
+    every rank has (a crash while the ranks wrote leaves some a epoch ahead)."""
+    checkpoint, group = settings.checkpoint, settings.group
+    if checkpoint is None or group is None:
+        return None if checkpoint is None else checkpoint.saved
+    found = {checkpoint_epochs(record): (tensors, record) for tensors, record in checkpoint.found}
+    every = [set(epochs) for epochs in group.gather(sorted(found))]  # type: ignore[arg-type]
+    common = set.intersection(*every)
+    return found[max(common)] if common else None
+
+
 @torch.no_grad()
 def path_energy(state: FitState) -> float:
     """The energy of the full path on the data, measured as the fit measures it.
 
     The points are evaluated with batch-statistics BatchNorm, a chunk at a time. The
     first batch also checks the divergence: a negative value would make the fit
-    maximise distance, and is refused.
+    maximise distance, and is refused. Distributed, each rank measures the segments
+    of its block and the sums are added up.
 
     Examples
     --------
@@ -504,23 +536,30 @@ def path_energy(state: FitState) -> float:
     >>> path_energy(FitState.start(path, data, jensen_shannon, FitSettings()))
     0.0
     """
-    total, seen = 0.0, 0
+    group = state.settings.group
+    n_interior = state.target.n_points - 2
+    segments = slice(0, n_interior + 1) if group is None else group.owned_segments(n_interior)
+    total = torch.zeros((), dtype=torch.float64, device=state.target.device)
+    seen = 0
     for batch in state.data.batches(state.settings.batch_size):
         if not state.usable(batch):
             continue
-        for values in _segment_values(state, batch.x):
+        for values in _segment_values(state, batch.x, segments):
             if seen == 0:
                 _check_sign(values)
-            total += float(values.double().sum())
+            total += values.double().sum()
         seen += n_rows(batch.x)
-    return total / seen if seen else math.nan
+    if group is not None:
+        group.sum(total)
+    return float(total) / seen if seen else math.nan
 
 
-def _segment_values(state: FitState, x: Inputs) -> Iterator[Tensor]:
-    """The full path's segment divergences on ``x``, a chunk of points at a time."""
+def _segment_values(state: FitState, x: Inputs, segments: slice) -> Iterator[Tensor]:
+    """The full path's divergences on ``x`` of ``segments``, a chunk of points at a time."""
     path, left = state.target, None
-    for start in range(0, path.n_points, POINTS_PER_CHUNK):
-        params = {k: v[start : start + POINTS_PER_CHUNK] for k, v in path.params.items()}
+    for start in range(segments.start, segments.stop + 1, POINTS_PER_CHUNK):
+        stop = min(start + POINTS_PER_CHUNK, segments.stop + 1)
+        params = {k: v[start:stop] for k, v in path.params.items()}
         out = path.functional_forward(params, x, module=state.module)
         block = out if left is None else torch.cat([left, out])
         if len(block) > 1:
@@ -703,14 +742,17 @@ def _run_epoch(state: FitState, bar: tqdm) -> float:
     energy_sum = torch.zeros(segments, device=device, dtype=torch.float64)
     length_sum = torch.zeros_like(energy_sum)
     seen = 0
+    owned = _owned_segments(state)
     for batch in state.data.batches(state.settings.batch_size, generator=state.generator):
         if not state.usable(batch):
             continue
         costs, fr_squared = train_step(state, batch)
         state.optimizer.step()  # type: ignore[union-attr]
-        energy_sum += costs
-        length_sum += fr_squared
+        width = owned.stop - owned.start
+        energy_sum[owned] += costs[:width]
+        length_sum[owned] += fr_squared[:width]
         seen += n_rows(batch.x)
+    _share_epoch(state, energy_sum, length_sum)
     if seen == 0:
         raise ValueError(
             "No batch of X had two or more samples, which BatchNorm's batch statistics "
@@ -730,6 +772,27 @@ def _run_epoch(state: FitState, bar: tqdm) -> float:
     length = fisher_rao_length(length_sum / seen)
     _record_epoch(state, energy, length, time.perf_counter() - tic, bar)
     return energy
+
+
+def _owned_segments(state: FitState) -> slice:
+    """The level's segments whose sums this process reports: all, or its rank's."""
+    group = state.settings.group
+    n_interior = state.path.n_points - 2
+    return slice(0, n_interior + 1) if group is None else group.owned_segments(n_interior)
+
+
+def _share_epoch(state: FitState, energy_sum: Tensor, length_sum: Tensor) -> None:
+    """Distributed: the segment sums added up, and every block sent to every rank.
+
+    Then every rank records the same epoch, stops at the same one, and holds the
+    whole path for the next level, the record and the result.
+    """
+    group = state.settings.group
+    if group is None:
+        return
+    group.sum(energy_sum)
+    group.sum(length_sum)
+    group.share_points(state.path.params, state.path.n_points - 2)
 
 
 def _record_epoch(state: FitState, energy: float, length: float, seconds: float, bar: tqdm) -> None:
@@ -799,6 +862,9 @@ def train_step(state: FitState, batch: Batch) -> tuple[Tensor, Tensor]:
     chunks' networks hold their activations at once, whatever ``n_points``, and the
     result is the gradient of the whole batch's energy.
 
+    A distributed fit runs this on its rank's block, with the neighbouring ranks'
+    boundary logits (:func:`_neighbour_logits`) in place of ``a`` and ``b``.
+
     Parameters
     ----------
     state : FitState
@@ -808,7 +874,8 @@ def train_step(state: FitState, batch: Batch) -> tuple[Tensor, Tensor]:
     Returns
     -------
     costs, fr_squared : Tensor, shape=[n_points − 1], float64
-        Each segment's divergence and d_FR², summed over the batch.
+        Each segment's divergence and d_FR², summed over the batch; distributed, of
+        the segments that touch the rank's block (one more than its points).
 
     Examples
     --------
@@ -826,13 +893,17 @@ def train_step(state: FitState, batch: Batch) -> tuple[Tensor, Tensor]:
     torch.Size([4])
     """
     end = state.ends.logits(batch)
+    before, after = _neighbour_logits(state, batch, end)
     step = _Step(state.interior, state.divergence)
-    n_interior = next(iter(step.interior.values())).shape[0]
-    left, pending = end[:1], None  # the point before the chunk, not differentiated
-    for start in range(0, n_interior, POINTS_PER_CHUNK):
-        where = slice(start, min(start + POINTS_PER_CHUNK, n_interior))
+    n_block = state.block.stop - state.block.start
+    if n_block == 0:  # a rank with no point of this level: nothing to differentiate
+        zeros = torch.zeros(0, dtype=torch.float64, device=end.device)
+        return zeros, zeros
+    left, pending = before, None  # the point before the chunk, not differentiated
+    for start in range(0, n_block, POINTS_PER_CHUNK):
+        where = slice(start, min(start + POINTS_PER_CHUNK, n_block))
         chunk = _forward_chunk(state, where, batch.x, end.dtype)
-        right = end[1:] if where.stop == n_interior else end[:0]  # b, after the last chunk
+        right = after if where.stop == n_block else end[:0]  # after the last chunk
         if pending is None:
             chunk.grad = step.first_chunk(left, chunk, right)
         else:
@@ -840,6 +911,30 @@ def train_step(state: FitState, batch: Batch) -> tuple[Tensor, Tensor]:
         left, pending = chunk.logits[-1:].detach().clone(), chunk
     step.backward(pending)  # type: ignore[arg-type]
     return torch.cat(step.costs), torch.cat(step.fr_squared)
+
+
+def _neighbour_logits(state: FitState, batch: Batch, end: Tensor) -> tuple[Tensor, Tensor]:
+    """The logits of the points just before and after the block, shape (1, batch, C).
+
+    The fixed ends ``a`` and ``b`` in one process. Distributed, every rank first
+    evaluates its block's first and last points (no gradient) and the ranks swap
+    them: two (batch × classes) tensors per rank, whatever the model's size.
+    """
+    group = state.settings.group
+    if group is None:
+        return end[:1], end[1:]
+    n_interior = state.path.n_points - 2
+    if state.block.stop > state.block.start:
+        with torch.no_grad():
+            last = state.block.stop - state.block.start - 1
+            bounds = _forward_chunk(state, [0, last], batch.x, end.dtype).logits
+    else:
+        bounds = torch.zeros_like(end)  # nothing of its own to tell its neighbours
+    left, right = group.neighbours(bounds[0], bounds[-1], n_interior)
+    return (
+        end[:1] if left is None else left.unsqueeze(0),
+        end[1:] if right is None else right.unsqueeze(0),
+    )
 
 
 @dataclass
@@ -852,8 +947,10 @@ class _Chunk:
     grad: Tensor | None = None
 
 
-def _forward_chunk(state: FitState, where: slice, x: Inputs, dtype: torch.dtype) -> _Chunk:
-    """Evaluate the interior points ``where`` as fresh leaves of the autograd graph."""
+def _forward_chunk(
+    state: FitState, where: slice | list[int], x: Inputs, dtype: torch.dtype
+) -> _Chunk:
+    """Evaluate the block's points ``where`` as fresh leaves of the autograd graph."""
     leaves = {n: t[where].detach().requires_grad_(True) for n, t in state.interior.items()}
     fixed = {n: t[where] for n, t in state.fixed.items()}
     precision = (

@@ -199,7 +199,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         """
         owner = type(self).__name__
         train = self._check_models(model_a, model_b)
-        device = resolve_device(self.device, owner)
+        device = resolve_device(self._device_name(), owner)
         if X is None:
             if require_X or train:
                 raise ValueError(
@@ -239,6 +239,10 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         return FitInputs(
             device, copy_a, copy_b, data, n_classes, dtype, features, classes, alignment
         )
+
+    def _device_name(self) -> str | torch.device:
+        """The device parameter to resolve (a connector may refine ``"auto"``)."""
+        return self.device
 
     def _check_models(self, model_a: object, model_b: object) -> bool:
         """Check the two models (both or neither); True when fit must train them."""

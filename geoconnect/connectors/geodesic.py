@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from numbers import Integral, Real
@@ -15,6 +16,7 @@ from torch import nn
 from .._data import StreamData, TensorData
 from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
+from ..distributed import PathGroup
 from ..divergences import DIVERGENCES, get_divergence
 from ..fitting import FitResult, FitSettings, copy_history, fit_path
 from ..path import ModelPath
@@ -111,6 +113,7 @@ class GeodesicConnector(_BaseConnector):
         naming what differs, and never overwritten. ``verbose``, ``device`` and
         ``checkpoint`` itself may differ. Give each fit its own directory (in a
         grid search, a fit per candidate would refuse the others' checkpoints).
+        With ``distributed``, each rank keeps two files of its own, written in turn.
         See :mod:`geoconnect.checkpoint`.
     output : None, str, int or callable, default=None
         Where the logits are in what the models return. None detects it: a tensor
@@ -120,6 +123,19 @@ class GeodesicConnector(_BaseConnector):
         ``output(model_output) -> logits`` (a named function, so the estimator can
         be pickled). ``path_[i]`` still returns what the models return; every number
         is computed from the logits.
+
+    distributed : bool, default=False
+        Split the path's points across the processes of a ``torch.distributed``
+        group (launched by ``torchrun``; the group is initialised from its
+        environment when it is not already, gloo on CPUs, NCCL on GPUs, where
+        ``device="auto"`` takes ``cuda:LOCAL_RANK``). Each rank optimises a
+        contiguous block of the interior, the ranks exchange only their boundary
+        points' logits at each step, and after each epoch every rank gets the whole
+        path: the fitted path is the single-process fit's (to float rounding), on
+        every rank. Every rank must call fit with the same models, X and
+        parameters, and an int ``random_state``. Ctrl-C stops every rank with
+        ``KeyboardInterrupt``; a fit with ``checkpoint`` resumes. See :mod:`geoconnect.distributed`
+        and the user guide's "Scaling out".
 
     Attributes
     ----------
@@ -144,6 +160,11 @@ class GeodesicConnector(_BaseConnector):
         with ``warm_start``, the previous fits' too).
     strategy_ : {"vmap", "loop"}
         How the path's points were evaluated (``path_.strategy``).
+    communication_ : dict of str to int
+        Only with ``distributed``: this rank's ``rank`` and the ``world_size``, and
+        what it sent: ``steps`` and ``exchanged_bytes`` (the boundary logits, two
+        batch × classes tensors per step), ``shared_bytes`` (its blocks'
+        parameters, once per epoch) and ``reduced_bytes`` (segment sums).
     n_classes_ : int
         Number of classes the models output.
     classes_ : ndarray of shape (n_classes_,)
@@ -196,6 +217,7 @@ class GeodesicConnector(_BaseConnector):
         "mixed_precision": ["boolean"],
         "strategy": [StrOptions({"auto", "vmap", "loop"})],
         "checkpoint": [str, os.PathLike, None],
+        "distributed": ["boolean"],
     }
 
     def __init__(
@@ -219,6 +241,7 @@ class GeodesicConnector(_BaseConnector):
         strategy: str = "auto",
         checkpoint: str | os.PathLike | None = None,
         output: str | int | Callable[[object], object] | None = None,
+        distributed: bool = False,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -239,6 +262,7 @@ class GeodesicConnector(_BaseConnector):
         self.strategy = strategy
         self.checkpoint = checkpoint
         self.output = output
+        self.distributed = distributed
 
     def fit(
         self,
@@ -283,6 +307,7 @@ class GeodesicConnector(_BaseConnector):
         divergence = get_divergence(self.divergence)
         if self.checkpoint is not None:  # before any work: a directory that cannot be used
             Checkpoint.check_directory(self.checkpoint)
+        self._check_distributed()
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
         self._check_mixed_precision(inputs.device)
         continuing = self.warm_start and hasattr(self, "path_")
@@ -293,10 +318,13 @@ class GeodesicConnector(_BaseConnector):
             else None
         )
         result = FitResult(copy_history(None if previous is None else previous.history))
+        group = None
         if path.n_points > 2:  # else nothing moves between two ends
             assert inputs.data is not None
-            checkpoint = self._open_checkpoint(path, inputs.data)
-            settings, order = self._settings(continuing, checkpoint), self._batch_order()
+            group = self._path_group(path, inputs)
+            checkpoint = self._open_checkpoint(path, inputs.data, group)
+            settings = self._settings(continuing, checkpoint, group)
+            order = self._batch_order()
             result = fit_path(path, inputs.data, divergence, settings, previous, order)
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
@@ -304,14 +332,36 @@ class GeodesicConnector(_BaseConnector):
             history_=result.history,
             n_iter_=result.n_iter,
             strategy_=path.strategy,
+            communication_=_UNSET
+            if group is None
+            else {
+                "rank": group.rank,
+                "world_size": group.world_size,
+                **group.counts,
+            },
             _fit_moments=_UNSET if result.moments is None else result.moments,
         )
         return attributes
 
-    def _open_checkpoint(self, path: ModelPath, data: TensorData | StreamData) -> Checkpoint | None:
-        """The fit's checkpoint, with the fingerprint that tells this fit from others."""
+    def _open_checkpoint(
+        self, path: ModelPath, data: TensorData | StreamData, group: PathGroup | None
+    ) -> Checkpoint | None:
+        """The fit's checkpoint, with the fingerprint that tells this fit from others.
+
+        Distributed, each rank keeps its own two files, written in turn.
+        """
         if self.checkpoint is None:
             return None
+        fingerprint = self._fingerprint(path, data)
+        if group is None:
+            return Checkpoint.open(self.checkpoint, fingerprint)
+        fingerprint["parameters"]["ranks"] = f"rank {group.rank} of {group.world_size}"
+        stem = f"checkpoint-rank{group.rank}-of{group.world_size}"
+        files = [f"{stem}-{slot}.safetensors" for slot in "ab"]
+        return Checkpoint.open(self.checkpoint, fingerprint, files)
+
+    def _fingerprint(self, path: ModelPath, data: TensorData | StreamData) -> dict:
+        """What tells this fit from another: parameters, architecture, ends, start, X."""
         ignored = ("verbose", "device", "checkpoint")
         parameters = {
             name: _describe(value)
@@ -328,9 +378,48 @@ class GeodesicConnector(_BaseConnector):
             "start": tensor_digest(path.interior()),
             "data": _data_digest(data),
         }
-        return Checkpoint.open(self.checkpoint, fingerprint)
+        return fingerprint
 
-    def _settings(self, continuing: bool, checkpoint: Checkpoint | None = None) -> FitSettings:
+    def _check_distributed(self) -> None:
+        """Refuse, before any work, what a distributed fit cannot do."""
+        if not self.distributed:
+            return
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
+            raise ValueError(
+                "distributed=True needs an int random_state, so that every rank draws "
+                f"the same batches; got {self.random_state!r}. Set random_state=0 (any "
+                "int, the same on every rank)."
+            )
+
+    def _device_name(self) -> str | torch.device:
+        """``cuda:LOCAL_RANK`` for a distributed fit on GPUs under ``device="auto"``."""
+        if self.distributed and self.device == "auto" and torch.cuda.is_available():
+            return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        return self.device
+
+    def _path_group(self, path: ModelPath, inputs: FitInputs) -> PathGroup | None:
+        """The ranks the fit splits the points across, checked to agree; or None."""
+        if not self.distributed:
+            return None
+        assert inputs.data is not None
+        group = PathGroup.from_environment(inputs.device)
+        if path.n_points - 2 < group.world_size:
+            raise ValueError(
+                f"distributed=True splits the {path.n_points - 2} interior points of "
+                f"n_points={path.n_points} across {group.world_size} ranks, which leaves "
+                f"some rank without a point. Set n_points ≥ {group.world_size + 2}, or "
+                "launch fewer processes."
+            )
+        fingerprint = json.dumps(self._fingerprint(path, inputs.data), sort_keys=True)
+        group.check_same("models, X or parameters", fingerprint)
+        return group
+
+    def _settings(
+        self,
+        continuing: bool,
+        checkpoint: Checkpoint | None = None,
+        group: PathGroup | None = None,
+    ) -> FitSettings:
         return FitSettings(
             solver=self.solver,
             learning_rate=self.learning_rate_init,
@@ -341,8 +430,9 @@ class GeodesicConnector(_BaseConnector):
             coarse_to_fine=self.coarse_to_fine and not continuing,
             mixed_precision=self.mixed_precision,
             strategy=self.strategy,
-            verbose=self.verbose,
+            verbose=self.verbose if group is None or group.rank == 0 else 0,
             checkpoint=checkpoint,
+            group=group,
         )
 
     def _batch_order(self) -> torch.Generator:

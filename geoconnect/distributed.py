@@ -1,0 +1,211 @@
+"""Path-parallel fitting on ``torch.distributed``: the points split across processes.
+
+The geodesic energy couples neighbouring points only through their predictions on
+a shared batch, so a path splits cleanly across processes (ranks)::
+
+    rank 0              rank 1              rank 2
+    a ─ 1 ─ 2 ─ 3 ═══ 4 ─ 5 ─ 6 ─ 7 ═══ 8 ─ 9 ─ 10 ─ b
+        └ block 0 ┘     └─ block 1 ──┘     └ block 2 ┘
+
+Rank r optimises a contiguous block of the interior points. Every rank draws the
+same batches (the same ``random_state``). At each step every rank evaluates its
+block's first and last points, and the ranks exchange those logits — two
+(batch × classes) tensors per rank, whatever the model's size; then each rank
+differentiates the segments that touch its block, the segment ``═`` that straddles
+a boundary on both sides, each with the other side's logits detached, so each rank
+gets exactly its own points' gradient. After each epoch the segment sums are added
+up across ranks (so every rank records the same energy and stops at the same
+epoch) and each block's parameters are broadcast from its owner, so that every rank
+holds the whole path; gradients, optimiser moments and activations stay with the
+block. On the CPU the ranks talk over gloo, on GPUs over NCCL.
+
+:class:`PathGroup` is the engine's view of the process group: which block is
+whose, and the four collectives the fit needs. The connector makes one with
+:meth:`PathGroup.from_environment` under ``GeodesicConnector(distributed=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["PathGroup", "block_bounds"]
+
+#: How long a rank waits for the others at a collective before it raises, when
+#: geoconnect initialises the process group itself.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def block_bounds(n_interior: int, world_size: int) -> list[tuple[int, int]]:
+    """Each rank's block of interior points, ``[start, stop)`` in interior indices.
+
+    Contiguous blocks whose sizes differ by at most one, the larger ones first; a rank
+    gets an empty block when there are fewer interior points than ranks.
+
+    Examples
+    --------
+    >>> from geoconnect.distributed import block_bounds
+    >>> block_bounds(23, 2)
+    [(0, 12), (12, 23)]
+    >>> block_bounds(2, 3)
+    [(0, 1), (1, 2), (2, 2)]
+    """
+    base, extra = divmod(n_interior, world_size)
+    bounds, start = [], 0
+    for rank in range(world_size):
+        stop = start + base + (rank < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass
+class PathGroup:
+    """A process group fitting one path, a block of its points per rank.
+
+    Parameters
+    ----------
+    rank, world_size : int
+        This process's rank and the number of ranks.
+    group : ProcessGroup, optional
+        The torch.distributed group; default the default group.
+
+    Attributes
+    ----------
+    counts : dict of str to int
+        What this rank has sent: ``steps`` (exchanges of boundary logits),
+        ``exchanged_bytes`` (their bytes), ``shared_bytes`` (the parameters of its
+        blocks, broadcast after each epoch) and ``reduced_bytes`` (segment sums).
+        A fitted connector reports them as ``communication_``.
+
+    Examples
+    --------
+    >>> from geoconnect.distributed import PathGroup
+    >>> PathGroup(rank=1, world_size=2).block(23)
+    slice(12, 23, None)
+    """
+
+    rank: int
+    world_size: int
+    group: object = None
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("steps", "exchanged_bytes", "shared_bytes", "reduced_bytes"), 0
+        ),
+        compare=False,
+    )
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> PathGroup:
+        """The default process group, initialised from torchrun's variables if needed.
+
+        Raises a clear ``ValueError`` when there is no process group and no torchrun
+        environment to make one from.
+        """
+        if not dist.is_available():
+            raise ValueError(
+                "distributed=True needs torch.distributed, which this PyTorch build "
+                "lacks. Install a build with it, or set distributed=False."
+            )
+        if not dist.is_initialized():
+            missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR") if v not in os.environ]
+            if missing:
+                raise ValueError(
+                    "distributed=True needs an initialised torch.distributed process "
+                    "group, or torchrun's environment to make one (missing "
+                    f"{', '.join(missing)}). Launch the script with torchrun, e.g. "
+                    "torchrun --nproc_per_node=2 script.py, or call "
+                    "torch.distributed.init_process_group first; or set "
+                    "distributed=False."
+                )
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=DEFAULT_TIMEOUT)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    # -- which points are whose -------------------------------------------------------
+
+    def block(self, n_interior: int) -> slice:
+        """This rank's interior points (interior indices) of a level."""
+        start, stop = block_bounds(n_interior, self.world_size)[self.rank]
+        return slice(start, stop)
+
+    def owned_segments(self, n_interior: int) -> slice:
+        """The segments whose sums this rank reports: from its block's left neighbour
+        to its last point, and the last rank also the one to ``b``.
+
+        Segment ``s`` joins points ``s`` and ``s + 1`` of the level (ends included).
+        """
+        block = self.block(n_interior)
+        stop = block.stop + 1 if block.stop == n_interior else block.stop
+        return slice(block.start, stop)
+
+    # -- the collectives ---------------------------------------------------------------
+
+    def neighbours(
+        self, first: Tensor, last: Tensor, n_interior: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Exchange boundary logits: the points just before and after this block.
+
+        ``first`` and ``last`` are this block's first and last points' logits (any
+        tensors of one shape for an empty block). Returns the logits of the point
+        before the block and the point after it, or None where that point is the
+        fixed end ``a`` or ``b``.
+        """
+        mine = torch.stack([first, last]).contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        self.counts["steps"] += 1
+        self.counts["exchanged_bytes"] += _nbytes(mine)
+        bounds = block_bounds(n_interior, self.world_size)
+        start, stop = bounds[self.rank]
+        owners = [r for r, (lo, hi) in enumerate(bounds) if hi > lo]
+        left = next((gathered[r][1] for r in reversed(owners) if bounds[r][1] == start), None)
+        right = next((gathered[r][0] for r in owners if bounds[r][0] == stop), None)
+        return left, right
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks, in place; returned."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        self.counts["reduced_bytes"] += _nbytes(tensor)
+        return tensor
+
+    @torch.no_grad()
+    def share_points(self, stacks: dict[str, Tensor], n_interior: int) -> None:
+        """Broadcast each block's parameters from its owner: every rank the whole path.
+
+        ``stacks`` are a level's parameter stacks ``(n_interior + 2, *shape)``.
+        """
+        for owner, (start, stop) in enumerate(block_bounds(n_interior, self.world_size)):
+            if stop == start:
+                continue
+            for stack in stacks.values():
+                block = stack[1 + start : 1 + stop]
+                dist.broadcast(block, src=owner, group=self.group)
+                if owner == self.rank:
+                    self.counts["shared_bytes"] += _nbytes(block)
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value`` (a picklable object), in rank order."""
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def check_same(self, what: str, value: str) -> None:
+        """Raise on every rank when ``value`` differs between ranks, naming ``what``."""
+        values = self.gather(value)
+        differing = [r for r, v in enumerate(values) if v != values[0]]
+        if differing:
+            raise ValueError(
+                f"distributed=True: the ranks were given different {what} (rank "
+                f"{differing[0]} differs from rank 0). Every rank must fit the same "
+                "models on the same X with the same parameters (random_state included)."
+            )
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.element_size() * tensor.nelement()

@@ -1,0 +1,122 @@
+"""One rank of a distributed fit, run by tests/test_distributed.py under torchrun.
+
+``python -m torch.distributed.run --nproc_per_node=W tests/distributed_worker.py OUT
+[options]`` fits a small pair with ``GeodesicConnector(distributed=True)`` (or, with
+``--single``, in one process) and has rank 0 save what the tests compare: the path's
+parameters, the fitted numbers, the history, and the bytes each kind of collective
+sent. Every collective call of ``torch.distributed`` is wrapped to count them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+
+def _count_collectives(counts: dict[str, int]) -> None:
+    import torch.distributed as dist
+
+    def wrap(name: str, size) -> None:
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + size(*args)
+            counts[f"{name}_calls"] = counts.get(f"{name}_calls", 0) + 1
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    def nbytes(tensor) -> int:
+        return tensor.element_size() * tensor.nelement()
+
+    wrap("all_gather", lambda out, tensor, *rest: nbytes(tensor))
+    wrap("broadcast", lambda tensor, *rest: nbytes(tensor))
+    wrap("all_reduce", lambda tensor, *rest: nbytes(tensor))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--kind", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--solver", default="sgd")
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--max-iter", type=int, default=6)
+    parser.add_argument("--n-points", type=int, default=9)
+    parser.add_argument("--no-coarse", action="store_true")
+    parser.add_argument("--single", action="store_true")
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--fail-step", type=int, default=3)
+    parser.add_argument("--checkpoint", default=None)
+    return parser.parse_args(argv)
+
+
+def fit(args: argparse.Namespace) -> dict:
+    """The worker's fit; what rank 0 saves (every rank returns it)."""
+    import torch
+
+    import geoconnect.fitting as fitting
+    from geoconnect import GeodesicConnector
+    from geoconnect.models import load_digits_split, make_cnn, make_mlp
+
+    counts: dict[str, int] = {}
+    steps = [0]
+    if not args.single:
+        _count_collectives(counts)
+        original_step = fitting.train_step
+
+        def step(state, batch):
+            steps[0] += 1
+            if steps[0] == args.fail_step and int(os.environ["RANK"]) == args.fail_rank:
+                raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
+            return original_step(state, batch)
+
+        fitting.train_step = step
+
+    data = load_digits_split()
+    if args.kind == "mlp":
+        X = torch.as_tensor(data.X_train[:192], dtype=torch.float32)
+        a = make_mlp((64, args.width, args.width, 10), seed=1)
+        b = make_mlp((64, args.width, args.width, 10), seed=2)
+    else:
+        X = torch.as_tensor(data.images_train[:192], dtype=torch.float32)
+        a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
+    geo = GeodesicConnector(
+        n_points=args.n_points,
+        solver=args.solver,
+        learning_rate_init=args.learning_rate,
+        max_iter=args.max_iter,
+        batch_size=64,
+        random_state=0,
+        device="cpu",
+        coarse_to_fine=not args.no_coarse,
+        distributed=not args.single,
+        checkpoint=args.checkpoint,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence after a few epochs is not the point
+        geo.fit(X, model_a=a, model_b=b)
+    return {
+        "params": geo.path_.parameters_vector(),
+        "energy": geo.energy_,
+        "length": geo.length_,
+        "history": geo.history_,
+        "n_params": geo.path_.n_params,
+        "counts": counts,
+        "steps": steps[0],
+    }
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the kernels of the single-process reference, also one thread
+    args = parse()
+    result = fit(args)
+    if args.single or int(os.environ["RANK"]) == 0:
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

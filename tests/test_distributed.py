@@ -1,0 +1,170 @@
+"""Path-parallel fitting: torchrun with gloo on the CPU gives the single-process path.
+
+Each test launches ``torch.distributed.run`` (torchrun) on tests/distributed_worker.py
+with two or three CPU ranks, and compares what rank 0 saved with the same fit in one
+process (also one thread, so both run the same kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+from geoconnect import GeodesicConnector
+from geoconnect.distributed import PathGroup, block_bounds
+
+WORKER = Path(distributed_worker.__file__)
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+
+def torchrun(out: Path, world_size: int, *options: str) -> subprocess.CompletedProcess:
+    """The worker on ``world_size`` CPU ranks, one thread each."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world_size}",
+        str(WORKER),
+        str(out),
+        *options,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def launch(tmp_path: Path, world_size: int, *options: str) -> dict:
+    """What rank 0 of the worker saved; ``world_size=0``: the fit in this process."""
+    if world_size == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the ranks' kernels
+        try:
+            return distributed_worker.fit(distributed_worker.parse(["-", "--single", *options]))
+        finally:
+            torch.set_num_threads(threads)
+    out = tmp_path / f"ws{world_size}.pt"
+    done = torchrun(out, world_size, *options)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "options"),
+    [
+        (2, ("--kind", "mlp")),
+        (3, ("--kind", "mlp", "--no-coarse")),
+        (2, ("--kind", "cnn")),
+        (3, ("--kind", "cnn", "--n-points", "13")),
+    ],
+    ids=["mlp-2", "mlp-3-one-level", "batchnorm-cnn-2", "batchnorm-cnn-3"],
+)
+def test_the_distributed_path_is_the_single_process_path(tmp_path, world_size, options):
+    # SGD: the same gradients give the same path, to the last bit in practice.
+    single = launch(tmp_path, 0, *options)
+    split = launch(tmp_path, world_size, *options)
+    torch.testing.assert_close(split["params"], single["params"], rtol=1e-5, atol=1e-5)
+    assert split["energy"] == pytest.approx(single["energy"], rel=1e-5)
+    assert split["length"] == pytest.approx(single["length"], rel=1e-5)
+    assert split["history"]["n_points"] == single["history"]["n_points"]
+    assert split["history"]["energy"] == pytest.approx(single["history"]["energy"], rel=1e-5)
+
+
+def test_with_adam_the_distributed_fit_reaches_the_same_numbers(tmp_path):
+    # Adam divides by the gradients' running size, which magnifies rounding
+    # differences (those between thread counts too); the fit's numbers still agree.
+    options = ("--kind", "cnn", "--solver", "adam", "--learning-rate", "0.003")
+    single = launch(tmp_path, 0, *options)
+    split = launch(tmp_path, 2, *options)
+    assert split["energy"] == pytest.approx(single["energy"], rel=1e-3)
+    assert split["length"] == pytest.approx(single["length"], rel=1e-3)
+    torch.testing.assert_close(split["params"], single["params"], rtol=0, atol=1e-2)
+
+
+def test_bytes_per_step_do_not_grow_with_the_model(tmp_path):
+    small = launch(tmp_path, 2, "--width", "8", "--no-coarse", "--max-iter", "2")
+    large = launch(tmp_path, 2, "--width", "64", "--no-coarse", "--max-iter", "2")
+    assert large["n_params"] > 10 * small["n_params"]
+    # Per step: one all_gather of the two boundary points' logits (batch × classes).
+    for run in (small, large):
+        assert run["counts"]["all_gather_calls"] == run["steps"]
+    assert large["counts"]["all_gather"] == small["counts"]["all_gather"]
+    assert small["counts"]["all_gather"] == small["steps"] * 2 * 64 * 10 * 4
+    # Per epoch: the blocks' parameters, so that every rank holds the whole path.
+    ratio = large["counts"]["broadcast"] / small["counts"]["broadcast"]
+    assert ratio == pytest.approx(large["n_params"] / small["n_params"], rel=1e-6)
+
+
+def test_a_rank_that_fails_makes_every_rank_fail_without_hanging(tmp_path):
+    out = tmp_path / "never.pt"
+    done = torchrun(out, 2, "--fail-rank", "1")
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "rank 1 fails on purpose" in output
+    assert not out.exists()
+
+
+def test_a_distributed_fit_that_crashed_resumes_from_its_checkpoints(tmp_path):
+    # Rank 1 fails in the third epoch (three steps per epoch); the refit resumes from
+    # the last epoch both ranks wrote and ends with the uninterrupted path.
+    directory = tmp_path / "checkpoints"
+    options = ("--kind", "cnn", "--checkpoint", str(directory))
+    crashed = torchrun(tmp_path / "crashed.pt", 2, *options, "--fail-rank", "1", "--fail-step", "8")
+    assert crashed.returncode != 0 and "rank 1 fails on purpose" in crashed.stdout + crashed.stderr
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == [f"checkpoint-rank{r}-of2-{s}.safetensors" for r in (0, 1) for s in "ab"]
+    resumed = launch(tmp_path, 2, *options)
+    assert resumed["steps"] < 6 * 3  # it did not start again
+    single = launch(tmp_path, 0, "--kind", "cnn")
+    torch.testing.assert_close(resumed["params"], single["params"], rtol=1e-5, atol=1e-5)
+    assert resumed["history"]["energy"] == pytest.approx(single["history"]["energy"], rel=1e-5)
+
+
+@given(n_interior=st.integers(0, 60), world_size=st.integers(1, 8))
+def test_blocks_are_contiguous_balanced_and_cover_the_interior(n_interior, world_size):
+    bounds = block_bounds(n_interior, world_size)
+    assert len(bounds) == world_size
+    assert bounds[0][0] == 0 and bounds[-1][1] == n_interior
+    assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    # The reported segments cover each of the level's segments exactly once.
+    owned = [PathGroup(rank, world_size).owned_segments(n_interior) for rank in range(world_size)]
+    covered = [s for part in owned for s in range(part.start, part.stop)]
+    if n_interior >= world_size:
+        assert covered == list(range(n_interior + 1))
+
+
+def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    geo = GeodesicConnector(n_points=5, max_iter=1, device="cpu", random_state=0, distributed=True)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"torchrun --nproc_per_node=2"):
+        geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
+    assert not hasattr(geo, "path_")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"random_state": None}, "int random_state"),
+    ],
+)
+def test_distributed_refuses_what_it_cannot_do(params, message):
+    geo = GeodesicConnector(n_points=5, max_iter=1, device="cpu", distributed=True, **params)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=message):
+        geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
