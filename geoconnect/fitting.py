@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ._data import Batch, StreamData, TensorData
 from ._inputs import Inputs, n_rows
+from ._optim import SGD, Adam
 from .checkpoint import Checkpoint, checkpoint_epochs
 from .distributed import PathGroup
 from .divergences import (
@@ -44,6 +45,9 @@ from .divergences import (
 from .evaluation import euclidean_length, fisher_rao_length, segment_divergences
 from .path import ModelPath, Strategy
 from .persistence import prefixed
+
+#: The fit's optimisers (see :mod:`geoconnect._optim`).
+Optimizer = Adam | SGD
 
 __all__ = [
     "EndLogits",
@@ -139,7 +143,7 @@ class FitState:
     block : slice
         Which interior points of the level :attr:`interior` holds: all of them, or
         this rank's block (:meth:`~geoconnect.distributed.PathGroup.block`).
-    optimizer : torch.optim.Optimizer or None
+    optimizer : Adam or SGD or None
         The current level's optimiser of ``interior``.
     best, stale : float, int
         Early stopping: the lowest energy of the level, epochs since it improved.
@@ -164,7 +168,7 @@ class FitState:
     interior: dict[str, Tensor] = field(default_factory=dict)
     fixed: dict[str, Tensor] = field(default_factory=dict)
     block: slice = field(default_factory=lambda: slice(0, 0))
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: Optimizer | None = None
     best: float = math.inf
     stale: int = 0
     initial_energy: float = math.nan
@@ -678,33 +682,26 @@ def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:
     return stopped
 
 
-def _make_optimizer(interior: dict[str, Tensor], settings: FitSettings) -> torch.optim.Optimizer:
+def _make_optimizer(interior: dict[str, Tensor], settings: FitSettings) -> Optimizer:
     """Adam (torch's fused kernel where it has one) or SGD over the moving tensors."""
     tensors = [t.requires_grad_(True) for t in interior.values()]
     if settings.solver == "sgd":
-        return torch.optim.SGD(tensors, lr=settings.learning_rate)
-    # The fused kernel: a third of the for-loop implementation's time per step (130
-    # against 430 us on the digits CNN).
-    device = tensors[0].device
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    return torch.optim.Adam(tensors, lr=settings.learning_rate, **fused)
+        return SGD(tensors, lr=settings.learning_rate)
+    return Adam(tensors, lr=settings.learning_rate)
 
 
-def _moments(optimizer: torch.optim.Optimizer, solver: str) -> dict[str, Tensor]:
+def _moments(optimizer: Optimizer, solver: str) -> dict[str, Tensor]:
     """The optimiser's state tensors, ``"<solver>/<tensor index>/<name>"``, copied."""
     return {
-        f"{solver}/{index}/{name}": value.detach().clone()
-        for index, entry in optimizer.state_dict()["state"].items()
+        f"{solver}/{index}/{name}": value
+        for index, entry in optimizer.moments().items()
         for name, value in entry.items()
-        if isinstance(value, Tensor)
     }
 
 
-def _load_moments(
-    optimizer: torch.optim.Optimizer, moments: dict[str, Tensor], solver: str
-) -> None:
+def _load_moments(optimizer: Optimizer, moments: dict[str, Tensor], solver: str) -> None:
     """Load :func:`_moments` of the same solver and tensors into ``optimizer``."""
-    params = optimizer.param_groups[0]["params"]
+    params = optimizer.params
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in moments.items():
         owner, index, name = key.split("/", 2)
@@ -713,9 +710,7 @@ def _load_moments(
         if int(index) >= len(params) or (value.ndim and value.shape != params[int(index)].shape):
             return  # another path's
         state.setdefault(int(index), {})[name] = value
-    if state:
-        groups = optimizer.state_dict()["param_groups"]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_moments(state)
 
 
 def _update_no_improvement_count(state: FitState, energy: float) -> bool:
@@ -1002,7 +997,10 @@ class _Step:
 
     def backward(self, chunk: _Chunk) -> None:
         """Back-propagate a chunk into its slice of the interior's gradient, and free it."""
-        chunk.logits.backward(chunk.grad)
+        # The vector-Jacobian product as the gradient of a scalar: the same numbers
+        # (each logit's gradient times one), without backward(gradient=)'s first-use
+        # import of sympy (0.7 s, as long as several epochs of a small network).
+        torch.sum(chunk.logits * chunk.grad).backward()
         for name, leaf in chunk.leaves.items():
             target = self.interior[name].grad[chunk.where]  # type: ignore[index]
             if leaf.grad is None:  # a parameter the forward pass does not use

@@ -1,0 +1,140 @@
+"""The fit's optimisers: Adam and SGD over the path's moving tensors, updated in place.
+
+They compute what ``torch.optim.Adam(fused=True)`` and ``torch.optim.SGD`` compute —
+the same kernels, bitwise the same steps — without ``torch.optim.Optimizer``, whose
+first use in a process imports ``torch._dynamo``: about 2 s, five epochs of a small
+network's fit, before the first step. As in optax, an optimiser is its update and its
+state; the state is what a checkpoint or a warm start carries
+(:meth:`Adam.moments`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Devices with torch's fused Adam kernel; elsewhere the same update in plain ops.
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+class SGD:
+    """Plain gradient descent: ``θ ← θ − lr · g``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._optim import SGD
+    >>> w = torch.ones(3)
+    >>> w.grad = torch.full((3,), 2.0)
+    >>> SGD([w], lr=0.5).step()
+    >>> w.tolist()
+    [0.0, 0.0, 0.0]
+    """
+
+    def __init__(self, params: list[Tensor], lr: float):
+        self.params, self.lr = params, lr
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            p.add_(p.grad, alpha=-self.lr)
+
+    def moments(self) -> dict[int, dict[str, Tensor]]:
+        return {}
+
+    def load_moments(self, state: dict[int, dict[str, Tensor]]) -> None:
+        """SGD has no state."""
+
+
+class Adam:
+    """Adam (Kingma & Ba), with torch's defaults ``betas=(0.9, 0.999)``, ``eps=1e-8``.
+
+    The state is created at the first step, as torch's is: per tensor ``exp_avg``,
+    ``exp_avg_sq`` and ``step``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._optim import Adam
+    >>> w = torch.zeros(2)
+    >>> w.grad = torch.tensor([1.0, -1.0])
+    >>> adam = Adam([w], lr=0.1)
+    >>> adam.step()
+    >>> [round(x, 6) for x in w.tolist()], sorted(adam.moments()[0])
+    ([-0.1, 0.1], ['exp_avg', 'exp_avg_sq', 'step'])
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.state: dict[int, dict[str, Tensor]] = {}
+
+    def _begin(self) -> None:
+        for index, p in enumerate(self.params):
+            self.state.setdefault(
+                index,
+                {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                },
+            )
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._begin()
+        states = [self.state[i] for i in range(len(self.params))]
+        steps = [s["step"] for s in states]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in self.params]
+        if self.params and self.params[0].device.type in _FUSED_DEVICES:
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                self.params,
+                grads,
+                m,
+                v,
+                [],
+                steps,
+                amsgrad=False,
+                lr=self.lr,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                weight_decay=0.0,
+                eps=self.eps,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+            return
+        for p, g, mean, square, step in zip(self.params, grads, m, v, steps):
+            self._plain_step(p, g, mean, square, step)
+
+    def _plain_step(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> None:
+        """torch's single-tensor Adam, for devices without the fused kernel."""
+        beta1, beta2 = self.betas
+        step += 1
+        t = float(step)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        size = self.lr / (1 - beta1**t)
+        denominator = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
+        p.addcdiv_(m, denominator, value=-size)
+
+    def moments(self) -> dict[int, dict[str, Tensor]]:
+        """The state, copied: ``{tensor index: {"exp_avg", "exp_avg_sq", "step"}}``."""
+        return {i: {k: v.detach().clone() for k, v in s.items()} for i, s in self.state.items()}
+
+    def load_moments(self, state: dict[int, dict[str, Tensor]]) -> None:
+        """Continue from :meth:`moments` of an Adam over tensors of the same shapes."""
+        for index, entry in state.items():
+            p = self.params[index]
+            self.state[index] = {
+                name: value.to(device=p.device, dtype=torch.float32 if name == "step" else p.dtype)
+                for name, value in entry.items()
+            }
