@@ -253,6 +253,78 @@ def extract_logits(out: object, output: Output = None) -> Tensor:
     return value
 
 
+class Probabilities:
+    """Read a model's output as class probabilities: the logits are their logarithms.
+
+    The connectors wrap the ``output`` in it when a model's rows on the first samples
+    of X are non-negative and sum to one (a softmax at the end, skorch's ``NLLLoss``
+    convention); log-probabilities need nothing, being logits already.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._inputs import Probabilities
+    >>> Probabilities()(torch.tensor([[0.25, 0.75]])).exp()
+    tensor([[0.2500, 0.7500]])
+    """
+
+    kind = "probabilities"
+
+    def __init__(self, output: Output = None):
+        self.output = output
+
+    def __call__(self, out: object) -> Tensor:
+        return torch.log(extract_logits(out, self.output))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.output == self.output  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.output!r})"
+
+
+class BinaryLogit(Probabilities):
+    """Read a model's single output ``z`` as a binary classifier's logit: ``[0, z]``.
+
+    ``softmax([0, z])`` is ``[1 − σ(z), σ(z)]``, the probabilities the logit means.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._inputs import BinaryLogit
+    >>> BinaryLogit()(torch.tensor([[2.0]]))
+    tensor([[0., 2.]])
+    """
+
+    kind = "binary-logit"
+
+    def __call__(self, out: object) -> Tensor:
+        z = extract_logits(out, self.output)
+        return torch.cat([torch.zeros_like(z), z], dim=-1)
+
+
+_CONVENTIONS = {c.kind: c for c in (Probabilities, BinaryLogit)}
+
+
+def adapt_output(logits: Tensor, output: Output) -> Output:
+    """``output``, wrapped for what ``logits`` (on the first samples) show they are.
+
+    One column: a binary classifier's logit (:class:`BinaryLogit`). Rows that are
+    non-negative and sum to one: probabilities (:class:`Probabilities`). Anything
+    else: logits, ``output`` as it is.
+    """
+    if isinstance(output, Probabilities) or logits.ndim != 2:
+        return output
+    if logits.shape[1] == 1:
+        return BinaryLogit(output)
+    finite = bool(torch.isfinite(logits).all())
+    if finite and logits.shape[1] >= 2 and bool((logits >= 0).all()):
+        sums = logits.double().sum(-1)
+        if bool(torch.allclose(sums, torch.ones_like(sums), rtol=0.0, atol=1e-4)):
+            return Probabilities(output)
+    return output
+
+
 def _entries(out: object) -> str:
     if isinstance(out, Mapping):
         return f" (its keys are {list(out)[:8]})"
@@ -261,9 +333,16 @@ def _entries(out: object) -> str:
     return ""
 
 
-def describe_output(output: Output) -> str | int | None:
-    """``output`` as a file records it: itself, or a callable's qualified name."""
+def describe_output(output: Output) -> str | int | dict | None:
+    """``output`` as a file records it: itself, a convention, or a callable's name."""
     if output is None or isinstance(output, (str, int)):
         return output
+    if isinstance(output, Probabilities):
+        return {"convention": output.kind, "output": describe_output(output.output)}
     module = getattr(output, "__module__", "?")
     return f"callable:{module}.{getattr(output, '__qualname__', type(output).__name__)}"
+
+
+def convention(record: dict, inner: Output) -> Output:
+    """The :class:`Probabilities` or :class:`BinaryLogit` a file's record describes."""
+    return _CONVENTIONS[record["convention"]](inner)

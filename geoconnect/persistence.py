@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ._inputs import Output, describe_output
+from ._inputs import Output, convention, describe_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from .path import ModelPath
@@ -454,6 +454,8 @@ def load_path(
 
 def _saved_output(saved: object, given: Output, file: Path) -> Output:
     """The path's ``output``: the file's key or index, or the callable the caller gives."""
+    if isinstance(saved, dict):  # a convention (probabilities, a binary logit) around one
+        return convention(saved, _saved_output(saved.get("output"), given, file))
     if isinstance(saved, str) and saved.startswith("callable:"):
         if given is None:
             raise ValueError(

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -521,3 +522,74 @@ def test_alignment_checks_the_aligned_copy_on_mapping_x():
     assert line.path_.alignment  # units were permuted …
     with torch.no_grad():  # … and the last point still computes model_b
         torch.testing.assert_close(line.path_[-1](**X), Keywords(1)(**X), rtol=1e-5, atol=1e-6)
+
+
+# -- output conventions: probabilities, log-probabilities, one binary logit ------------------
+
+
+class Softmaxed(nn.Module):
+    """An MLP ending in a softmax (skorch's NLLLoss convention) or a log-softmax."""
+
+    def __init__(self, seed: int, log: bool = False):
+        super().__init__()
+        self.body = Wrapped("bare", seed).body
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.body(x)
+        return logits.log_softmax(-1) if self.log else logits.softmax(-1)
+
+
+class OneLogit(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["probabilities", "log-probabilities"])
+def test_probability_outputs_give_the_losses_of_the_logits(log):
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    line = LinearConnector(n_points=5, device="cpu")
+    line.fit(X, model_a=Softmaxed(0, log), model_b=Softmaxed(1, log))
+    bare = LinearConnector(n_points=5, device="cpu")
+    bare.fit(X, model_a=Wrapped("bare", 0), model_b=Wrapped("bare", 1))
+    np.testing.assert_allclose(line.evaluate(X, y).loss, bare.evaluate(X, y).loss, rtol=1e-5)
+    np.testing.assert_allclose(line.transform(X), bare.transform(X), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # the end's loss is the model's own cross-entropy
+        own = F.nll_loss(Softmaxed(0, log)(X).log() if not log else Softmaxed(0, log)(X), y)
+    assert line.evaluate(X, y).loss[0] == pytest.approx(float(own), rel=1e-5)
+
+
+def test_a_single_logit_binary_classifier_is_read_as_two_logits(tmp_path):
+    X, y = torch.randn(40, 6), torch.randint(0, 2, (40,))
+    geo = fit_quietly(quiet_geodesic(), X, y, model_a=OneLogit(0), model_b=OneLogit(1))
+    assert geo.n_classes_ == 2 and geo.transform(X).shape == (40, 5 * 2)
+    with torch.no_grad():
+        bce = F.binary_cross_entropy_with_logits(OneLogit(1)(X)[:, 0], y.float())
+    assert geo.evaluate(X, y).loss[-1] == pytest.approx(float(bce), rel=1e-5)
+    loaded = ModelPath.load(geo.path_.save(tmp_path / "binary.safetensors"), template=OneLogit(5))
+    torch.testing.assert_close(loaded.logits(X), geo.path_.logits(X), rtol=0, atol=0)
+
+
+def test_ends_of_different_output_conventions_are_refused():
+    X = torch.randn(20, 6)
+    with pytest.raises(
+        ValueError, match="model_a's outputs read as probabilities but model_b's as logits"
+    ):
+        LinearConnector(device="cpu").fit(X, model_a=Softmaxed(0), model_b=Wrapped("bare", 1))
+
+
+def test_an_output_of_one_number_per_sample_says_regression_is_not_supported():
+    class Regressor(OneLogit):
+        def forward(self, x):
+            return self.body(x)[:, 0]
+
+    with pytest.raises(ValueError, match="regression is not supported"):
+        LinearConnector(device="cpu").fit(
+            torch.randn(20, 6), model_a=Regressor(0), model_b=Regressor(1)
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,8 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from .._data import StreamData, TensorData, as_data, check_labels
 from .._device import resolve_device
 from .._inputs import (
+    BinaryLogit,
     Inputs,
     Output,
+    Probabilities,
+    adapt_output,
     call,
     check_keywords,
     describe,
@@ -75,6 +79,9 @@ class FitInputs:
     label_classes: np.ndarray | None = None
     #: The permutations ``align`` applied to model_b's units, by group; empty without.
     alignment: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: How the path reads logits off the models' output: ``output``, or converting
+    #: probabilities or a binary logit (see :func:`geoconnect._inputs.adapt_output`).
+    output: Output = None
 
 
 class _BaseConnector(TransformerMixin, BaseEstimator):
@@ -180,7 +187,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
     def _line(self, inputs: FitInputs) -> ModelPath:
         """The straight line between the models, its ends checked against them."""
         path = ModelPath.linear(inputs.model_a, inputs.model_b, self.n_points, inputs.device)
-        path.output = self.output
+        path.output = inputs.output
         path.alignment = {k: v.to(inputs.device) for k, v in inputs.alignment.items()}
         if inputs.data is not None:
             _check_ends(path, inputs)
@@ -214,7 +221,9 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             copy_b, alignment = self._align_models(copy_a, copy_b, None)
             features = {"n_features_in_": _UNSET, "feature_names_in_": _UNSET}
             dtype = float_dtype(copy_a)
-            return FitInputs(device, copy_a, copy_b, None, -1, dtype, features, None, alignment)
+            return FitInputs(
+                device, copy_a, copy_b, None, -1, dtype, features, None, alignment, self.output
+            )
         X, features = self._validate_fit_X(X)
         classes = None
         if train:
@@ -225,9 +234,15 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             copy_b = copy.deepcopy(model_b).to(device).eval()
             data = as_data(X, y, device=device, dtype=float_dtype(copy_a))
         check_keywords(copy_a, data.head(1), "model_a")
-        n_classes = _probe_model(copy_a, data, "model_a", self.output)
-        _probe_model(copy_b, data, "model_b", self.output)
-        copy_b, alignment = self._align_models(copy_a, copy_b, data)
+        n_classes, output = _probe_model(copy_a, data, "model_a", self.output)
+        _, output_b = _probe_model(copy_b, data, "model_b", self.output)
+        if type(output_b) is not type(output):
+            raise ValueError(
+                f"model_a's outputs read as {_reading(output)} but model_b's as "
+                f"{_reading(output_b)}; the two ends must be of one architecture with "
+                "one output convention."
+            )
+        copy_b, alignment = self._align_models(copy_a, copy_b, data, output)
         if isinstance(data, TensorData):
             check_labels(data.y, n_classes)
             if data.n_samples < 2 and has_batchnorm(copy_a):
@@ -237,7 +252,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 )
         dtype = float_dtype(copy_a)
         return FitInputs(
-            device, copy_a, copy_b, data, n_classes, dtype, features, classes, alignment
+            device, copy_a, copy_b, data, n_classes, dtype, features, classes, alignment, output
         )
 
     def _device_name(self) -> str | torch.device:
@@ -262,7 +277,11 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         return False
 
     def _align_models(
-        self, model_a: nn.Module, model_b: nn.Module, data: TensorData | StreamData | None
+        self,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        data: TensorData | StreamData | None,
+        output: Output = None,
     ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """Apply ``align`` to the copy of model_b; check on data that it still agrees.
 
@@ -282,8 +301,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         if data is not None:
             with torch.no_grad():
                 x = data.head(64)
-                before = extract_logits(call(model_b, x), self.output)
-                after = extract_logits(call(aligned, x), self.output)
+                before = extract_logits(call(model_b, x), output)
+                after = extract_logits(call(aligned, x), output)
             if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * before.abs().max()):
                 raise ValueError(
                     f"align={self.align!r}: the permutation structure derived for "
@@ -668,6 +687,12 @@ def _check_ends(path: ModelPath, inputs: FitInputs) -> None:
         )
 
 
+def _reading(output: Output) -> str:
+    if isinstance(output, BinaryLogit):
+        return "one binary logit"
+    return "probabilities" if isinstance(output, Probabilities) else "logits"
+
+
 def _differences(model_a: nn.Module, model_b: nn.Module) -> str:
     """What model_b has that a path built from model_a's module does not reproduce."""
     found = []
@@ -738,17 +763,17 @@ def _probe_model(
     name: str,
     output: Output,
     params: ModelPath | None = None,
-) -> int:
-    """Run ``model`` on two samples; turn a failure into a clear ``ValueError``.
+) -> tuple[int, Output]:
+    """Run ``model`` (or the path's first point) on the first samples of X.
 
-    Returns the number of classes.
+    Returns the number of classes and how to read logits off the model's output:
+    ``output``, or for a model (not a path) whose rows are probabilities or one
+    binary logit, ``output`` wrapped to convert them (:func:`adapt_output`). A
+    failure is a clear ``ValueError``.
     """
     x = _probe_batch(data, 2, model)
     try:
-        if params is not None:
-            out = params.logits(x, points=[0])[0]
-        else:
-            raw = call(model, x)
+        raw = params.logits(x, points=[0])[0] if params is not None else call(model, x)
     except Exception as exc:
         expected = (
             "(n_samples, *input_shape) with the input shape the models expect"
@@ -759,14 +784,29 @@ def _probe_model(
             f"{name} cannot be applied to X: {describe(x)} raised "
             f"{type(exc).__name__}: {exc}. X must be {expected}."
         ) from None
-    if params is None:
-        out = extract_logits(raw, output)
+    if params is not None:
+        _check_logits(raw, x, name, output)
+        return int(raw.shape[1]), output
+    logits = extract_logits(raw, output)
+    _check_logits(logits, x, name, output)
+    adapted = adapt_output(logits, output)
+    if adapted is not output:
+        logits = extract_logits(raw, adapted)
+    # NaN on later rows of X is reported along the path (a warning, NaN numbers and
+    # score −inf), not refused here.
+    _check_finite(logits, name, adapted)
+    return int(logits.shape[1]), adapted
+
+
+def _check_logits(out: torch.Tensor, x: Inputs, name: str, output: Output) -> None:
+    """Refuse what is no batch of logits (or one column, a binary logit)."""
     if out.ndim != 2:
         raise ValueError(
             f"{name} must map a batch of X to logits of shape (batch, n_classes); for "
             f"{describe(x)} its logits have shape {tuple(out.shape)}"
             + (
-                ". Pass output= to say where the logits are in its output."
+                ". Pass output= to say where the logits are in its output (geoconnect "
+                "connects classifiers; regression is not supported yet)."
                 if output is None
                 else f" (read by output={output!r})."
             )
@@ -777,11 +817,16 @@ def _probe_model(
             "sample is needed, (batch, n_classes)."
             + ("" if output is None else f" Check output={output!r}.")
         )
-    if out.shape[1] < 2:
-        raise ValueError(
-            f"{name} returns {out.shape[1]} logit per sample; a classifier needs at "
-            "least 2 classes (use two logits for a binary problem)."
-        )
-    if not torch.isfinite(out).all():
+    if out.shape[1] < 1:
+        raise ValueError(f"{name} returns no logit per sample; a classifier needs some.")
+
+
+def _check_finite(logits: torch.Tensor, name: str, output: Output) -> None:
+    """Refuse NaN and infinite logits; ``−inf`` only where a probability was zero."""
+    if isinstance(output, Probabilities) and not isinstance(output, BinaryLogit):
+        bad = torch.isnan(logits) | (logits == math.inf)
+        if bool(bad.any()) or not bool(torch.isfinite(logits).any(-1).all()):
+            raise ValueError(f"{name} returns NaN or infinite probabilities on X.")
+        return
+    if not torch.isfinite(logits).all():
         raise ValueError(f"{name} returns NaN or infinite logits on X.")
-    return int(out.shape[1])
