@@ -12,8 +12,9 @@ re-solves one layer's permutation as a linear assignment problem that maximises
 ``Σ ⟨W_a, P W_b⟩`` over every tensor that permutation touches, the others held
 fixed. Which axes of which tensors a permutation touches is a
 :class:`PermutationSpec`, derived automatically with ``torch.fx`` for sequential
-MLPs and CNNs, BatchNorm/LayerNorm/GroupNorm layers, residual blocks and
-``nn.TransformerEncoder`` stacks, or given explicitly for anything else.
+MLPs and CNNs, BatchNorm/LayerNorm/GroupNorm layers, residual blocks,
+concatenations, ConvNeXt blocks, ViT patch embeddings and ``nn.TransformerEncoder``
+stacks, or given explicitly for anything else.
 
 Which architectures align by themselves (what the tests check):
 
@@ -34,12 +35,36 @@ Which architectures align by themselves (what the tests check):
   embeddings, the attention's input and output projections, every LayerNorm, the
   head's inputs) and each layer's feed-forward units. Attention heads keep their
   order.
+- Concatenation along the channels (``torch.cat(..., 1)``): torchvision's DenseNet
+  module structure (dense layers, dense blocks, transition layers) and SqueezeNet's
+  ``Fire`` modules. The concatenated axis carries each part's own permutation, one
+  segment after another (an axis entry of the spec that is a tuple of names). A
+  concatenation with never-permuted units (the network's input) keeps all its
+  parts in place.
+- ConvNeXt blocks, as in the official code (depthwise 7×7, ``permute(0, 2, 3, 1)``,
+  ``LayerNorm``, ``Linear``–GELU–``Linear``, ``self.gamma * x``, ``permute(0, 3, 1,
+  2)``, drop path or ``nn.Identity``, residual add) and as torchvision's ``CNBlock``
+  (a ``Permute`` module, ``layer_scale`` of shape ``(C, 1, 1)``, stochastic depth),
+  with ``LayerNorm2d`` (``F.layer_norm`` between two permutes): ``permute`` /
+  ``transpose`` move the units between the channels-first and channels-last axis,
+  and a parameter or buffer used directly in ``forward`` in elementwise arithmetic
+  moves with the units it is broadcast against (along the axis that meets them,
+  unless that axis has size 1). Drop path is followed in eval mode, where it is the
+  identity.
+- A small ViT as timm writes it: ``Conv2d(kernel_size=stride=patch)``,
+  ``flatten(2).transpose(1, 2)``, a class token ``expand``-ed and concatenated along
+  the tokens, a learned position embedding added directly, an
+  ``nn.TransformerEncoder``, ``LayerNorm``, a head on ``x[:, 0]``: the residual
+  stream is the patch convolution's output channels.
 - Hugging Face ``transformers`` models (for BERT, torch.fx cannot trace
   ``bert.encoder.layer.0.attention.self``), ``nn.MultiheadAttention`` called
-  directly, parameters used directly in ``forward``, data-dependent control flow and
-  unknown layers: a ``ValueError`` naming the module, with the two ways forward, an
-  explicit ``PermutationSpec`` or no alignment (``align=None``: the geodesic does not
-  need it).
+  directly, parameters used directly other than elementwise (``x @ self.w``, or
+  concatenated along the units), reductions over the units (the official
+  ConvNeXt's channels-first LayerNorm written out with ``x.mean(1, keepdim=True)``),
+  a concatenation added to units permuted as one, data-dependent control flow and
+  unknown layers: a ``ValueError`` naming the module, operation or parameter, with
+  the two ways forward, an explicit ``PermutationSpec`` or no alignment
+  (``align=None``: the geodesic does not need it).
 
 The network's inputs and outputs are never permuted, so the aligned copy computes
 what model_b computes; the connectors check this on the fit data.
@@ -79,20 +104,27 @@ class PermutationSpec:
 
     Parameters
     ----------
-    axes : mapping of str to sequence of (str or None)
+    axes : mapping of str to sequence of (str, tuple of str, or None)
         For each parameter or buffer name (as in ``named_parameters()`` /
         ``named_buffers()``), one entry per axis of the tensor: the name of the
         permutation acting on that axis, or None. Names left out are not permuted.
         An axis ``k`` times longer than its permutation holds ``k`` consecutive
         entries per unit — the layout of ``flatten`` applied to a
         ``(channels, *spatial)`` feature map — and is permuted block by block.
+        A tuple of names ``(p1, p2, ...)`` is an axis concatenated from segments
+        (``torch.cat`` of differently permuted units, as in DenseNet): the units of
+        ``p1``, then those of ``p2``, each segment permuted by its own permutation
+        (and ``k`` entries per unit, as above, for an axis ``k`` times longer than
+        the segments together). Every permutation in a tuple must also act on some
+        axis whole, which gives its size.
 
     Attributes
     ----------
-    axes : dict of str to tuple of (str or None)
-        The specification.
+    axes : dict of str to tuple of (str, tuple of str, or None)
+        The specification (a one-name tuple is stored as that name).
     perm_to_axes : dict of str to list of (str, int)
-        For each permutation, the ``(tensor name, axis)`` pairs it acts on.
+        For each permutation, the ``(tensor name, axis)`` pairs it acts on (whole,
+        or a segment of).
 
     See Also
     --------
@@ -118,15 +150,24 @@ class PermutationSpec:
     ... )
     >>> hand.perm_to_axes
     {'h': [('0.weight', 0), ('0.bias', 0), ('2.weight', 1)]}
+
+    A layer reading ``torch.cat([h1, h2], dim=1)`` of two 4-unit layers has an input
+    axis of two segments:
+
+    >>> cat = PermutationSpec(
+    ...     {"a.weight": ("h1", None), "b.weight": ("h2", None), "c.weight": (None, ("h1", "h2"))}
+    ... )
+    >>> cat.perm_to_axes["h2"]
+    [('b.weight', 0), ('c.weight', 1)]
     """
 
-    def __init__(self, axes: Mapping[str, Sequence[str | None]]):
+    def __init__(self, axes: Mapping[str, Sequence[str | Sequence[str] | None]]):
         if not isinstance(axes, Mapping):
             raise TypeError(
                 "axes must be a mapping from tensor name to one permutation name (or "
                 f"None) per axis, e.g. {{'0.weight': ('h', None)}}; got {type(axes).__name__}."
             )
-        checked: dict[str, tuple[str | None, ...]] = {}
+        checked: dict[str, tuple[str | tuple[str, ...] | None, ...]] = {}
         for name, entry in axes.items():
             if not isinstance(name, str):
                 raise TypeError(f"tensor names in axes must be strings; got {name!r}.")
@@ -135,21 +176,39 @@ class PermutationSpec:
                     f"axes[{name!r}] must be a sequence with one permutation name or None "
                     f"per axis of the tensor, e.g. ('h', None); got {entry!r}."
                 )
+            resolved: list[str | tuple[str, ...] | None] = []
             for perm in entry:
-                if perm is not None and not isinstance(perm, str):
+                if perm is None or isinstance(perm, str):
+                    resolved.append(perm)
+                elif isinstance(perm, Sequence) and perm and all(isinstance(q, str) for q in perm):
+                    # consecutive segments; a single segment is the whole axis
+                    resolved.append(perm[0] if len(perm) == 1 else tuple(perm))
+                else:
                     raise TypeError(
-                        f"axes[{name!r}] must hold permutation names (str) or None; got {perm!r}."
+                        f"axes[{name!r}] must hold, per axis, a permutation name (str), None, "
+                        "or a non-empty tuple of permutation names for an axis concatenated "
+                        f"from differently permuted segments, e.g. ('h1', 'h2'); got {perm!r}."
                     )
-            checked[name] = tuple(entry)
+            checked[name] = tuple(resolved)
         self.axes = checked
 
     @property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
         out: dict[str, list[tuple[str, int]]] = {}
+        for name, axis, _, perm in self._uses():
+            if (name, axis) not in out.setdefault(perm, []):
+                out[perm].append((name, axis))
+        return out
+
+    def _uses(self) -> list[tuple[str, int, int | None, str]]:
+        """Every ``(tensor name, axis, segment or None, permutation)`` of the spec."""
+        out = []
         for name, entry in self.axes.items():
             for axis, perm in enumerate(entry):
-                if perm is not None:
-                    out.setdefault(perm, []).append((name, axis))
+                if isinstance(perm, tuple):
+                    out.extend((name, axis, j, q) for j, q in enumerate(perm))
+                elif perm is not None:
+                    out.append((name, axis, None, perm))
         return out
 
     def __eq__(self, other: object) -> bool:
@@ -166,13 +225,18 @@ class PermutationSpec:
         """Derive the specification of ``model`` by tracing it with ``torch.fx``.
 
         Supported: ``Linear`` and ``Conv1d/2d/3d`` layers (and transposed
-        convolutions), BatchNorm, InstanceNorm, LayerNorm and GroupNorm, elementwise
-        activations, dropout, pooling, ``flatten`` / ``view(n, -1)`` / spatial means,
-        residual additions (which tie the permutations they add), ``Embedding``, and
-        ``TransformerEncoder`` / ``TransformerEncoderLayer`` (the residual stream and
-        the feed-forward units; attention heads keep their order). The network's
-        inputs and outputs are never permuted. Linear layers are taken to act on
-        ``(batch, features)`` inputs, transformer layers on batched sequences.
+        convolutions), BatchNorm, InstanceNorm, LayerNorm (and ``F.layer_norm``) and
+        GroupNorm, elementwise activations, dropout, pooling, ``flatten`` /
+        ``view(n, -1)`` / spatial means, ``permute`` / ``transpose`` between
+        channels-first and channels-last layouts, basic indexing that keeps every
+        unit (``x[:, 0]``), residual additions (which tie the permutations they add),
+        ``torch.cat`` (along the units: one segment per part; along other axes: a
+        tie), parameters and buffers used directly in elementwise arithmetic (they
+        move with the units they meet), ``Embedding``, and ``TransformerEncoder`` /
+        ``TransformerEncoderLayer`` (the residual stream and the feed-forward units;
+        attention heads keep their order). The network's inputs and outputs are
+        never permuted. Linear layers are taken to act on ``(batch, features)``
+        inputs, transformer layers on batched sequences.
         GroupNorm with ``1 < num_groups < num_channels`` and grouped convolutions
         keep their channels in place.
 
@@ -252,7 +316,7 @@ class PermutationSpec:
                     "name or None per axis."
                 )
             for axis, perm in enumerate(entry):
-                if perm is not None:
+                if isinstance(perm, str):
                     lengths.setdefault(perm, []).append((name, axis, int(tensor.shape[axis])))
         sizes = {}
         for perm, uses in lengths.items():
@@ -264,6 +328,10 @@ class PermutationSpec:
                         f"of {name!r} has {length} entries, not a multiple of {n}."
                     )
             sizes[perm] = n
+        for name, entry in self.axes.items():
+            for axis, perm in enumerate(entry):
+                if isinstance(perm, tuple):
+                    _segment_layout(name, axis, int(tensors[name].shape[axis]), perm, sizes)
         return sizes
 
     def apply(self, model: nn.Module, permutation: Mapping[str, object]) -> nn.Module:
@@ -317,14 +385,20 @@ class PermutationSpec:
         tensors = _named_tensors(result)
         with torch.no_grad():
             for name, entry in self.axes.items():
-                if any(p in perms for p in entry):
+                if any(q in perms for p in entry for q in _segments(p)):
                     tensor = tensors[name]
-                    tensor.copy_(_permute(tensor, entry, perms, sizes))
+                    tensor.copy_(_permute(tensor, entry, perms, sizes, name=name))
         return result
 
 
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _segments(perm: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if perm is None:
+        return ()
+    return perm if isinstance(perm, tuple) else (perm,)
 
 
 def _block_index(perm: Tensor, length: int, n: int) -> Tensor:
@@ -335,18 +409,62 @@ def _block_index(perm: Tensor, length: int, n: int) -> Tensor:
     return (perm[:, None] * k + torch.arange(k)).reshape(-1)
 
 
+def _segment_layout(
+    name: str, axis: int, length: int, perms: tuple[str, ...], sizes: Mapping[str, int]
+) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each segment of a concatenated axis; checks the sizes."""
+    for perm in perms:
+        if perm not in sizes:
+            raise ValueError(
+                f"Permutation {perm!r} acts only on a segment of axis {axis} of {name!r}, so "
+                "its size is not known: name it also on an axis it permutes whole (the "
+                "output axis of the layer producing its units)."
+            )
+    total = sum(sizes[perm] for perm in perms)
+    if length % total:
+        segments = " + ".join(f"{sizes[perm]} ({perm!r})" for perm in perms)
+        raise ValueError(
+            f"Axis {axis} of {name!r} has {length} entries, which is not a multiple of its "
+            f"segments' units, {segments} = {total}."
+        )
+    k = length // total
+    out, offset = [], 0
+    for perm in perms:
+        out.append((offset, k * sizes[perm]))
+        offset += k * sizes[perm]
+    return out
+
+
+def _axis_index(
+    name: str,
+    axis: int,
+    length: int,
+    perm: str | tuple[str, ...],
+    perms: Mapping[str, Tensor],
+    sizes: Mapping[str, int],
+) -> Tensor:
+    if isinstance(perm, str):
+        return _block_index(perms[perm], length, sizes[perm])
+    pieces = []
+    for q, (offset, size) in zip(perm, _segment_layout(name, axis, length, perm, sizes)):
+        local = perms[q] if q in perms else torch.arange(sizes[q])
+        pieces.append(offset + _block_index(local, size, sizes[q]))
+    return torch.cat(pieces)
+
+
 def _permute(
     tensor: Tensor,
-    entry: Sequence[str | None],
+    entry: Sequence[str | tuple[str, ...] | None],
     perms: Mapping[str, Tensor],
     sizes: Mapping[str, int],
     except_axis: int | None = None,
+    name: str = "",
 ) -> Tensor:
     out = tensor
     for axis, perm in enumerate(entry):
-        if perm is None or axis == except_axis or perm not in perms:
+        if axis == except_axis or not any(q in perms for q in _segments(perm)):
             continue
-        index = _block_index(perms[perm], tensor.shape[axis], sizes[perm])
+        index = _axis_index(name, axis, tensor.shape[axis], perm, perms, sizes)
         out = out.index_select(axis, index.to(tensor.device))
     return out
 
@@ -447,10 +565,10 @@ def weight_matching(
     params_a = {k: v.detach().cpu().double() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach().cpu().double() for k, v in model_b.named_parameters()}
     # Only parameters enter the objective; running statistics just follow the units.
-    uses = {
-        perm: [(name, axis) for name, axis in axes if name in params_a]
-        for perm, axes in spec.perm_to_axes.items()
-    }
+    uses: dict[str, list[tuple[str, int, int | None]]] = {}
+    for name, axis, segment, perm in spec._uses():
+        if name in params_a:
+            uses.setdefault(perm, []).append((name, axis, segment))
     names = sorted(uses)
     perms = {p: torch.arange(sizes[p]) for p in names}
     for _ in range(max_iter):
@@ -459,9 +577,15 @@ def weight_matching(
             perm = names[p]
             n = sizes[perm]
             score = torch.zeros(n, n, dtype=torch.float64)
-            for name, axis in uses[perm]:
-                w_a = params_a[name].movedim(axis, 0).reshape(n, -1)
-                w_b = _permute(params_b[name], spec.axes[name], perms, sizes, except_axis=axis)
+            for name, axis, segment in uses[perm]:
+                entry = spec.axes[name]
+                w_a = params_a[name]
+                w_b = _permute(params_b[name], entry, perms, sizes, except_axis=axis, name=name)
+                if segment is not None:
+                    layout = _segment_layout(name, axis, w_a.shape[axis], entry[axis], sizes)
+                    offset, length = layout[segment]
+                    w_a, w_b = w_a.narrow(axis, offset, length), w_b.narrow(axis, offset, length)
+                w_a = w_a.movedim(axis, 0).reshape(n, -1)
                 score += w_a @ w_b.movedim(axis, 0).reshape(n, -1).T
             _, col = linear_sum_assignment(score.numpy(), maximize=True)
             rows = torch.arange(n)
@@ -603,13 +727,45 @@ _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
 
 
+# The units of a traced tensor: one union-find class, or a tuple of classes for units
+# concatenated from differently permuted parts (consecutive segments).
+_Group = int | tuple[int, ...]
+
+
+def _parts(group: _Group) -> tuple[int, ...]:
+    return group if isinstance(group, tuple) else (group,)
+
+
+def _concatenation(groups: Sequence[_Group]) -> _Group:
+    parts = tuple(g for group in groups for g in _parts(group))
+    return parts[0] if len(parts) == 1 else parts
+
+
 @dataclass
 class _Features:
     """What is known about one traced tensor: the union-find class of its units."""
 
-    group: int
+    group: _Group
     kind: str  # "flat": units on the last axis of (batch, units); "channels": axis 1
     ndim: int | None
+
+    def unit_axis(self) -> int | None:
+        if self.kind == "channels":
+            return 1
+        return None if self.ndim is None else self.ndim - 1
+
+
+@dataclass(eq=False)
+class _Direct:
+    """A parameter or buffer used directly in forward, possibly viewed or expanded.
+
+    ``axes`` gives, for each axis of the view, the axis of the tensor it shows (None
+    for an axis the view added).
+    """
+
+    name: str
+    tensor: Tensor | None  # None: a constant that is not a parameter or buffer
+    axes: tuple[int | None, ...]
 
 
 class _Derivation:
@@ -619,7 +775,7 @@ class _Derivation:
         self.names: list[str | None] = [None]
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self.canonical = {id(t): name for name, t in tensors.items()}
-        self.axes: dict[str, list[int | None]] = {
+        self.axes: dict[str, list[_Group | None]] = {
             name: [None] * t.ndim for name, t in tensors.items()
         }
 
@@ -643,23 +799,57 @@ class _Derivation:
         self.parent[child] = root
         return root
 
-    def fixed(self, i: int) -> bool:
-        return self.find(i) == _FIXED
+    def fixed(self, group: _Group) -> bool:
+        return all(self.find(i) == _FIXED for i in _parts(group))
 
-    def assign(self, module_name: str, tensor: Tensor | None, axis: int, group: int) -> None:
+    def fix(self, group: _Group) -> None:
+        for i in _parts(group):
+            self.union(i, _FIXED)
+
+    def tie(self, a: _Group, b: _Group, where: str) -> _Group:
+        """Join two sets of units that must be permuted alike (segment by segment)."""
+        if isinstance(a, int) and isinstance(b, int):
+            return self.union(a, b)
+        if self.fixed(a) or self.fixed(b):
+            self.fix(a)
+            self.fix(b)
+            return _FIXED
+        if len(_parts(a)) != len(_parts(b)):
+            raise _cannot(
+                where,
+                "it joins units concatenated from differently permuted parts with units "
+                "that are split otherwise",
+            )
+        return tuple(self.union(i, j) for i, j in zip(_parts(a), _parts(b)))
+
+    def assign(self, module_name: str, tensor: Tensor | None, axis: int, group: _Group) -> None:
         if tensor is None:
             return
         name = self.canonical[id(tensor)]
         current = self.axes[name][axis]
-        self.axes[name][axis] = group if current is None else self.union(current, group)
+        where = f"{module_name!r} (axis {axis} of {name!r})"
+        self.axes[name][axis] = group if current is None else self.tie(current, group, where)
 
     def spec(self) -> PermutationSpec:
+        # A concatenation with never-permuted parts (say, the network's input) cannot
+        # tell the size of those parts: keep all of its parts in place.
+        changed = True
+        while changed:
+            changed = False
+            for entry in self.axes.values():
+                for group in entry:
+                    if group is not None and any(self.fixed(i) for i in _parts(group)):
+                        if not self.fixed(group):
+                            self.fix(group)
+                            changed = True
         out = {}
         for name, entry in self.axes.items():
-            resolved = []
+            resolved: list[str | tuple[str, ...] | None] = []
             for group in entry:
                 if group is None or self.fixed(group):
                     resolved.append(None)
+                elif isinstance(group, tuple):
+                    resolved.append(tuple(self.names[self.find(i)] for i in group))
                 else:
                     resolved.append(self.names[self.find(group)])
             out[name] = tuple(resolved)
@@ -746,10 +936,14 @@ def _derive_spec(model: nn.Module) -> PermutationSpec:
         if node.op == "placeholder":
             values[node] = _Features(_FIXED, "flat", None)
         elif node.op == "get_attr":
-            values[node] = _cannot(
-                f"{node.target!r}",
-                "a parameter or buffer is used directly in forward rather than through a submodule",
-            )
+            tensor = _fetch_attr(graph_module, str(node.target))
+            name = state.canonical.get(id(tensor), str(node.target))
+            if isinstance(tensor, Tensor) and id(tensor) in state.canonical:
+                values[node] = _Direct(name, tensor, tuple(range(tensor.ndim)))
+            elif isinstance(tensor, Tensor):
+                values[node] = _Direct(name, None, tuple(range(tensor.ndim)))
+            else:
+                values[node] = None
         elif node.op == "call_module":
             values[node] = _module_rule(state, node, modules[node.target], values)
         elif node.op in ("call_function", "call_method"):
@@ -760,8 +954,15 @@ def _derive_spec(model: nn.Module) -> PermutationSpec:
                 if isinstance(value, _CannotDerive):
                     raise value
                 if isinstance(value, _Features):
-                    state.union(value.group, _FIXED)
+                    state.fix(value.group)
     return state.spec()
+
+
+def _fetch_attr(module: nn.Module, target: str) -> object:
+    out: object = module
+    for atom in target.split("."):
+        out = getattr(out, atom, None)
+    return out
 
 
 def _flat_args(args: object) -> list[object]:
@@ -777,7 +978,7 @@ def _flat_args(args: object) -> list[object]:
     return out
 
 
-def _inputs(node: fx.Node, values: Mapping[fx.Node, object]) -> list[_Features]:
+def _inputs(node: fx.Node, values: Mapping[fx.Node, object], where: str) -> list[_Features]:
     """The traced tensors ``node`` consumes; raises an unresolved error it consumes."""
     found = []
     for arg in _flat_args((node.args, node.kwargs)):
@@ -785,9 +986,21 @@ def _inputs(node: fx.Node, values: Mapping[fx.Node, object]) -> list[_Features]:
             value = values[arg]
             if isinstance(value, _CannotDerive):
                 raise value
+            if isinstance(value, _Direct):
+                raise _direct_error(value, where)
             if isinstance(value, _Features):
                 found.append(value)
     return found
+
+
+def _direct_error(direct: _Direct, where: str) -> _CannotDerive:
+    what = "parameter or buffer" if direct.tensor is not None else "constant tensor"
+    return _cannot(
+        f"{what} {direct.name!r}",
+        f"it is used directly in forward by {where}, which is not an elementwise "
+        "operation on the units (a parameter used directly is followed only through "
+        "elementwise arithmetic, expand, indexing, and concatenation along other axes)",
+    )
 
 
 def _module_rule(
@@ -797,7 +1010,10 @@ def _module_rule(
     where = f"module {name!r} ({type(module).__name__})"
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
         return _transformer_rule(state, node, module, values, where)
-    inputs = _inputs(node, values)
+    try:
+        inputs = _inputs(node, values, where)
+    except _CannotDerive as exc:
+        return exc
     if isinstance(module, nn.Embedding):
         if not all(state.fixed(x.group) for x in inputs):
             return _cannot(where, "it looks up indices computed from permuted units")
@@ -830,7 +1046,7 @@ def _module_rule(
             g = x.group  # depthwise: each channel is filtered on its own
             state.assign(name, module.weight, 0, g)
         else:
-            state.union(x.group, _FIXED)  # grouped: keep channels in place
+            state.fix(x.group)  # grouped: keep channels in place
             g = _FIXED
         state.assign(name, module.bias, 0, g)
         return _Features(g, "channels", ndim)
@@ -840,17 +1056,7 @@ def _module_rule(
                 state.assign(name, tensor, 0, x.group)
         return x
     if isinstance(module, nn.LayerNorm):
-        n_norm = len(module.normalized_shape)
-        if x.kind == "flat":
-            axis = n_norm - 1  # the units are the last axis
-        elif x.ndim is not None and n_norm == x.ndim - 1:
-            axis = 0  # normalises over channels and space
-        elif x.ndim is not None and n_norm < x.ndim - 1:
-            axis = None  # normalises over space only
-        elif state.fixed(x.group):
-            axis = None
-        else:
-            raise _cannot(where, "the layout of its input is unknown")
+        axis = _layer_norm_axis(state, x, len(module.normalized_shape), where)
         if axis is not None:
             for tensor in module.parameters(recurse=False):
                 state.assign(name, tensor, axis, x.group)
@@ -860,7 +1066,7 @@ def _module_rule(
             for tensor in module.parameters(recurse=False):
                 state.assign(name, tensor, 0, x.group)
         else:
-            state.union(x.group, _FIXED)  # permuting across groups would change them
+            state.fix(x.group)  # permuting across groups would change them
         return x
     if isinstance(module, nn.PReLU):
         if module.num_parameters > 1:
@@ -947,6 +1153,19 @@ def _transformer_rule(
     return _Features(stream, "flat", x.ndim if x.ndim is not None else 3)
 
 
+def _layer_norm_axis(state: _Derivation, x: _Features, n_norm: int, where: str) -> int | None:
+    """The axis of a LayerNorm's weight that the units of its input ``x`` index."""
+    if x.kind == "flat":
+        return n_norm - 1  # the units are the last axis
+    if x.ndim is not None and n_norm == x.ndim - 1:
+        return 0  # normalises over channels and space
+    if x.ndim is not None and n_norm < x.ndim - 1:
+        return None  # normalises over space only
+    if state.fixed(x.group):
+        return None
+    raise _cannot(where, "the layout of its input is unknown")
+
+
 def _unknown(state: _Derivation, inputs: list[_Features], where: str, why: str) -> object:
     """An unknown operation is harmless on tensors whose units are never permuted."""
     if all(state.fixed(x.group) for x in inputs):
@@ -963,7 +1182,280 @@ def _flatten(
         return _Features(x.group, "flat", 2)  # (c, *spatial) → c-major blocks
     if x.kind == "flat" and x.ndim in (None, 2) and start in (1, -1) and end == -1:
         return x
+    if x.ndim is not None and isinstance(start, int) and isinstance(end, int):
+        start, end = start % x.ndim, end % x.ndim
+        unit = x.unit_axis()
+        if 0 < start <= end and unit not in range(start, end + 1):
+            # spatial axes only, on one side of the units: (b, c, h, w) → (b, c, h·w)
+            ndim = x.ndim - (end - start)
+            return _at(x.group, unit if unit < start else unit - (end - start), ndim)
     return _cannot(where, f"flatten(start_dim={start}, end_dim={end}) mixes the units")
+
+
+def _at(group: _Group, unit_axis: int, ndim: int) -> _Features:
+    """Features of ``ndim`` axes with their units on ``unit_axis`` (1 or the last)."""
+    if unit_axis == ndim - 1:
+        return _Features(group, "flat", ndim)
+    if unit_axis == 1:
+        return _Features(group, "channels", ndim)
+    raise ValueError(f"units on axis {unit_axis} of {ndim}")  # callers check first
+
+
+def _movable(x: _Features, where: str) -> tuple[int, int] | _CannotDerive:
+    unit, ndim = x.unit_axis(), x.ndim
+    if unit is None or ndim is None:
+        return _cannot(where, "the number of axes of its input is unknown")
+    return unit, ndim
+
+
+def _moved(x: _Features, new_unit: int, ndim: int, where: str) -> _Features | _CannotDerive:
+    if new_unit in (1, ndim - 1):
+        return _at(x.group, new_unit, ndim)
+    return _cannot(where, f"it moves the units to axis {new_unit} of {ndim}")
+
+
+def _layout_rule(
+    x: _Features, target: object, args: list, kwargs: dict, where: str
+) -> _Features | _CannotDerive:
+    """``permute`` / ``transpose`` / ``swapaxes``: where the unit axis goes."""
+    located = _movable(x, where)
+    if isinstance(located, _CannotDerive):
+        return located
+    unit, ndim = located
+    if target in ("permute", torch.permute):
+        dims = kwargs.get("dims", args[0] if len(args) == 1 else args)
+        dims = list(dims) if isinstance(dims, (tuple, list)) else [dims]
+        if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+            return _cannot(where, f"it permutes {len(dims)} axes of a tensor with {ndim}")
+        dims = [d % ndim for d in dims]
+        return _moved(x, dims.index(unit), ndim, where)
+    d0 = kwargs.get("dim0", args[0] if args else None)
+    d1 = kwargs.get("dim1", args[1] if len(args) > 1 else None)
+    if not isinstance(d0, int) or not isinstance(d1, int):
+        return _cannot(where, "it swaps axes that are not known")
+    d0, d1 = d0 % ndim, d1 % ndim
+    new_unit = d1 if unit == d0 else d0 if unit == d1 else unit
+    return _moved(x, new_unit, ndim, where)
+
+
+_LAYOUT = {"permute", "transpose", "swapaxes", torch.permute, torch.transpose, torch.swapaxes}
+
+
+def _index_axes(index: object, ndim: int) -> list[tuple[int | None, object]] | None:
+    """``(source axis or None for a new one, index)`` per axis of ``x[index]``, kept only.
+
+    None when the index is not a tuple of ints, slices, None and one Ellipsis.
+    """
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(item is Ellipsis for item in items) > 1:
+        return None
+    used = sum(1 for item in items if item is not None and item is not Ellipsis)
+    if used > ndim:
+        return None
+    out: list[tuple[int | None, object]] = []
+    axis = 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(ndim - used):
+                out.append((axis, slice(None)))
+                axis += 1
+        elif item is None:
+            out.append((None, None))
+        elif isinstance(item, slice):
+            out.append((axis, item))
+            axis += 1
+        elif isinstance(item, int) and not isinstance(item, bool):
+            axis += 1  # removed
+        else:
+            return None
+    out.extend((a, slice(None)) for a in range(axis, ndim))
+    return out
+
+
+def _index_rule(
+    state: _Derivation, x: _Features, index: object, where: str
+) -> _Features | _CannotDerive:
+    """``x[index]`` for basic indexing that keeps every unit."""
+    located = _movable(x, where)
+    if isinstance(located, _CannotDerive):
+        return located
+    unit, ndim = located
+    kept = _index_axes(index, ndim)
+    if kept is None:
+        return _cannot(where, "an index other than ints, slices, None and ...")
+    positions = [i for i, (axis, _) in enumerate(kept) if axis == unit]
+    if not positions or kept[positions[0]][1] != slice(None):
+        return _cannot(where, "it indexes the units")
+    return _moved(x, positions[0], len(kept), where)
+
+
+def _direct_view(direct: _Direct, target: object, args: list, kwargs: dict) -> _Direct | None:
+    """A view of a parameter used directly: ``expand``, indexing, dtype casts."""
+    if target in ("expand",):
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        grown = len(sizes) - len(direct.axes)
+        if grown < 0:
+            return None
+        return _Direct(direct.name, direct.tensor, (None,) * grown + direct.axes)
+    if target is operator.getitem:
+        kept = _index_axes(args[0], len(direct.axes))
+        if kept is None:
+            return None
+        axes = tuple(None if axis is None else direct.axes[axis] for axis, _ in kept)
+        return _Direct(direct.name, direct.tensor, axes)
+    if target in ("to", "type_as", "float", "double", "half", "contiguous", "clone", "detach"):
+        return direct
+    return None
+
+
+def _attach(state: _Derivation, direct: _Direct, x: _Features, where: str) -> _CannotDerive | None:
+    """``direct`` broadcast against ``x`` elementwise: it moves with x's units."""
+    if x.ndim is None and x.kind == "flat":
+        ndim, unit = len(direct.axes), len(direct.axes) - 1  # aligned on the last axis
+    elif x.ndim is not None and len(direct.axes) <= x.ndim:
+        ndim, unit = x.ndim, x.unit_axis()
+    else:
+        return _cannot(where, f"{direct.name!r} has more axes than the features it acts on")
+    view_axis = unit - (ndim - len(direct.axes))
+    axis = direct.axes[view_axis] if view_axis >= 0 else None
+    if axis is None:
+        return None  # broadcast along the units
+    if direct.tensor is None:
+        if state.fixed(x.group):
+            return None
+        return _direct_error(direct, where)
+    if direct.tensor.shape[axis] != 1:
+        state.assign(direct.name, direct.tensor, axis, x.group)
+    return None
+
+
+def _direct_rule(
+    state: _Derivation,
+    node: fx.Node,
+    values: Mapping[fx.Node, object],
+    directs: list[_Direct],
+    where: str,
+) -> object:
+    """An operation on a parameter or buffer used directly in forward."""
+    target = node.target
+    is_method = node.op == "call_method"
+    args, kwargs = list(node.args[1:]), dict(node.kwargs)
+    first = values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if len(directs) == 1 and first is directs[0]:
+        view = _direct_view(first, target, args, kwargs)
+        if view is not None:
+            return view
+    features = [
+        values[a]
+        for a in _flat_args((node.args, node.kwargs))
+        if isinstance(a, fx.Node) and isinstance(values[a], _Features)
+    ]
+    elementwise = (not is_method and target in _ELEMENTWISE_BINARY) or (
+        is_method and target in _ELEMENTWISE_METHODS
+    )
+    if elementwise and len(directs) == 1 and len(features) == 1:
+        error = _attach(state, directs[0], features[0], where)
+        return error if error is not None else features[0]
+    if target is F.layer_norm and features and first is features[0]:
+        return _functional_layer_norm(state, node, values, first, directs, where)
+    if target in _CONCATENATIONS:
+        return _cat_rule(state, node, values, where)
+    return _direct_error(directs[0], where)
+
+
+# Attributes of a tensor that are not tensors computed from its entries.
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+_CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _functional_layer_norm(
+    state: _Derivation,
+    node: fx.Node,
+    values: Mapping[fx.Node, object],
+    x: _Features,
+    directs: list[_Direct],
+    where: str,
+) -> object:
+    """``F.layer_norm(x, shape, weight, bias)``, as ``LayerNorm2d`` calls it."""
+    args, kwargs = list(node.args[1:]), dict(node.kwargs)
+    shape = kwargs.get("normalized_shape", args[0] if args else None)
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)):
+        return _cannot(where, "its normalized_shape is not known")
+    try:
+        axis = _layer_norm_axis(state, x, len(shape), where)
+    except _CannotDerive as exc:
+        return exc
+    affine = [kwargs.get("weight", args[1] if len(args) > 1 else None)]
+    affine.append(kwargs.get("bias", args[2] if len(args) > 2 else None))
+    params = [values.get(a) for a in affine if isinstance(a, fx.Node)]
+    for direct in directs:
+        whole = direct.tensor is not None and direct.axes == tuple(range(direct.tensor.ndim))
+        if not any(direct is p for p in params) or not whole:
+            return _direct_error(direct, where)
+        if axis is not None:
+            state.assign(direct.name, direct.tensor, axis, x.group)
+    return x
+
+
+def _cat_rule(
+    state: _Derivation, node: fx.Node, values: Mapping[fx.Node, object], where: str
+) -> object:
+    """``torch.cat``: along the units, a concatenation of segments; else a tie."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
+    if not isinstance(tensors, (tuple, list)) or not isinstance(dim, int):
+        return _cannot(where, "it concatenates tensors that are not known")
+    parts = [values.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+    for part in parts:
+        if isinstance(part, _CannotDerive):
+            return part
+    features = [p for p in parts if isinstance(p, _Features)]
+    directs = [p for p in parts if isinstance(p, _Direct)]
+    if len(features) + len(directs) != len(parts) or not features:
+        return _cannot(where, "it concatenates tensors that are not known")
+    if all(state.fixed(x.group) for x in features) and not directs:
+        return _Features(_FIXED, "flat", None)
+    ndims = {x.ndim for x in features if x.ndim is not None}
+    if len(ndims) > 1:
+        return _cannot(where, "it concatenates tensors with different numbers of axes")
+    if not ndims and dim == 0:  # the batch: the units stay where they are
+        group = features[0].group
+        try:
+            for other in features[1:]:
+                group = state.tie(group, other.group, where)
+            for direct in directs:
+                error = _attach(state, direct, _Features(group, "flat", None), where)
+                if error is not None:
+                    return error
+        except _CannotDerive as exc:
+            return exc
+        return _Features(group, "flat", None)
+    # Linear layers are taken to act on (batch, features): so is an unknown flat input.
+    ndim = ndims.pop() if ndims else 2
+    units = {1 if x.kind == "channels" else ndim - 1 for x in features}
+    if len(units) > 1:
+        return _cannot(where, "it concatenates channels-first and channels-last tensors")
+    unit = units.pop()
+    if dim % ndim == unit:
+        if directs:
+            return _direct_error(directs[0], f"{where}, along the units")
+        # Never-permuted parts (the network's input) stay; spec() keeps the rest with them.
+        return _at(_concatenation([x.group for x in features]), unit, ndim)
+    group = features[0].group
+    try:
+        for other in features[1:]:
+            group = state.tie(group, other.group, where)
+    except _CannotDerive as exc:
+        return exc
+    result = _at(group, unit, ndim)
+    for direct in directs:
+        error = _attach(state, direct, result, where)
+        if error is not None:
+            return error
+    return result
 
 
 def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, object]) -> object:
@@ -973,15 +1465,33 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
     if node.op == "call_method" and target in ("size", "dim"):
         return None
     if node.op == "call_function" and target is getattr:
-        return None  # x.shape and the like
+        source = values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if node.args[1] in _METADATA:
+            return None  # x.shape and the like
+        if isinstance(source, _CannotDerive):
+            return source
+        if not isinstance(source, (_Features, _Direct)):
+            return None
+        if isinstance(source, _Features) and state.fixed(source.group):
+            return _Features(_FIXED, "flat", None)
+        if isinstance(source, _Direct):
+            return _direct_error(source, where)
+        return _cannot(where, f"its attribute {node.args[1]!r} of the units is not followed")
     if node.op == "call_function" and target is operator.getitem:
         source = values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if isinstance(source, _CannotDerive):
             return source  # an element of an output we could not follow
-        if not isinstance(source, _Features):
+        if not isinstance(source, (_Features, _Direct)):
             return None  # indexing a shape
+    arg_values = [values[a] for a in _flat_args((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+    for value in arg_values:
+        if isinstance(value, _CannotDerive):
+            return value
+    directs = [v for v in arg_values if isinstance(v, _Direct)]
+    if directs:
+        return _direct_rule(state, node, values, directs, where)
     try:
-        inputs = _inputs(node, values)
+        inputs = _inputs(node, values, where)
     except _CannotDerive as exc:
         return exc
     if not inputs:
@@ -998,12 +1508,23 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
         is_method and target in _ELEMENTWISE_METHODS
     ):
         group = inputs[0].group
-        for other in inputs[1:]:
-            group = state.union(group, other.group)
+        try:
+            for other in inputs[1:]:
+                group = state.tie(group, other.group, where)
+        except _CannotDerive as exc:
+            return exc
         best = max(inputs, key=lambda x: (x.kind == "channels", x.ndim or 0))
         return _Features(group, best.kind, best.ndim)
     args = list(node.args[1:])
     kwargs = dict(node.kwargs)
+    if target in _LAYOUT:
+        return _layout_rule(first, target, args, kwargs, where)
+    if target is operator.getitem and node.args[0] is not None:
+        return _index_rule(state, first, args[0], where)
+    if target in _CONCATENATIONS:
+        return _cat_rule(state, node, values, where)
+    if target is F.layer_norm:
+        return _functional_layer_norm(state, node, values, first, [], where)
     if target in (torch.flatten, "flatten"):
         start = kwargs.get("start_dim", args[0] if args else 0)
         end = kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
@@ -1037,11 +1558,26 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
             if 1 not in dims and 0 not in dims:
                 ndim = first.ndim - len(dims)
                 return _Features(first.group, "flat" if ndim == 2 else "channels", ndim)
-    if target in (torch.cat, torch.stack):
+    if target is torch.stack:
         dim = kwargs.get("dim", args[0] if args else 0)
-        if dim == 0:
-            group = inputs[0].group
+        if first.kind == "flat" and first.ndim is None and isinstance(dim, int) and dim == 0:
+            group = first.group
+            try:
+                for other in inputs[1:]:
+                    group = state.tie(group, other.group, where)
+            except _CannotDerive as exc:
+                return exc
+            return _Features(group, "flat", None)  # the units stay last
+        located = _movable(first, where)
+        if isinstance(located, _CannotDerive) or not isinstance(dim, int):
+            return _cannot(where, "it stacks tensors whose axes are not known")
+        unit, ndim = located
+        group = first.group
+        try:
             for other in inputs[1:]:
-                group = state.union(group, other.group)
-            return _Features(group, first.kind, first.ndim)
+                group = state.tie(group, other.group, where)
+        except _CannotDerive as exc:
+            return exc
+        new_unit = unit + 1 if dim % (ndim + 1) <= unit else unit
+        return _moved(_Features(group, first.kind, ndim), new_unit, ndim + 1, where)
     return _cannot(where, "its effect on the units is not known")

@@ -288,7 +288,7 @@ KINDS: dict[str, Kind] = _registry(
         "tabular-residual-integer-buffer",
         tabular_residual_buffers,
         (6,),
-        {"residual", "layernorm", "integer-buffer"},
+        {"residual", "layernorm", "integer-buffer", "alignable"},
     ),
     Kind(
         "signal-conv1d-batchnorm1d",
