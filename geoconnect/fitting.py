@@ -128,6 +128,9 @@ class FitState:
     initial_energy : float
         Energy of the initial path (the line, or warm start's path) on the data,
         as the fit measures it: what a diverging fit is recognised by.
+    initial_interior : dict of str to Tensor
+        A copy of the initial path's interior: a fit that ends with more energy
+        returns it instead (one more copy of the interior's parameters).
     lowest : float
         The current level's lowest epoch energy.
     rises : int
@@ -172,6 +175,7 @@ class FitState:
     best: float = math.inf
     stale: int = 0
     initial_energy: float = math.nan
+    initial_interior: dict[str, Tensor] = field(default_factory=dict)
     lowest: float = math.inf
     rises: int = 0
     warned: set[str] = field(default_factory=set)
@@ -229,6 +233,7 @@ class FitState:
         )
         state.initial_energy = path_energy(state)
         _check_finite_start(state.initial_energy)
+        state.initial_interior = {name: view.clone() for name, view in path.interior().items()}
         return state
 
     def usable(self, batch: Batch) -> bool:
@@ -493,7 +498,8 @@ def fit_path(
         finally:
             state.end_level()
     _enter_level(state, path.n_points)  # a coarser level, if interrupted, spread out
-    _check_descent(state)
+    if _check_descent(state):
+        state.moments = None  # a diverged descent's moments: no warm start from them
     if not (converged or interrupted):
         warnings.warn(
             f"GeodesicConnector stopped at max_iter={settings.max_iter} epochs before the "
@@ -644,21 +650,29 @@ _RISES = 3
 _CLIMB = 1.5
 
 
-def _check_descent(state: FitState) -> None:
-    """Warn when the fit ended with more energy than it started with: it diverged.
+def _check_descent(state: FitState) -> bool:
+    """Never end worse than the start: a fit that raised the energy returns its start.
 
     The final path is measured as the initial one was (the epochs' energies are means
-    over a moving path, which Adam's first large steps inflate).
+    over a moving path, which Adam's first large steps inflate). When it has more
+    energy, the descent diverged: the initial path (the line, or warm start's) is put
+    back, with a warning that says so. Returns True then.
     """
     final, initial = path_energy(state), state.initial_energy
-    if final > initial * (1.0 + 1e-3) + 1e-12:
-        warnings.warn(
-            f"The fit ended with energy {final:.4g}, above the {initial:.4g} of the path it "
-            "started from: the descent diverged, and the path is worse than the one it "
-            f"started from. Lower learning_rate_init (now {state.settings.learning_rate}).",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+    if not final > initial * (1.0 + 1e-3) + 1e-12:
+        return False
+    with torch.no_grad():
+        for name, view in state.target.interior().items():
+            view.copy_(state.initial_interior[name])
+    warnings.warn(
+        f"The fit ended with energy {final:.4g}, above the {initial:.4g} of the path it "
+        "started from: the descent diverged. The path returned is the one the fit "
+        "started from (the straight line, or warm_start's path_), not the diverged one. "
+        f"Lower learning_rate_init (now {state.settings.learning_rate}).",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return True
 
 
 def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from geoconnect import GeodesicConnector, LinearConnector
 from geoconnect.divergences import jensen_shannon
 from geoconnect.fitting import coarse_to_fine_schedule
+from geoconnect.models import load_digits_split, make_mobilenet, train_classifier
 
 
 def geodesic(**params) -> GeodesicConnector:
@@ -238,3 +240,45 @@ def test_processes_run_at_once_with_one_random_state_fit_bitwise_identical_paths
     assert len(set(outputs)) == 1, outputs
     assert outputs[0].split()[0] == ("loop" if kind == "batchnorm" else "vmap")
     assert len(hashlib.sha256().hexdigest()) == len(outputs[0].split()[1])
+
+
+def test_a_diverging_fit_returns_the_path_it_started_from(digits_pair):
+    # An absurd step size throws the points far away; the fit must not hand that back.
+    line = LinearConnector(n_points=7, device="cpu").fit(
+        digits_pair.X, model_a=digits_pair.model_a, model_b=digits_pair.model_b
+    )
+    geo = GeodesicConnector(
+        n_points=7,
+        learning_rate_init=5.0,
+        max_iter=3,
+        coarse_to_fine=False,
+        device="cpu",
+        random_state=0,
+    )
+    with pytest.warns(RuntimeWarning, match="The path returned is the one the fit started from"):
+        geo.fit(digits_pair.X, model_a=digits_pair.model_a, model_b=digits_pair.model_b)
+    torch.testing.assert_close(
+        geo.path_.parameters_vector(), line.path_.parameters_vector(), rtol=0, atol=0
+    )
+    assert geo.energy_ == pytest.approx(line.energy_, rel=1e-6)
+    assert geo.n_iter_ == 3 == len(geo.history_["energy"])  # the record is kept
+
+
+def test_a_batchnorm_heavy_depthwise_pair_ends_below_the_line_at_default_settings():
+    # make_mobilenet: inverted residuals, depthwise convolutions, squeeze-excitation and
+    # thirteen BatchNorm layers, where a step size too large for the parameters shows.
+    data = load_digits_split()
+    X, y = data.images_train[:384], data.y_train[:384]
+    a, b = (
+        train_classifier(make_mobilenet(width=8, seed=s), X, y, epochs=20, seed=s) for s in (1, 2)
+    )
+    line = LinearConnector(n_points=9).fit(X, model_a=a, model_b=b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 20 epochs: a budget
+        geo = GeodesicConnector(n_points=9, max_iter=20, random_state=0).fit(
+            X, model_a=a, model_b=b
+        )
+    assert geo.energy_ < line.energy_
+    test_line = line.evaluate(data.images_test, data.y_test)
+    test_geo = geo.evaluate(data.images_test, data.y_test)
+    assert test_geo.barrier < 0.5 * test_line.barrier
