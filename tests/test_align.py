@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from aligning import assert_same_function, parameter_distance, random_permutation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,25 +31,6 @@ SETTINGS = settings(deadline=None, max_examples=5, derandomize=True)
 
 def x_of(kind: str, seed: int, n: int = 16) -> torch.Tensor:
     return torch.as_tensor(inputs(kind, seed, n))
-
-
-def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {p: rng.permutation(n) for p, n in spec.sizes(model).items()}
-
-
-def assert_same_function(m1: nn.Module, m2: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        torch.testing.assert_close(m1.eval()(x), m2.eval()(x), rtol=1e-5, atol=1e-5)
-
-
-def parameter_distance(m1: nn.Module, m2: nn.Module) -> float:
-    with torch.no_grad():
-        squares = [
-            (p.double() - q.double()).square().sum()
-            for p, q in zip(m1.parameters(), m2.parameters())
-        ]
-    return float(sum(squares)) ** 0.5
 
 
 # -- the derived structure ------------------------------------------------------------

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from aligning import assert_same_function, parameter_distance, random_permutation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -214,25 +215,6 @@ def images(seed: int, n: int = 8) -> torch.Tensor:
 
 
 # -- shared checks ----------------------------------------------------------------------
-
-
-def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {p: rng.permutation(n) for p, n in spec.sizes(model).items()}
-
-
-def assert_same_function(m1: nn.Module, m2: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        torch.testing.assert_close(m1.eval()(x), m2.eval()(x), rtol=1e-5, atol=1e-5)
-
-
-def parameter_distance(m1: nn.Module, m2: nn.Module) -> float:
-    with torch.no_grad():
-        squares = [
-            (p.double() - q.double()).square().sum()
-            for p, q in zip(m1.parameters(), m2.parameters())
-        ]
-    return float(sum(squares)) ** 0.5
 
 
 def assert_aligned(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:

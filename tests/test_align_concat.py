@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from aligning import assert_same_function, parameter_distance, random_permutation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -73,25 +73,6 @@ def seeded(build, seed: int, **kwargs) -> nn.Module:
 
 def images(seed: int, n: int = 4, size: int = 32) -> Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {p: rng.permutation(n) for p, n in spec.sizes(model).items()}
-
-
-def assert_same_function(m1: nn.Module, m2: nn.Module, x: Tensor) -> None:
-    with torch.no_grad():
-        torch.testing.assert_close(m1.eval()(x), m2.eval()(x), rtol=1e-5, atol=1e-5)
-
-
-def parameter_distance(m1: nn.Module, m2: nn.Module) -> float:
-    with torch.no_grad():
-        squares = [
-            (p.double() - q.double()).square().sum()
-            for p, q in zip(m1.parameters(), m2.parameters())
-        ]
-    return float(sum(squares)) ** 0.5
 
 
 # -- torchvision's DenseNet and SqueezeNet, module for module ----------------------------
