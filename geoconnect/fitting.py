@@ -688,7 +688,7 @@ def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:
     while not stopped and state.level_epochs < epochs:
         energy = _run_epoch(state, bar)
         state.level_epochs += 1
-        stopped = final and _update_no_improvement_count(state, energy)
+        stopped = final and update_no_improvement_count(state, energy)
         if state.settings.checkpoint is not None:
             state.settings.checkpoint.write(*state.snapshot())
     if not stopped:
@@ -727,7 +727,7 @@ def _load_moments(optimizer: Optimizer, moments: dict[str, Tensor], solver: str)
     optimizer.load_moments(state)
 
 
-def _update_no_improvement_count(state: FitState, energy: float) -> bool:
+def update_no_improvement_count(state: FitState, energy: float) -> bool:
     """Early stopping: True after ``n_iter_no_change`` epochs without improvement.
 
     An epoch improves when it lowers the level's best energy by more than ``tol``

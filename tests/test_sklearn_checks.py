@@ -1,4 +1,4 @@
-"""scikit-learn's own estimator checks, on both connectors (CPU, small settings).
+"""scikit-learn's own estimator checks, on every connector (CPU, small settings).
 
 Without model_a and model_b each fit trains two small MLPs from ``model_factory``
 (the default) on the check's data, then connects them — so every check exercises the
@@ -13,11 +13,12 @@ from sklearn.base import clone
 from sklearn.utils import estimator_checks
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from geoconnect import GeodesicConnector, LinearConnector
+from geoconnect import CurveConnector, GeodesicConnector, LinearConnector
 
 ESTIMATORS = [
     LinearConnector(n_points=3, device="cpu"),
     GeodesicConnector(max_iter=2, n_points=3, device="cpu", random_state=0),
+    CurveConnector(max_iter=2, n_points=3, n_bends=1, device="cpu", random_state=0),
 ]
 
 EXPECTED_FAILED_CHECKS = {

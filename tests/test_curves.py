@@ -1,0 +1,99 @@
+"""Curves trained on the loss (Garipov et al.): the law, the ends, the barrier, the API."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+
+from geoconnect import CurveConnector, LinearConnector, ModelPath
+from geoconnect.curves import Curve
+from geoconnect.models import make_cnn
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["bezier", "polychain"]),
+    n_bends=st.integers(1, 5),
+    t=st.floats(0.0, 1.0),
+)
+def test_a_curve_with_its_bends_on_the_line_is_the_line(kind, n_bends, t):
+    a, b = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    curve = Curve(ModelPath.linear(a, b, n_bends + 2), kind)
+    weights = curve.weights(torch.tensor([t], dtype=torch.float64))
+    assert bool((weights >= 0).all()) and float(weights.sum()) == pytest.approx(1.0)
+    point = curve.params_at(torch.tensor([t], dtype=torch.float64))
+    expected = torch.lerp(a.weight.detach(), b.weight.detach(), t)
+    torch.testing.assert_close(point["weight"][0], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_a_curve_removes_the_linear_barrier_on_the_digits_pair(digits_pair, kind):
+    pair = digits_pair
+    a_before = copy.deepcopy(pair.model_a.state_dict())
+    X_before = pair.X.copy()
+    line = LinearConnector().fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    curve = CurveConnector(curve=kind, random_state=0, device="cpu")
+    curve.fit(pair.X, pair.y, model_a=pair.model_a, model_b=pair.model_b)
+    barrier = curve.evaluate(pair.X_test, pair.y_test).barrier
+    assert barrier <= 0.1 * line.evaluate(pair.X_test, pair.y_test).barrier
+    with torch.no_grad():  # the ends compute the models
+        x = torch.as_tensor(pair.X[:16])
+        torch.testing.assert_close(curve.path_[0](x), pair.model_a(x), rtol=0, atol=0)
+        torch.testing.assert_close(curve.path_[-1](x), pair.model_b(x), rtol=0, atol=0)
+        torch.testing.assert_close(curve.curve_.at(1.0)(x), pair.model_b(x), rtol=0, atol=0)
+    for key, value in pair.model_a.state_dict().items():  # nothing the user gave moved
+        assert torch.equal(value, a_before[key])
+    np.testing.assert_array_equal(pair.X, X_before)
+    assert curve.n_iter_ == len(curve.history_["loss"]) <= curve.max_iter
+
+
+def test_a_batchnorm_curve_recomputes_its_statistics(digits):
+    X, y = digits.images_train[:256], digits.y_train[:256]
+    a, b = make_cnn(width=4, seed=1).eval(), make_cnn(width=4, seed=2).eval()
+    curve = CurveConnector(n_points=5, max_iter=2, random_state=0, device="cpu").fit(
+        X, y, model_a=a, model_b=b
+    )
+    with torch.no_grad():
+        x = torch.as_tensor(X[:8], dtype=torch.float32)
+        torch.testing.assert_close(curve.path_[-1](x), b(x), rtol=0, atol=0)
+    assert np.isfinite(curve.evaluate(X, y).loss).all()
+    assert isinstance(curve.curve_.at(0.3, X), torch.nn.Module)
+    with pytest.raises(ValueError, match="needs X"):
+        curve.curve_.at(0.3)
+
+
+def test_a_curve_needs_labels(small_pair):
+    curve = CurveConnector(n_points=5, max_iter=2, device="cpu")
+    with pytest.raises(ValueError, match="needs labels: pass y"):
+        curve.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert not hasattr(curve, "path_")
+
+
+def test_a_curve_connector_clones_pickles_and_reproduces(small_pair):
+    make = CurveConnector(n_points=5, max_iter=3, device="cpu", random_state=0)
+    first = clone(make).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    again = clone(make).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    np.testing.assert_array_equal(first.transform(small_pair.X), again.transform(small_pair.X))
+    loaded = pickle.loads(pickle.dumps(first))
+    np.testing.assert_array_equal(loaded.transform(small_pair.X), first.transform(small_pair.X))
+
+
+def test_a_failed_refit_leaves_the_fitted_curve(small_pair):
+    curve = CurveConnector(n_points=5, max_iter=2, device="cpu", random_state=0).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    before = curve.transform(small_pair.X)
+    with pytest.raises(ValueError):
+        curve.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    np.testing.assert_array_equal(curve.transform(small_pair.X), before)
