@@ -185,8 +185,9 @@ class GeodesicConnector(_BaseConnector):
     Each step evaluates the interior 8 points at a time and back-propagates a group
     as soon as the next group's first point is known, so at most two groups' networks
     hold their activations at once: that part of the memory does not grow with
-    ``n_points``. The parameters and Adam's two moments do, about 4 × ``n_points`` ×
-    the model's parameters.
+    ``n_points``. The parameters, their gradients, Adam's two moments and a copy of the
+    starting interior (which a diverged fit returns) do: about 5 × ``n_points`` × the
+    model's parameters.
 
     Examples
     --------
