@@ -822,6 +822,17 @@ class _Derivation:
             )
         return tuple(self.union(i, j) for i, j in zip(_parts(a), _parts(b)))
 
+    def tie_all(self, features: Sequence[_Features], where: str) -> _Group | _CannotDerive:
+        """One group for the units of every input (they are permuted alike), or the
+        reason they cannot be."""
+        group = features[0].group
+        try:
+            for other in features[1:]:
+                group = self.tie(group, other.group, where)
+        except _CannotDerive as exc:
+            return exc
+        return group
+
     def assign(self, module_name: str, tensor: Tensor | None, axis: int, group: _Group) -> None:
         if tensor is None:
             return
@@ -1422,10 +1433,10 @@ def _cat_rule(
     if len(ndims) > 1:
         return _cannot(where, "it concatenates tensors with different numbers of axes")
     if not ndims and dim == 0:  # the batch: the units stay where they are
-        group = features[0].group
+        group = state.tie_all(features, where)
+        if isinstance(group, _CannotDerive):
+            return group
         try:
-            for other in features[1:]:
-                group = state.tie(group, other.group, where)
             for direct in directs:
                 error = _attach(state, direct, _Features(group, "flat", None), where)
                 if error is not None:
@@ -1444,12 +1455,9 @@ def _cat_rule(
             return _direct_error(directs[0], f"{where}, along the units")
         # Never-permuted parts (the network's input) stay; spec() keeps the rest with them.
         return _at(_concatenation([x.group for x in features]), unit, ndim)
-    group = features[0].group
-    try:
-        for other in features[1:]:
-            group = state.tie(group, other.group, where)
-    except _CannotDerive as exc:
-        return exc
+    group = state.tie_all(features, where)
+    if isinstance(group, _CannotDerive):
+        return group
     result = _at(group, unit, ndim)
     for direct in directs:
         error = _attach(state, direct, result, where)
@@ -1507,12 +1515,9 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
     if (not is_method and target in _ELEMENTWISE_BINARY) or (
         is_method and target in _ELEMENTWISE_METHODS
     ):
-        group = inputs[0].group
-        try:
-            for other in inputs[1:]:
-                group = state.tie(group, other.group, where)
-        except _CannotDerive as exc:
-            return exc
+        group = state.tie_all(inputs, where)
+        if isinstance(group, _CannotDerive):
+            return group
         best = max(inputs, key=lambda x: (x.kind == "channels", x.ndim or 0))
         return _Features(group, best.kind, best.ndim)
     args = list(node.args[1:])
@@ -1561,23 +1566,17 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
     if target is torch.stack:
         dim = kwargs.get("dim", args[0] if args else 0)
         if first.kind == "flat" and first.ndim is None and isinstance(dim, int) and dim == 0:
-            group = first.group
-            try:
-                for other in inputs[1:]:
-                    group = state.tie(group, other.group, where)
-            except _CannotDerive as exc:
-                return exc
+            group = state.tie_all(inputs, where)
+            if isinstance(group, _CannotDerive):
+                return group
             return _Features(group, "flat", None)  # the units stay last
         located = _movable(first, where)
         if isinstance(located, _CannotDerive) or not isinstance(dim, int):
             return _cannot(where, "it stacks tensors whose axes are not known")
         unit, ndim = located
-        group = first.group
-        try:
-            for other in inputs[1:]:
-                group = state.tie(group, other.group, where)
-        except _CannotDerive as exc:
-            return exc
+        group = state.tie_all(inputs, where)
+        if isinstance(group, _CannotDerive):
+            return group
         new_unit = unit + 1 if dim % (ndim + 1) <= unit else unit
         return _moved(_Features(group, first.kind, ndim), new_unit, ndim + 1, where)
     return _cannot(where, "its effect on the units is not known")
