@@ -75,19 +75,19 @@ class Adam:
         self.state: dict[int, dict[str, Tensor]] = {}
 
     def _begin(self) -> None:
+        """Create the state of the tensors that have none (at the first step)."""
         for index, p in enumerate(self.params):
-            self.state.setdefault(
-                index,
-                {
+            if index not in self.state:
+                self.state[index] = {
                     "step": torch.zeros((), dtype=torch.float32, device=p.device),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                },
-            )
+                }
 
     @torch.no_grad()
     def step(self) -> None:
-        self._begin()
+        if len(self.state) < len(self.params):
+            self._begin()
         states = [self.state[i] for i in range(len(self.params))]
         steps = [s["step"] for s in states]
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]

@@ -117,6 +117,21 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
 
     # -- the transaction ---------------------------------------------------------------
 
+    def _fit_transaction(
+        self, X: object, y: object, model_a: object, model_b: object
+    ) -> _BaseConnector:
+        """Every connector's ``fit``: validate, compute the fitted attributes in
+        ``_fit`` on the fit's own torch RNG, then assign them all at once."""
+        self._validate_params()
+        with self._own_torch_rng():
+            attributes = self._fit(X, y, model_a, model_b)
+        self._assign_fitted(attributes)
+        return self
+
+    def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
+        """The fit's work: the fitted attributes, computed but not set (each connector's)."""
+        raise NotImplementedError
+
     def _assign_fitted(self, attributes: dict[str, object]) -> None:
         """Set every fitted attribute at once; ``_UNSET`` ones are removed.
 

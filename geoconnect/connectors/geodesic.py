@@ -297,11 +297,7 @@ class GeodesicConnector(_BaseConnector):
         -------
         self : GeodesicConnector
         """
-        self._validate_params()
-        with self._own_torch_rng():
-            attributes = self._fit(X, y, model_a, model_b)
-        self._assign_fitted(attributes)
-        return self
+        return self._fit_transaction(X, y, model_a, model_b)
 
     def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
         """The fit's work; returns the fitted attributes instead of setting them."""
@@ -322,8 +318,11 @@ class GeodesicConnector(_BaseConnector):
         group = None
         if path.n_points > 2:  # else nothing moves between two ends
             assert inputs.data is not None
-            group = self._path_group(path, inputs)
-            checkpoint = self._open_checkpoint(path, inputs.data, group)
+            # One digest of models and X, which the ranks compare and a checkpoint holds.
+            needed = self.distributed or self.checkpoint is not None
+            fingerprint = self._fingerprint(path, inputs.data) if needed else {}
+            group = self._path_group(path, inputs, fingerprint)
+            checkpoint = self._open_checkpoint(fingerprint, group)
             settings = self._settings(continuing, checkpoint, group)
             order = self._batch_order()
             result = fit_path(path, inputs.data, divergence, settings, previous, order)
@@ -344,19 +343,17 @@ class GeodesicConnector(_BaseConnector):
         )
         return attributes
 
-    def _open_checkpoint(
-        self, path: ModelPath, data: TensorData | StreamData, group: PathGroup | None
-    ) -> Checkpoint | None:
+    def _open_checkpoint(self, fingerprint: dict, group: PathGroup | None) -> Checkpoint | None:
         """The fit's checkpoint, with the fingerprint that tells this fit from others.
 
         Distributed, each rank keeps its own two files, written in turn.
         """
         if self.checkpoint is None:
             return None
-        fingerprint = self._fingerprint(path, data)
         if group is None:
             return Checkpoint.open(self.checkpoint, fingerprint)
-        fingerprint["parameters"]["ranks"] = f"rank {group.rank} of {group.world_size}"
+        ranks = f"rank {group.rank} of {group.world_size}"
+        fingerprint = {**fingerprint, "parameters": {**fingerprint["parameters"], "ranks": ranks}}
         stem = f"checkpoint-rank{group.rank}-of{group.world_size}"
         files = [f"{stem}-{slot}.safetensors" for slot in "ab"]
         return Checkpoint.open(self.checkpoint, fingerprint, files)
@@ -398,11 +395,12 @@ class GeodesicConnector(_BaseConnector):
             return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         return self.device
 
-    def _path_group(self, path: ModelPath, inputs: FitInputs) -> PathGroup | None:
+    def _path_group(
+        self, path: ModelPath, inputs: FitInputs, fingerprint: dict
+    ) -> PathGroup | None:
         """The ranks the fit splits the points across, checked to agree; or None."""
         if not self.distributed:
             return None
-        assert inputs.data is not None
         group = PathGroup.from_environment(inputs.device)
         if path.n_points - 2 < group.world_size:
             raise ValueError(
@@ -411,8 +409,7 @@ class GeodesicConnector(_BaseConnector):
                 f"some rank without a point. Set n_points ≥ {group.world_size + 2}, or "
                 "launch fewer processes."
             )
-        fingerprint = json.dumps(self._fingerprint(path, inputs.data), sort_keys=True)
-        group.check_same("models, X or parameters", fingerprint)
+        group.check_same("models, X or parameters", json.dumps(fingerprint, sort_keys=True))
         return group
 
     def _settings(

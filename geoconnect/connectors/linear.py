@@ -136,11 +136,7 @@ DataLoader, optional
         -------
         self : LinearConnector
         """
-        self._validate_params()
-        with self._own_torch_rng():
-            attributes = self._fit(X, y, model_a, model_b)
-        self._assign_fitted(attributes)
-        return self
+        return self._fit_transaction(X, y, model_a, model_b)
 
     def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
         """The fit's work; returns the fitted attributes instead of setting them."""
