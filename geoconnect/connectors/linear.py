@@ -8,6 +8,7 @@ import numpy as np
 from torch import nn
 
 from ..divergences import jensen_shannon
+from ..repair import repair as repair_path
 from ._base import _BaseConnector
 
 
@@ -42,6 +43,12 @@ class LinearConnector(_BaseConnector):
         function unchanged but brings it close to model_a in parameter space. Then
         ``path_[-1]`` is the permuted copy of model_b (same outputs, reordered
         units). None connects the models as given.
+    repair : bool, default=False
+        Rescale each interior point's pre-activations to the interpolation of the
+        ends' means and standard deviations, measured on X (REPAIR, Jordan et al.
+        2023; see :func:`geoconnect.repair.repair`, which repairs any connector's
+        path). It undoes the variance collapse of averaged networks; for BatchNorm
+        layers the statistics recomputation is that correction already. Needs X.
     output : None, str, int or callable, default=None
         Where the logits are in what the models return. None detects it: a tensor
         as it is, the first element of a tuple or list, the ``"logits"`` entry of a
@@ -90,7 +97,10 @@ class LinearConnector(_BaseConnector):
     True
     """
 
-    _parameter_constraints: dict = {**_BaseConnector._parameter_constraints}
+    _parameter_constraints: dict = {
+        **_BaseConnector._parameter_constraints,
+        "repair": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -100,6 +110,7 @@ class LinearConnector(_BaseConnector):
         model_factory: Callable[..., nn.Module] | None = None,
         align: str | None = None,
         output: str | int | Callable[[object], object] | None = None,
+        repair: bool = False,
     ):
         self.n_points = n_points
         self.device = device
@@ -107,6 +118,7 @@ class LinearConnector(_BaseConnector):
         self.model_factory = model_factory
         self.align = align
         self.output = output
+        self.repair = repair
 
     def fit(
         self,
@@ -150,4 +162,11 @@ DataLoader, optional
                     "points' statistics are recomputed on it."
                 )
             path.recompute_batchnorm(inputs.data, batch_size=self._eval_batch_size())
+        if self.repair:
+            if inputs.data is None:
+                raise ValueError(
+                    "repair=True rescales the interior points' activations to statistics "
+                    "measured on data: pass X to LinearConnector.fit."
+                )
+            path = repair_path(path, inputs.data, batch_size=self._eval_batch_size())
         return self._path_attributes(path, inputs, jensen_shannon)
