@@ -13,12 +13,13 @@ from sklearn.base import clone
 from sklearn.utils import estimator_checks
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from geoconnect import CurveConnector, GeodesicConnector, LinearConnector
+from geoconnect import CurveConnector, GeodesicConnector, LinearConnector, NEBConnector
 
 ESTIMATORS = [
     LinearConnector(n_points=3, device="cpu"),
     GeodesicConnector(max_iter=2, n_points=3, device="cpu", random_state=0),
     CurveConnector(max_iter=2, n_points=3, n_bends=1, device="cpu", random_state=0),
+    NEBConnector(max_iter=2, n_points=3, device="cpu", random_state=0),
 ]
 
 EXPECTED_FAILED_CHECKS = {

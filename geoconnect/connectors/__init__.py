@@ -3,5 +3,6 @@
 from .curve import CurveConnector
 from .geodesic import GeodesicConnector
 from .linear import LinearConnector
+from .neb import NEBConnector
 
-__all__ = ["CurveConnector", "GeodesicConnector", "LinearConnector"]
+__all__ = ["CurveConnector", "GeodesicConnector", "LinearConnector", "NEBConnector"]

@@ -1,0 +1,201 @@
+"""The nudged elastic band on the loss: the force's laws, the barrier, insertion, the API."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+
+from geoconnect import LinearConnector, ModelPath, NEBConnector
+from geoconnect._data import as_data
+from geoconnect.fitting import FitSettings
+from geoconnect.models import make_cnn
+from geoconnect.neb import fit_neb, improved_tangents, insert_image, neb_gradient
+
+
+def _bands(draw_n: int, n_params: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(draw_n, n_params, generator=g, dtype=torch.float64)
+    energies = torch.randn(draw_n, generator=g, dtype=torch.float64)
+    gradients = torch.randn(draw_n - 2, n_params, generator=g, dtype=torch.float64)
+    return theta, energies, gradients
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(3, 8), n_params=st.integers(1, 6), seed=st.integers(0, 2**16), k=st.floats(0, 10)
+)
+def test_the_neb_force_is_the_perpendicular_gradient_plus_a_spring_along_the_tangent(
+    n, n_params, seed, k
+):
+    theta, energies, gradients = _bands(n, n_params, seed)
+    tau = improved_tangents(theta, energies)
+    torch.testing.assert_close(tau.norm(dim=1), torch.ones(n - 2, dtype=torch.float64))
+    minus_force = neb_gradient(theta, energies, gradients, k)
+    stretch = (theta[2:] - theta[1:-1]).norm(dim=1) - (theta[1:-1] - theta[:-2]).norm(dim=1)
+    along = (minus_force * tau).sum(1)
+    torch.testing.assert_close(along, -k * stretch)  # along the band: the spring alone
+    perpendicular = minus_force - along[:, None] * tau
+    expected = gradients - (gradients * tau).sum(1, keepdim=True) * tau
+    torch.testing.assert_close(perpendicular, expected)  # across it: the loss gradient
+
+
+def test_the_improved_tangent_points_to_the_higher_neighbour():
+    theta = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    towards_next = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    towards_prev = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        improved_tangents(theta, torch.tensor([0.0, 1.0, 2.0])), towards_next
+    )
+    torch.testing.assert_close(
+        improved_tangents(theta, torch.tensor([2.0, 1.0, 0.0])), towards_prev
+    )
+    # a maximum whose next neighbour is higher: mostly forward, continuously
+    mixed = improved_tangents(theta, torch.tensor([0.0, 1.0, 0.5]))
+    assert mixed[0, 1] > mixed[0, 0] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 7), data=st.data())
+def test_a_band_without_steps_is_the_line_and_insertion_keeps_it_there(n, data):
+    a, b = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    line = ModelPath.linear(a, b, n)
+    samples = as_data(
+        torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)), device="cpu"
+    )
+    band, history, _ = fit_neb(
+        ModelPath.linear(a, b, n), samples, FitSettings(max_iter=0), torch.Generator()
+    )
+    assert history["loss"] == [] and len(band) == n
+    for name, stack in line.params.items():
+        assert torch.equal(band.params[name], stack)
+    segment = data.draw(st.integers(0, n - 2))
+    longer = insert_image(line, segment)
+    t = torch.tensor(
+        list(line.t_[: segment + 1])
+        + [np.mean(line.t_[segment : segment + 2])]
+        + list(line.t_[segment + 1 :]),
+        dtype=torch.float64,
+    )
+    w = t.reshape(-1, 1, 1)
+    expected = (1 - w) * a.weight.detach() + w * b.weight.detach()
+    torch.testing.assert_close(longer.params["weight"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_images_are_inserted_where_the_loss_is_highest():
+    # One input, label 0; the logit margin of image i is d_i (weight (d_i, 0), no bias).
+    margins = torch.tensor([5.0, 4.0, -6.0, -3.0, 5.0])
+    weight = torch.stack([margins, torch.zeros(5)], 1).reshape(5, 2, 1)
+    band = ModelPath(torch.nn.Linear(1, 2, bias=False), {"weight": weight})
+    samples = as_data(torch.ones(4, 1), torch.zeros(4, dtype=torch.long), device="cpu")
+    # midpoints' margins: 4.5, -1, -4.5, 1 → the third segment's loss is the highest
+    longer, history, _ = fit_neb(
+        band, samples, FitSettings(max_iter=0), torch.Generator(), insert_points=1
+    )
+    assert len(longer) == 6 and history["n_points"] == []
+    torch.testing.assert_close(longer.params["weight"][3, :, 0], torch.tensor([-4.5, 0.0]))
+    torch.testing.assert_close(longer.params["weight"][[0, 1, 2, 4, 5]], weight)
+
+
+def test_a_band_removes_the_linear_barrier_on_the_digits_pair(digits_pair):
+    pair = digits_pair
+    a_before = copy.deepcopy(pair.model_a.state_dict())
+    X_before = pair.X.copy()
+    line = LinearConnector().fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    neb = NEBConnector(random_state=0, device="cpu")
+    neb.fit(pair.X, pair.y, model_a=pair.model_a, model_b=pair.model_b)
+    barrier = neb.evaluate(pair.X_test, pair.y_test).barrier
+    assert barrier <= 0.1 * line.evaluate(pair.X_test, pair.y_test).barrier
+    with torch.no_grad():  # the ends compute the models
+        x = torch.as_tensor(pair.X[:16])
+        torch.testing.assert_close(neb.path_[0](x), pair.model_a(x), rtol=0, atol=0)
+        torch.testing.assert_close(neb.path_[-1](x), pair.model_b(x), rtol=0, atol=0)
+    for key, value in pair.model_a.state_dict().items():  # nothing the user gave moved
+        assert torch.equal(value, a_before[key])
+    np.testing.assert_array_equal(pair.X, X_before)
+    assert len(neb.path_) == neb.n_points
+    assert neb.n_iter_ == len(neb.history_["loss"]) <= neb.max_iter
+    assert set(neb.history_) == {"loss", "max_loss", "seconds", "n_points"}
+    assert neb.history_["loss"][-1] < neb.history_["loss"][0]
+
+
+def test_insert_points_grows_the_band_to_n_points(small_pair):
+    neb = NEBConnector(n_points=7, insert_points=2, max_iter=6, device="cpu", random_state=0)
+    neb.fit(small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert len(neb.path_) == 7 and neb.n_iter_ <= 6
+    assert neb.history_["n_points"] == [5, 5, 6, 6, 7, 7]
+    with pytest.raises(ValueError, match="insert_points=5 leaves"):
+        NEBConnector(n_points=7, insert_points=5, device="cpu").fit(
+            small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+        )
+
+
+@pytest.mark.parametrize("insert_points", [0, 2])
+def test_one_epoch_of_budget_runs_at_most_one_epoch(small_pair, insert_points):
+    neb = NEBConnector(n_points=5, insert_points=insert_points, max_iter=1, device="cpu")
+    neb.fit(small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert neb.n_iter_ <= 1 and len(neb.path_) == 5
+
+
+def test_a_batchnorm_band_recomputes_its_statistics(digits):
+    X, y = digits.images_train[:256], digits.y_train[:256]
+    a, b = make_cnn(width=4, seed=1).eval(), make_cnn(width=4, seed=2).eval()
+    neb = NEBConnector(n_points=5, max_iter=2, batch_size=256, random_state=0, device="cpu")
+    neb.fit(X, y, model_a=a, model_b=b)
+    with torch.no_grad():
+        x = torch.as_tensor(X, dtype=torch.float32)
+        torch.testing.assert_close(neb.path_[0](x[:8]), a(x[:8]), rtol=0, atol=0)
+        torch.testing.assert_close(neb.path_[-1](x[:8]), b(x[:8]), rtol=0, atol=0)
+        for i in range(1, 4):  # one batch of all X: the first layer's mean is exact
+            image = neb.path_[i]
+            torch.testing.assert_close(
+                image[1].running_mean, image[0](x).mean((0, 2, 3)), rtol=1e-5, atol=1e-6
+            )
+    assert np.isfinite(neb.evaluate(X, y).loss).all()
+
+
+def test_a_band_needs_labels(small_pair):
+    neb = NEBConnector(n_points=5, max_iter=2, device="cpu")
+    with pytest.raises(ValueError, match="needs labels: pass y"):
+        neb.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert not hasattr(neb, "path_")
+
+
+def test_a_diverging_band_says_to_lower_the_learning_rate(small_pair):
+    neb = NEBConnector(n_points=4, max_iter=3, learning_rate_init=1e30, device="cpu")
+    with pytest.raises(ValueError, match="lower learning_rate_init"):
+        neb.fit(small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b)
+
+
+def test_a_neb_connector_clones_pickles_and_reproduces(small_pair):
+    make = NEBConnector(n_points=5, insert_points=1, max_iter=3, device="cpu", random_state=0)
+    first = clone(make).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    again = clone(make).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    np.testing.assert_array_equal(first.transform(small_pair.X), again.transform(small_pair.X))
+    loaded = pickle.loads(pickle.dumps(first))
+    np.testing.assert_array_equal(loaded.transform(small_pair.X), first.transform(small_pair.X))
+
+
+def test_a_failed_refit_leaves_the_fitted_band(small_pair):
+    neb = NEBConnector(n_points=5, max_iter=2, device="cpu", random_state=0).fit(
+        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    before, history = neb.transform(small_pair.X), copy.deepcopy(neb.history_)
+    with pytest.raises(ValueError):
+        neb.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    with pytest.raises(ValueError, match="lower learning_rate_init"):
+        neb.set_params(learning_rate_init=1e30).fit(
+            small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
+        )
+    np.testing.assert_array_equal(neb.transform(small_pair.X), before)
+    assert neb.history_ == history
