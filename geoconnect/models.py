@@ -99,7 +99,10 @@ def _forked_seed(seed: int) -> Iterator[None]:
 
 
 def make_mlp(
-    sizes: tuple[int, ...] = (64, 16, 16, 10), *, seed: int | None = None
+    sizes: tuple[int, ...] = (64, 16, 16, 10),
+    *,
+    seed: int | None = None,
+    layer_norm: bool = False,
 ) -> nn.Sequential:
     """A ReLU multilayer perceptron, e.g. 64-16-16-10 for digits.
 
@@ -108,6 +111,8 @@ def make_mlp(
     sizes : tuple of int, default=(64, 16, 16, 10)
         Layer widths, input first, classes last.
     seed : int, optional
+    layer_norm : bool, default=False
+        Put a ``LayerNorm`` between each hidden layer's ``Linear`` and its ReLU.
         Seed of the initialisation; the global torch RNG is left as it was.
 
     Returns
@@ -125,12 +130,20 @@ def make_mlp(
       (3): ReLU()
       (4): Linear(in_features=16, out_features=10, bias=True)
     )
+    >>> make_mlp((4, 8, 2), layer_norm=True)
+    Sequential(
+      (0): Linear(in_features=4, out_features=8, bias=True)
+      (1): LayerNorm((8,), eps=1e-05, elementwise_affine=True)
+      (2): ReLU()
+      (3): Linear(in_features=8, out_features=2, bias=True)
+    )
     """
     layers: list[nn.Module] = []
     with _seeded(seed):
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(n_in, n_out))
             if i < len(sizes) - 2:
+                layers.extend([nn.LayerNorm(n_out)] if layer_norm else [])
                 layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 

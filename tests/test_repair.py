@@ -81,20 +81,14 @@ def test_a_batchnorm_network_is_repaired_by_its_recomputed_statistics(digits):
         torch.testing.assert_close(repaired.path_.batchnorm_buffers[name], stack)
 
 
-def _layernorm_mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(),
-        nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )  # fmt: skip
-
-
 def test_repair_lowers_the_layernorm_pairs_linear_barrier(digits):
     a, b = (
-        train_classifier(_layernorm_mlp(s), digits.X_train, digits.y_train, epochs=20, seed=s)
+        train_classifier(
+            make_mlp((64, 64, 64, 10), seed=s, layer_norm=True),
+            digits.X_train, digits.y_train, epochs=20, seed=s,
+        )
         for s in (1, 2)
-    )
+    )  # fmt: skip
     fit = {"X": digits.X_train, "model_a": a, "model_b": b}
     line = LinearConnector(device="cpu").fit(**fit)
     repaired = LinearConnector(device="cpu", repair=True).fit(**fit)

@@ -17,6 +17,7 @@ from geoconnect import CurveConnector, GeodesicConnector, LinearConnector, NEBCo
 
 ESTIMATORS = [
     LinearConnector(n_points=3, device="cpu"),
+    LinearConnector(n_points=3, device="cpu", repair=True),
     GeodesicConnector(max_iter=2, n_points=3, device="cpu", random_state=0),
     CurveConnector(max_iter=2, n_points=3, n_bends=1, device="cpu", random_state=0),
     NEBConnector(max_iter=2, n_points=3, device="cpu", random_state=0),
