@@ -139,18 +139,20 @@ def _sites(path: ModelPath, data: TensorData | StreamData) -> list[_Site]:
     module = path[0]
     names = {m: n for n, m in module.named_modules()}
     calls: list[nn.Module] = []
-    produced: dict[int, nn.Module] = {}  # id of an output tensor -> the layer made it
+    # id of an output tensor -> the layer that made it, and the tensor, held so that
+    # its id is not reused by a later tensor during the pass
+    produced: dict[int, tuple[nn.Module, Tensor]] = {}
     fed_norm: dict[nn.Module, nn.Module] = {}  # layer -> the norm layer its output fed
 
     def after(layer: nn.Module, _inputs: tuple, output: object) -> None:
         calls.append(layer)
         if isinstance(output, Tensor):
-            produced[id(output)] = layer
+            produced[id(output)] = (layer, output)
 
     def before(norm: nn.Module, inputs: tuple) -> None:
-        source = produced.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
-        if source is not None:
-            fed_norm[source] = norm
+        x = inputs[0] if inputs else None
+        if isinstance(x, Tensor) and id(x) in produced and produced[id(x)][1] is x:
+            fed_norm[produced[id(x)][0]] = norm
 
     watched = [m for m in module.modules() if isinstance(m, (nn.Linear, _ConvNd, *_NORMS))]
     handles = [m.register_forward_hook(after) for m in watched]

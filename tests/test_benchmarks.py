@@ -75,3 +75,29 @@ def test_peak_memory_counts_what_is_alive_together_and_nothing_before():
     assert connect.peak_tensor_memory(lambda: torch.ones(10, 1000)) == pytest.approx(
         40_000, rel=1e-2
     )
+
+
+def test_the_user_guides_methods_table_is_the_latest_runs():
+    """The "Choosing a method" table is printed from benchmarks/results/methods.json,
+    not typed: ``python benchmarks/methods.py --from-json`` reproduces it."""
+    import json
+
+    methods = pytest.importorskip("methods")
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "methods.json").read_text())
+    guide = (root / "docs" / "user-guide.md").read_text()
+    assert methods.table(results) in guide
+    for result in results.values():  # each trained method's target is a tenth of the line's
+        assert result["target"] == pytest.approx(0.1 * result["rows"]["linear"]["barrier"])
+
+
+def test_the_methods_benchmark_counts_a_chains_and_a_curves_evaluations():
+    methods = pytest.importorskip("methods")
+
+    class Fitted:
+        def __init__(self, history):
+            self.history_ = history
+
+    assert methods.evaluations(Fitted({"n_points": [5, 9, 9]}), 10) == 10 * (3 + 7 + 7)
+    assert methods.evaluations(Fitted({"loss": [1.0, 0.5]}), 10) == 20
+    assert methods.evaluations(object(), 10) == 0
