@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._inputs import Inputs, concat, is_mapping, move, n_rows, rows
 
@@ -99,6 +99,10 @@ class StreamData:
         self.device = device
         self.dtype = dtype
         self.n_samples = _stream_length(source)
+        if _one_shot(source.dataset if isinstance(source, DataLoader) else source):
+            raise ValueError(
+                _ONE_SHOT.format(how="its __iter__ returns the same iterator each time")
+            )
         # Set once a pass has yielded a batch: a later pass that yields none means X is
         # a one-shot iterable (its __iter__ returns the same, exhausted iterator).
         self._yielded = False
@@ -138,11 +142,7 @@ class StreamData:
             yield Batch(move(x, self.device, non_blocking=True), y, None)
         if n_batches == 0 and self._yielded:
             raise ValueError(
-                "X could be iterated only once: it yielded batches on an earlier pass but "
-                "none now, and fit needs several passes over X (probing the models, "
-                "fitting, evaluating). Make the dataset's __iter__ return a fresh iterator "
-                "each time it is called (e.g. write it as a generator), or use a "
-                "map-style Dataset."
+                _ONE_SHOT.format(how="it yielded batches on an earlier pass but none now")
             )
 
     def head(self, n: int) -> Inputs:
@@ -163,6 +163,26 @@ class StreamData:
             raise ValueError("X yielded some batches with labels and some without.")
         y = torch.cat(ys) if all(labelled) else None  # type: ignore[arg-type]
         return TensorData(concat(xs), y, self.device)
+
+
+_ONE_SHOT = (
+    "X could be iterated only once: {how}, and fit needs several passes over X "
+    "(probing the models, fitting, evaluating). Make the dataset's __iter__ return a "
+    "fresh iterator each time it is called (e.g. write it as a generator), or use a "
+    "map-style Dataset."
+)
+
+
+def _one_shot(dataset: object) -> bool:
+    """Whether iterating ``dataset`` twice gives the same iterator: then a pass that
+    stops early (a probe reading one batch) would be continued, not restarted, by the
+    next, which would silently miss the first batches."""
+    if not isinstance(dataset, IterableDataset):
+        return False
+    try:
+        return iter(dataset) is iter(dataset)
+    except TypeError:
+        return False
 
 
 def _stream_length(source: Dataset | DataLoader) -> int | None:

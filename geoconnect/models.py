@@ -133,7 +133,7 @@ def make_mlp(
     >>> make_mlp((4, 8, 2), layer_norm=True)
     Sequential(
       (0): Linear(in_features=4, out_features=8, bias=True)
-      (1): LayerNorm((8,), eps=1e-05, elementwise_affine=True)
+      (1): LayerNorm((8,), eps=1e-05, elementwise_affine=True, bias=True)
       (2): ReLU()
       (3): Linear(in_features=8, out_features=2, bias=True)
     )

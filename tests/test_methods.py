@@ -90,3 +90,18 @@ def test_every_method_is_searched_by_grid_search(method, small_pair):
     search.fit(small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert len(search.best_estimator_.path_) == search.best_params_["n_points"]
     assert np.all(search.cv_results_["mean_test_score"] <= 0)  # minus the barrier
+
+
+@pytest.mark.parametrize("method", ["linear + REPAIR", "Bezier", "NEB, inserting"])
+def test_every_methods_path_saves_and_loads_with_its_record(method, small_pair, tmp_path):
+    from geoconnect import ModelPath
+
+    y = small_pair.y if method in LABELLED else None
+    conn = METHODS[method]().fit(
+        small_pair.X, y, model_a=small_pair.model_a, model_b=small_pair.model_b
+    )
+    file = conn.path_.save(tmp_path / "path.safetensors")
+    loaded = ModelPath.load(file, template=small_pair.model_a)
+    assert torch.equal(loaded.parameters_vector(), conn.path_.parameters_vector())
+    assert loaded.metadata == conn.path_.metadata
+    assert loaded.metadata["connector"] == type(conn).__name__

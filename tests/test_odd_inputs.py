@@ -260,3 +260,14 @@ def test_string_labels_from_a_dataloader_ask_for_a_label_encoder(make, collate):
         fit(make, X)
     assert "y must hold integer class indices" in str(info.value)
     assert "sklearn.preprocessing.LabelEncoder" in str(info.value)
+
+
+def test_a_one_shot_stream_is_refused_before_a_probe_can_read_part_of_it():
+    """A probe that reads one batch of a one-shot stream would leave the next pass to
+    continue it: an evaluation would silently miss the first batches. It is refused
+    up front instead, by evaluate as by fit."""
+    conn = fit(LinearConnector)
+    stream = OneShot()  # yields (x, y)
+    with pytest.raises(ValueError, match=r"its __iter__ returns the same iterator"):
+        conn.evaluate(DataLoader(stream, batch_size=4))
+    assert len(list(stream)) == 10  # and nothing of it was read
