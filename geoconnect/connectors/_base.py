@@ -8,7 +8,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from ..evaluation import (
     fisher_rao_length,
     path_statistics,
 )
+from ..fitting import FitSettings
 from ..models import default_model_factory
 from ..path import ModelPath
 
@@ -668,6 +669,56 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             [f"point{i}_class{k}" for i in range(len(self.path_)) for k in range(self.n_classes_)],
             dtype=object,
         )
+
+
+#: The optimisation parameters of every trained connector, validated alike.
+OPTIMISATION_CONSTRAINTS: dict = {
+    "solver": [StrOptions({"adam", "sgd"})],
+    "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+    "max_iter": [Interval(Integral, 1, None, closed="left")],
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0, 1, closed="left")],
+    "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+}
+
+
+class _LossConnector(_BaseConnector):
+    """The connectors trained on the labelled loss (the curves, the elastic band):
+    their shared constraints, labelled inputs, settings and batch-order generator."""
+
+    _parameter_constraints: dict = {
+        **_BaseConnector._parameter_constraints,
+        **OPTIMISATION_CONSTRAINTS,
+    }
+
+    def _labelled_inputs(
+        self, X: object, y: object, model_a: object, model_b: object, *, why: str
+    ) -> FitInputs:
+        """The fit's inputs, refused without labels; ``why`` says what needs them."""
+        inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
+        if getattr(inputs.data, "y", None) is None and not hasattr(inputs.data, "source"):
+            raise ValueError(
+                f"{type(self).__name__} {why}, so it needs labels: pass y (class "
+                "indices), or yield (x, y) from a Dataset. The label-free path is "
+                "GeodesicConnector's."
+            )
+        return inputs
+
+    def _settings(self) -> FitSettings:
+        return FitSettings(
+            solver=self.solver,
+            learning_rate=self.learning_rate_init,
+            max_iter=self.max_iter,
+            batch_size=self.batch_size,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+        )
+
+    def _generator(self) -> torch.Generator:
+        """The generator of the batch order and the fit's other draws, from
+        ``random_state``."""
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        return torch.Generator().manual_seed(seed)
 
 
 @torch.no_grad()

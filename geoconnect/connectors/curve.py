@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
-import torch
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..curves import Curve, fit_curve
 from ..divergences import jensen_shannon
-from ..fitting import FitSettings
-from ._base import _BaseConnector
+from ._base import _LossConnector
 
 
-class CurveConnector(_BaseConnector):
+class CurveConnector(_LossConnector):
     """A low-loss curve between two networks, trained on labelled data.
 
     The curve of Garipov et al. (*Loss Surfaces, Mode Connectivity, and Fast
@@ -90,15 +87,9 @@ class CurveConnector(_BaseConnector):
     """
 
     _parameter_constraints: dict = {
-        **_BaseConnector._parameter_constraints,
+        **_LossConnector._parameter_constraints,
         "curve": [StrOptions({"bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
-        "solver": [StrOptions({"adam", "sgd"})],
-        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, 1, closed="left")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -163,27 +154,11 @@ DataLoader
         return self._fit_transaction(X, y, model_a, model_b)
 
     def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
-        inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
+        inputs = self._labelled_inputs(X, y, model_a, model_b, why="trains the curve on the loss")
         data = inputs.data
         assert data is not None
-        if getattr(data, "y", None) is None and not hasattr(data, "source"):
-            raise ValueError(
-                "CurveConnector trains the curve on the loss, so it needs labels: pass y "
-                "(class indices), or yield (x, y) from a Dataset. The label-free path is "
-                "GeodesicConnector's."
-            )
-        control = self._line(inputs).resample(self.n_bends + 2)
-        curve = Curve(control, self.curve)
-        settings = FitSettings(
-            solver=self.solver,
-            learning_rate=self.learning_rate_init,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-        )
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        history, _ = fit_curve(curve, data, settings, torch.Generator().manual_seed(seed))
+        curve = Curve(self._line(inputs).resample(self.n_bends + 2), self.curve)
+        history, _ = fit_curve(curve, data, self._settings(), self._generator())
         path = curve.sample(self.n_points, data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, jensen_shannon)
         attributes.update(curve_=curve, history_=history, n_iter_=len(history["loss"]))

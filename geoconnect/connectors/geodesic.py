@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from .._data import StreamData, TensorData
@@ -21,7 +21,7 @@ from ..divergences import DIVERGENCES, get_divergence
 from ..fitting import FitResult, FitSettings, copy_history, fit_path
 from ..path import ModelPath
 from ..persistence import describe_architecture, tensor_digest
-from ._base import _UNSET, FitInputs, _BaseConnector
+from ._base import _UNSET, OPTIMISATION_CONSTRAINTS, FitInputs, _BaseConnector
 
 
 class GeodesicConnector(_BaseConnector):
@@ -206,12 +206,7 @@ class GeodesicConnector(_BaseConnector):
     _parameter_constraints: dict = {
         **_BaseConnector._parameter_constraints,
         "divergence": [StrOptions(set(DIVERGENCES)), callable],
-        "solver": [StrOptions({"adam", "sgd"})],
-        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, 1, closed="left")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        **OPTIMISATION_CONSTRAINTS,
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
         "coarse_to_fine": ["boolean"],

@@ -6,18 +6,15 @@ from collections.abc import Callable
 from numbers import Integral, Real
 
 import numpy as np
-import torch
-from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
 from ..divergences import jensen_shannon
-from ..fitting import FitSettings
 from ..neb import fit_neb
-from ._base import _BaseConnector
+from ._base import _LossConnector
 
 
-class NEBConnector(_BaseConnector):
+class NEBConnector(_LossConnector):
     """A low-loss path between two networks by the nudged elastic band on the loss.
 
     The method of Draxler et al. (*Essentially No Barriers in Neural Network Energy
@@ -115,15 +112,9 @@ class NEBConnector(_BaseConnector):
     """
 
     _parameter_constraints: dict = {
-        **_BaseConnector._parameter_constraints,
+        **_LossConnector._parameter_constraints,
         "spring_constant": [Interval(Real, 0, None, closed="left")],
         "insert_points": [Interval(Integral, 0, None, closed="left")],
-        "solver": [StrOptions({"adam", "sgd"})],
-        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, 1, closed="left")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -196,32 +187,17 @@ DataLoader
                 f"n_points - insert_points = {start} images to start with; it needs at "
                 "least 3 (one interior image). Lower insert_points or raise n_points."
             )
-        inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
+        inputs = self._labelled_inputs(X, y, model_a, model_b, why="moves the band down the loss")
         data = inputs.data
         assert data is not None
-        if getattr(data, "y", None) is None and not hasattr(data, "source"):
-            raise ValueError(
-                "NEBConnector moves the band down the loss, so it needs labels: pass y "
-                "(class indices), or yield (x, y) from a Dataset. The label-free path is "
-                "GeodesicConnector's."
-            )
         band = self._line(inputs)
         if start != self.n_points:
             band = band.resample(start)
-        settings = FitSettings(
-            solver=self.solver,
-            learning_rate=self.learning_rate_init,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-        )
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         band, history, _ = fit_neb(
             band,
             data,
-            settings,
-            torch.Generator().manual_seed(seed),
+            self._settings(),
+            self._generator(),
             spring_constant=self.spring_constant,
             insert_points=self.insert_points,
         )
