@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import pickle
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.base import clone
 
 from geoconnect import CurveConnector, LinearConnector, ModelPath
 from geoconnect.curves import Curve
@@ -74,26 +72,3 @@ def test_a_curve_needs_labels(small_pair):
     with pytest.raises(ValueError, match="needs labels: pass y"):
         curve.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(curve, "path_")
-
-
-def test_a_curve_connector_clones_pickles_and_reproduces(small_pair):
-    make = CurveConnector(n_points=5, max_iter=3, device="cpu", random_state=0)
-    first = clone(make).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    again = clone(make).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    np.testing.assert_array_equal(first.transform(small_pair.X), again.transform(small_pair.X))
-    loaded = pickle.loads(pickle.dumps(first))
-    np.testing.assert_array_equal(loaded.transform(small_pair.X), first.transform(small_pair.X))
-
-
-def test_a_failed_refit_leaves_the_fitted_curve(small_pair):
-    curve = CurveConnector(n_points=5, max_iter=2, device="cpu", random_state=0).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    before = curve.transform(small_pair.X)
-    with pytest.raises(ValueError):
-        curve.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
-    np.testing.assert_array_equal(curve.transform(small_pair.X), before)

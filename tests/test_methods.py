@@ -8,10 +8,12 @@ modules and data alone, and composes with Pipeline and GridSearchCV.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -105,3 +107,27 @@ def test_every_methods_path_saves_and_loads_with_its_record(method, small_pair, 
     assert torch.equal(loaded.parameters_vector(), conn.path_.parameters_vector())
     assert loaded.metadata == conn.path_.metadata
     assert loaded.metadata["connector"] == type(conn).__name__
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_clones_pickles_and_reproduces(method, small_pair):
+    y = small_pair.y if method in LABELLED else None
+    fit = {"model_a": small_pair.model_a, "model_b": small_pair.model_b}
+    first = METHODS[method]().fit(small_pair.X, y, **fit)
+    again = clone(first).fit(small_pair.X, y, **fit)
+    np.testing.assert_array_equal(first.transform(small_pair.X), again.transform(small_pair.X))
+    loaded = pickle.loads(pickle.dumps(first))
+    np.testing.assert_array_equal(loaded.transform(small_pair.X), first.transform(small_pair.X))
+
+
+@pytest.mark.parametrize("method", sorted(LABELLED))
+def test_a_failed_refit_of_a_labelled_method_leaves_its_fit(method, small_pair):
+    fit = {"model_a": small_pair.model_a, "model_b": small_pair.model_b}
+    conn = METHODS[method]().fit(small_pair.X, small_pair.y, **fit)
+    before, history = conn.transform(small_pair.X), copy.deepcopy(conn.history_)
+    with pytest.raises(ValueError, match="needs labels"):
+        conn.fit(small_pair.X, **fit)
+    with pytest.raises(ValueError, match="lower learning_rate_init"):
+        conn.set_params(learning_rate_init=1e30).fit(small_pair.X, small_pair.y, **fit)
+    np.testing.assert_array_equal(conn.transform(small_pair.X), before)
+    assert conn.history_ == history and conn.n_iter_ == len(history["loss"])

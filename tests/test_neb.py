@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import pickle
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.base import clone
 
 from geoconnect import LinearConnector, ModelPath, NEBConnector
 from geoconnect._data import as_data
@@ -171,31 +169,3 @@ def test_a_diverging_band_says_to_lower_the_learning_rate(small_pair):
     neb = NEBConnector(n_points=4, max_iter=3, learning_rate_init=1e30, device="cpu")
     with pytest.raises(ValueError, match="lower learning_rate_init"):
         neb.fit(small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b)
-
-
-def test_a_neb_connector_clones_pickles_and_reproduces(small_pair):
-    make = NEBConnector(n_points=5, insert_points=1, max_iter=3, device="cpu", random_state=0)
-    first = clone(make).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    again = clone(make).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    np.testing.assert_array_equal(first.transform(small_pair.X), again.transform(small_pair.X))
-    loaded = pickle.loads(pickle.dumps(first))
-    np.testing.assert_array_equal(loaded.transform(small_pair.X), first.transform(small_pair.X))
-
-
-def test_a_failed_refit_leaves_the_fitted_band(small_pair):
-    neb = NEBConnector(n_points=5, max_iter=2, device="cpu", random_state=0).fit(
-        small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-    )
-    before, history = neb.transform(small_pair.X), copy.deepcopy(neb.history_)
-    with pytest.raises(ValueError):
-        neb.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
-    with pytest.raises(ValueError, match="lower learning_rate_init"):
-        neb.set_params(learning_rate_init=1e30).fit(
-            small_pair.X, small_pair.y, model_a=small_pair.model_a, model_b=small_pair.model_b
-        )
-    np.testing.assert_array_equal(neb.transform(small_pair.X), before)
-    assert neb.history_ == history

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -682,6 +683,19 @@ OPTIMISATION_CONSTRAINTS: dict = {
 }
 
 
+def optimisation_settings(estimator: Any, **more: Any) -> FitSettings:
+    """The engine's settings from a trained connector's optimisation parameters."""
+    return FitSettings(
+        solver=estimator.solver,
+        learning_rate=estimator.learning_rate_init,
+        max_iter=estimator.max_iter,
+        batch_size=estimator.batch_size,
+        tol=estimator.tol,
+        n_iter_no_change=estimator.n_iter_no_change,
+        **more,
+    )
+
+
 class _LossConnector(_BaseConnector):
     """The connectors trained on the labelled loss (the curves, the elastic band):
     their shared constraints, labelled inputs, settings and batch-order generator."""
@@ -705,14 +719,7 @@ class _LossConnector(_BaseConnector):
         return inputs
 
     def _settings(self) -> FitSettings:
-        return FitSettings(
-            solver=self.solver,
-            learning_rate=self.learning_rate_init,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-        )
+        return optimisation_settings(self)
 
     def _generator(self) -> torch.Generator:
         """The generator of the batch order and the fit's other draws, from

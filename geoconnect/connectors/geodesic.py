@@ -21,7 +21,13 @@ from ..divergences import DIVERGENCES, get_divergence
 from ..fitting import FitResult, FitSettings, copy_history, fit_path
 from ..path import ModelPath
 from ..persistence import describe_architecture, tensor_digest
-from ._base import _UNSET, OPTIMISATION_CONSTRAINTS, FitInputs, _BaseConnector
+from ._base import (
+    _UNSET,
+    OPTIMISATION_CONSTRAINTS,
+    FitInputs,
+    _BaseConnector,
+    optimisation_settings,
+)
 
 
 class GeodesicConnector(_BaseConnector):
@@ -413,13 +419,8 @@ class GeodesicConnector(_BaseConnector):
         checkpoint: Checkpoint | None = None,
         group: PathGroup | None = None,
     ) -> FitSettings:
-        return FitSettings(
-            solver=self.solver,
-            learning_rate=self.learning_rate_init,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
+        return optimisation_settings(
+            self,
             coarse_to_fine=self.coarse_to_fine and not continuing,
             mixed_precision=self.mixed_precision,
             strategy=self.strategy,
