@@ -163,8 +163,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             "_label_classes": inputs.label_classes,
             **inputs.features,
         }
-        kept = {k: v for k, v in path.metadata.items() if k.startswith("repair")}
-        path.metadata = {"connector": type(self).__name__, **kept}
+        # on top of what the fit's own steps recorded on its path (REPAIR's sites)
+        path.metadata = {**path.metadata, "connector": type(self).__name__}
         if inputs.data is None:
             attributes.update(length_=None, energy_=None, n_classes_=_UNSET, classes_=_UNSET)
             return attributes
