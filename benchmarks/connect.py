@@ -86,7 +86,9 @@ def make_pairs() -> list[Pair]:
     return pairs
 
 
-def fit_geoconnect(pair: Pair, epochs: int, **settings: object) -> GeodesicConnector:
+def fit_geoconnect(
+    pair: Pair, epochs: int, random_state: int = 0, **settings: object
+) -> GeodesicConnector:
     """Exactly ``epochs`` epochs on N points (no early stopping), defaults otherwise."""
     conn = GeodesicConnector(
         n_points=N_POINTS,
@@ -94,7 +96,7 @@ def fit_geoconnect(pair: Pair, epochs: int, **settings: object) -> GeodesicConne
         n_iter_no_change=epochs,
         batch_size=BATCH_SIZE,
         device="cpu",
-        random_state=0,
+        random_state=random_state,
         **settings,
     )
     return conn.fit(pair.X_train, model_a=pair.model_a, model_b=pair.model_b)
