@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
-from geoconnect import GeodesicConnector, LinearConnector
+from geoconnect import GeodesicConnector, LinearConnector, fitting
 from geoconnect.divergences import jensen_shannon
 from geoconnect.fitting import coarse_to_fine_schedule
 from geoconnect.models import load_digits_split, make_mobilenet, train_classifier
@@ -158,6 +158,50 @@ def test_a_fit_that_converges_does_not_warn(small_pair):
         warnings.simplefilter("error", ConvergenceWarning)
         conn = fit(geodesic(max_iter=200, tol=0.5, n_iter_no_change=1), small_pair)
     assert conn.n_iter_ < 200
+
+
+# -- the energy rising: an unstable descent, or a plateau's wobble ---------------------
+
+
+def fit_with_energies(pair, monkeypatch, energies: list[float]) -> list[str]:
+    """A fit whose epochs record ``energies`` (the path does not move); its warnings."""
+    scripted = iter(energies)
+
+    def epoch(state, bar):
+        energy = next(scripted)
+        fitting._record_epoch(state, energy, 0.0, 0.0, bar)
+        return energy
+
+    monkeypatch.setattr(fitting, "_run_epoch", epoch)
+    conn = geodesic(max_iter=len(energies), tol=0.0, coarse_to_fine=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(conn, pair)
+    assert conn.n_iter_ == len(energies)
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_energy_climbing_back_to_where_the_level_began_warns_of_an_unstable_descent(
+    small_pair, monkeypatch
+):
+    # three rises, to twice the lowest and most of the way back to the first epoch
+    messages = fit_with_energies(small_pair, monkeypatch, [1.0, 0.5, 0.6, 0.8, 0.95])
+    assert len(messages) == 1
+    assert "rose for 3 epochs running (to 0.95 in epoch 5)" in messages[0]
+    assert "Lower learning_rate_init (now 0.003)" in messages[0]
+
+
+def test_a_descent_that_rises_from_its_first_epoch_warns(small_pair, monkeypatch):
+    messages = fit_with_energies(small_pair, monkeypatch, [1.0, 1.2, 1.6, 2.0])
+    assert len(messages) == 1 and "rose for 3 epochs running" in messages[0]
+
+
+def test_a_wobble_near_convergence_is_not_called_unstable(small_pair, monkeypatch):
+    # A digits MLP's default fit: 0.024 down to 0.0044, then up seven epochs running to
+    # 0.0068 (1.5x the lowest, an eighth of the way back) with no barrier left.
+    energies = [0.024, 0.012, 0.007, 0.0044, 0.0046, 0.0048, 0.0051, 0.0053, 0.0054]
+    messages = fit_with_energies(small_pair, monkeypatch, [*energies, 0.0056, 0.0068, 0.0054])
+    assert messages == []
 
 
 @pytest.mark.parametrize("max_iter", [2, 8, 30])
