@@ -45,25 +45,32 @@ __all__ = ["fit_neb", "improved_tangents", "insert_image", "midpoint_losses", "n
 _PROBE_ROWS = 1024
 
 
-def improved_tangents(theta: Tensor, energies: Tensor) -> Tensor:
+#: A band: one flattened tensor (n_images, n_params), or one stack per parameter
+#: tensor, each (n_images, *shape), as :attr:`~geoconnect.ModelPath.params` holds them.
+Band = Tensor | dict[str, Tensor]
+
+
+def improved_tangents(theta: Band, energies: Tensor) -> Band:
     """The improved tangents of Henkelman & Jónsson (2000) at the interior images.
 
     At image ``i`` the tangent is the segment towards the higher-energy neighbour
     when the energy rises or falls monotonically through ``i``; at an extremum it is
     the mix ``ΔV_max τ⁺ + ΔV_min τ⁻`` (or the reverse), weighted towards the
-    higher neighbour, so the tangent turns continuously. Normalised; zero where both
-    segments are.
+    higher neighbour, so the tangent turns continuously. Normalised over all of an
+    image's parameters; zero where both segments are.
 
     Parameters
     ----------
-    theta : Tensor of shape (n_images, n_params)
-        The band, flattened.
+    theta : Tensor of shape (n_images, n_params), or dict of str to Tensor
+        The band, flattened, or one stack of shape (n_images, *shape) per parameter
+        tensor (computed a tensor at a time, without flattening the band).
     energies : Tensor of shape (n_images,)
         Each image's loss.
 
     Returns
     -------
-    Tensor of shape (n_images − 2, n_params)
+    Tensor of shape (n_images − 2, n_params), or dict of str to Tensor
+        Of ``theta``'s kind, the stacks of shape (n_images − 2, *shape).
 
     Examples
     --------
@@ -75,43 +82,34 @@ def improved_tangents(theta: Tensor, energies: Tensor) -> Tensor:
     >>> improved_tangents(theta, torch.tensor([2.0, 1.0, 0.0]))  # falling: backward
     tensor([[1., 0.]])
     """
-    forward, backward = theta[2:] - theta[1:-1], theta[1:-1] - theta[:-2]
-    v_prev, v, v_next = energies[:-2], energies[1:-1], energies[2:]
-    up = (v_next > v) & (v > v_prev)
-    down = (v_next < v) & (v < v_prev)
-    d_next, d_prev = (v_next - v).abs(), (v_prev - v).abs()
-    big, small = torch.maximum(d_next, d_prev), torch.minimum(d_next, d_prev)
-    rising = v_next > v_prev
-    w_forward = torch.where(up, 1.0, torch.where(down, 0.0, torch.where(rising, big, small)))
-    w_backward = torch.where(up, 0.0, torch.where(down, 1.0, torch.where(rising, small, big)))
-    flat = (w_forward == 0) & (w_backward == 0)  # equal energies: the bisector
-    w_forward, w_backward = w_forward.masked_fill(flat, 1.0), w_backward.masked_fill(flat, 1.0)
-    tau = w_forward.to(theta)[:, None] * forward + w_backward.to(theta)[:, None] * backward
-    return tau / tau.norm(dim=1, keepdim=True).clamp_min(torch.finfo(theta.dtype).tiny)
+    stacks = _stacks(theta)
+    tangent = _Tangent(stacks, energies)
+    return _like(theta, {name: tangent.of(name) for name in stacks})
 
 
-def neb_gradient(
-    theta: Tensor, energies: Tensor, gradients: Tensor, spring_constant: float
-) -> Tensor:
+def neb_gradient(theta: Band, energies: Tensor, gradients: Band, spring_constant: float) -> Band:
     """Minus the NEB force on the interior images: what the optimiser steps down.
 
     ``−F_i = (g_i − (g_i·τ_i) τ_i) − k (‖θ_{i+1} − θ_i‖ − ‖θ_i − θ_{i−1}‖) τ_i``, with
-    ``τ_i`` from :func:`improved_tangents`.
+    ``τ_i`` from :func:`improved_tangents`; dot products and norms run over all of an
+    image's parameters.
 
     Parameters
     ----------
-    theta : Tensor of shape (n_images, n_params)
-        The band, flattened.
+    theta : Tensor of shape (n_images, n_params), or dict of str to Tensor
+        The band, flattened, or one stack of shape (n_images, *shape) per parameter
+        tensor: then the force is computed a tensor at a time, and its temporaries
+        are a few copies of the largest tensor's stack, not of the whole band.
     energies : Tensor of shape (n_images,)
         Each image's loss.
-    gradients : Tensor of shape (n_images − 2, n_params)
-        The loss gradients of the interior images.
+    gradients : Tensor of shape (n_images − 2, n_params), or dict of str to Tensor
+        The loss gradients of the interior images, of ``theta``'s kind.
     spring_constant : float
         ``k``.
 
     Returns
     -------
-    Tensor of shape (n_images − 2, n_params)
+    Tensor of shape (n_images − 2, n_params), or dict of str to Tensor
 
     Examples
     --------
@@ -122,12 +120,84 @@ def neb_gradient(
     >>> neb_gradient(theta, torch.tensor([0.0, 1.0, 2.0]), g, spring_constant=1.0)
     tensor([[-1.,  2.]])
     """
-    tau = improved_tangents(theta, energies)
-    along = (gradients * tau).sum(1, keepdim=True)
-    forward = (theta[2:] - theta[1:-1]).norm(dim=1)
-    backward = (theta[1:-1] - theta[:-2]).norm(dim=1)
-    stretch = (forward - backward)[:, None]
-    return gradients - along * tau - spring_constant * stretch * tau
+    stacks, grads = _stacks(theta), _stacks(gradients)
+    tangent = _Tangent(stacks, energies)
+    along = sum(_dot(grads[name], tangent.of(name)) for name in stacks)
+    push = along + spring_constant * (tangent.forward_norm - tangent.backward_norm)
+    return _like(
+        theta,
+        {name: grads[name] - _per_image(push, grads[name]) * tangent.of(name) for name in stacks},
+    )
+
+
+class _Tangent:
+    """The improved tangent of a band given as stacks, one tensor at a time.
+
+    The weights of the two segments at each image depend on the energies alone; the
+    norms of the segments and of the mixed tangent are summed over the stacks once;
+    :meth:`of` gives one stack's slice of the normalised tangent on demand.
+    """
+
+    def __init__(self, stacks: dict[str, Tensor], energies: Tensor):
+        self.stacks = stacks
+        self.w_forward, self.w_backward = _tangent_weights(energies)
+        first = next(iter(stacks.values()))
+        zeros = torch.zeros(first.shape[0] - 2, dtype=first.dtype, device=first.device)
+        forward_sq, backward_sq, mixed_sq = zeros.clone(), zeros.clone(), zeros.clone()
+        for name in stacks:
+            forward, backward = self._segments(name)
+            forward_sq += _dot(forward, forward)
+            backward_sq += _dot(backward, backward)
+            mixed = self._mix(forward, backward)
+            mixed_sq += _dot(mixed, mixed)
+        self.forward_norm, self.backward_norm = forward_sq.sqrt(), backward_sq.sqrt()
+        self.norm = mixed_sq.sqrt().clamp_min(torch.finfo(first.dtype).tiny)
+
+    def _segments(self, name: str) -> tuple[Tensor, Tensor]:
+        stack = self.stacks[name]
+        return stack[2:] - stack[1:-1], stack[1:-1] - stack[:-2]
+
+    def _mix(self, forward: Tensor, backward: Tensor) -> Tensor:
+        w_f = _per_image(self.w_forward.to(forward), forward)
+        w_b = _per_image(self.w_backward.to(forward), forward)
+        return w_f * forward + w_b * backward
+
+    def of(self, name: str) -> Tensor:
+        """The normalised tangent's stack for parameter ``name``: (n_images − 2, *shape)."""
+        mixed = self._mix(*self._segments(name))
+        return mixed / _per_image(self.norm, mixed)
+
+
+def _tangent_weights(energies: Tensor) -> tuple[Tensor, Tensor]:
+    """Each interior image's weights of its forward and backward segment."""
+    v_prev, v, v_next = energies[:-2], energies[1:-1], energies[2:]
+    up = (v_next > v) & (v > v_prev)
+    down = (v_next < v) & (v < v_prev)
+    d_next, d_prev = (v_next - v).abs(), (v_prev - v).abs()
+    big, small = torch.maximum(d_next, d_prev), torch.minimum(d_next, d_prev)
+    rising = v_next > v_prev
+    w_forward = torch.where(up, 1.0, torch.where(down, 0.0, torch.where(rising, big, small)))
+    w_backward = torch.where(up, 0.0, torch.where(down, 1.0, torch.where(rising, small, big)))
+    flat = (w_forward == 0) & (w_backward == 0)  # equal energies: the bisector
+    return w_forward.masked_fill(flat, 1.0), w_backward.masked_fill(flat, 1.0)
+
+
+def _stacks(band: Band) -> dict[str, Tensor]:
+    return band if isinstance(band, dict) else {"": band}
+
+
+def _like(band: Band, stacks: dict[str, Tensor]) -> Band:
+    return stacks if isinstance(band, dict) else stacks[""]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per image (the first dimension): the dot product over all other dimensions."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def _per_image(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` of shape (n,) shaped to broadcast over ``like`` of shape (n, …)."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 @torch.no_grad()
@@ -438,17 +508,14 @@ def _step(run: _Run, batch: Batch) -> Tensor:
 
 @torch.no_grad()
 def _replace_gradients(run: _Run, energies: Tensor) -> None:
-    """Swap the images' loss gradients for minus the NEB force."""
+    """Swap the images' loss gradients for minus the NEB force, a tensor at a time."""
     assert run.band is not None
-    names = list(run.images)
-    n = run.band.n_points
-    theta = torch.cat([run.band.params[name].reshape(n, -1) for name in names], 1)
-    grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in run.images.values()]
-    gradient = torch.cat([g.reshape(n - 2, -1) for g in grads], 1)
-    force = neb_gradient(theta, energies.to(theta.dtype), gradient, run.spring_constant)
-    sizes = [g[0].numel() for g in grads]
-    for v, piece in zip(run.images.values(), force.split(sizes, dim=1)):
-        v.grad = piece.reshape(v.shape).contiguous()
+    theta = {name: run.band.params[name] for name in run.images}
+    grads = {n: torch.zeros_like(v) if v.grad is None else v.grad for n, v in run.images.items()}
+    dtype = next(iter(theta.values())).dtype
+    force = neb_gradient(theta, energies.to(dtype), grads, run.spring_constant)
+    for name, v in run.images.items():
+        v.grad = force[name].contiguous()
 
 
 def _insert_at_highest_loss(run: _Run) -> None:

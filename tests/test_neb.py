@@ -44,6 +44,40 @@ def test_the_neb_force_is_the_perpendicular_gradient_plus_a_spring_along_the_tan
     torch.testing.assert_close(perpendicular, expected)  # across it: the loss gradient
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(3, 8),
+    shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    k=st.floats(0, 10),
+)
+def test_the_force_a_tensor_at_a_time_is_the_force_on_the_flattened_band(n, shapes, seed, k):
+    g = torch.Generator().manual_seed(seed)
+    theta = {
+        f"p{i}": torch.randn(n, *s, generator=g, dtype=torch.float64) for i, s in enumerate(shapes)
+    }
+    grads = {
+        name: torch.randn(n - 2, *v.shape[1:], generator=g, dtype=torch.float64)
+        for name, v in theta.items()
+    }
+    energies = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def flat(stacks):
+        return torch.cat([v.reshape(v.shape[0], -1) for v in stacks.values()], 1)
+
+    for per_tensor, whole in [
+        (improved_tangents(theta, energies), improved_tangents(flat(theta), energies)),
+        (
+            neb_gradient(theta, energies, grads, k),
+            neb_gradient(flat(theta), energies, flat(grads), k),
+        ),
+    ]:
+        assert set(per_tensor) == set(theta)
+        for name, stack in per_tensor.items():
+            assert stack.shape == (n - 2, *theta[name].shape[1:])
+        torch.testing.assert_close(flat(per_tensor), whole, rtol=1e-12, atol=1e-12)
+
+
 def test_the_improved_tangent_points_to_the_higher_neighbour():
     theta = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
     towards_next = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
