@@ -26,8 +26,11 @@ whose, and the four collectives the fit needs. The connector makes one with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +198,51 @@ class PathGroup:
         dist.all_gather_object(values, value, group=self.group)
         return values
 
+    @contextlib.contextmanager
+    def warnings_once(self) -> Iterator[None]:
+        """Warnings given inside: gathered from every rank and given once, by rank 0.
+
+        The ranks of a fit compute the same energies and stop together, so each
+        would give the same warnings; torchrun's output would show every one once per
+        rank. Inside this context each rank records its warnings (the filters in
+        force still decide which: an ``"error"`` filter still raises, ``"ignore"``
+        still drops), and at the end rank 0 gives each distinct warning once, at the
+        place it was raised. A warning that not every rank gave names the ranks that
+        did. If the block raises, there is no collective (another rank may never
+        reach it): each rank gives its own warnings, then the error propagates.
+
+        Examples
+        --------
+        >>> import warnings
+        >>> from geoconnect.distributed import PathGroup
+        >>> group = PathGroup(rank=0, world_size=1)
+        >>> group.gather = lambda value: [value]  # what one rank's all_gather returns
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     with group.warnings_once():
+        ...         warnings.warn("energy rose", RuntimeWarning)
+        >>> [str(w.message) for w in caught]
+        ['energy rose']
+        """
+        failed: BaseException | None = None
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except BaseException as error:  # Ctrl-C included: the same path out
+                failed = error
+        mine = [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+        if failed is not None:
+            for category, message, filename, lineno in mine:
+                warnings.warn_explicit(message, category, filename, lineno)
+            raise failed
+        every = self.gather(mine)
+        if self.rank != 0:
+            return
+        for (category, message, filename, lineno), ranks in _distinct(every).items():
+            if len(ranks) < self.world_size:
+                message += f" (on rank{'s' if len(ranks) > 1 else ''} {_listed(ranks)} only)"
+            warnings.warn_explicit(message, category, filename, lineno)
+
     def check_same(self, what: str, value: str) -> None:
         """Raise on every rank when ``value`` differs between ranks, naming ``what``."""
         values = self.gather(value)
@@ -205,6 +253,23 @@ class PathGroup:
                 f"{differing[0]} differs from rank 0). Every rank must fit the same "
                 "models on the same X with the same parameters (random_state included)."
             )
+
+
+def _distinct(every: list) -> dict[tuple, list[int]]:
+    """Each distinct warning of the ranks' lists, in order of first sight, and its ranks."""
+    seen: dict[tuple, list[int]] = {}
+    for rank, caught in enumerate(every):
+        for warning in caught:
+            key = warning[:2]  # category and message; the first place it was raised
+            if key not in seen:
+                seen[key] = (warning, [])
+            if rank not in seen[key][1]:
+                seen[key][1].append(rank)
+    return {warning: ranks for warning, ranks in seen.values()}
+
+
+def _listed(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:-1])) + (" and " if len(ranks) > 1 else "") + str(ranks[-1])
 
 
 def _nbytes(tensor: Tensor) -> int:

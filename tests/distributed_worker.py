@@ -10,6 +10,7 @@ sent. Every collective call of ``torch.distributed`` is wrapped to count them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 
@@ -49,6 +50,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=3)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument(
+        "--warnings", action="store_true", help="save what each rank warns (OUT.rankR.json)"
+    )
+    parser.add_argument("--warn-rank", type=int, default=-1, help="this rank alone warns")
     return parser.parse_args(argv)
 
 
@@ -70,6 +75,8 @@ def fit(args: argparse.Namespace) -> dict:
             steps[0] += 1
             if steps[0] == args.fail_step and int(os.environ["RANK"]) == args.fail_rank:
                 raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
+            if steps[0] == 1 and int(os.environ["RANK"]) == args.warn_rank:
+                warnings.warn(f"rank {args.warn_rank} alone warns", UserWarning, stacklevel=2)
             return original_step(state, batch)
 
         fitting.train_step = step
@@ -94,9 +101,14 @@ def fit(args: argparse.Namespace) -> dict:
         distributed=not args.single,
         checkpoint=args.checkpoint,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence after a few epochs is not the point
+    with warnings.catch_warnings(record=True) as caught:
+        # convergence after a few epochs is not the point, unless warnings are
+        warnings.simplefilter("always" if args.warnings else "ignore")
         geo.fit(X, model_a=a, model_b=b)
+    if args.warnings:
+        given = [[w.category.__name__, str(w.message)] for w in caught]
+        with open(f"{args.out}.rank{os.environ.get('RANK', 0)}.json", "w") as f:
+            json.dump(given, f)
     return {
         "params": geo.path_.parameters_vector(),
         "energy": geo.energy_,

@@ -7,6 +7,7 @@ process (also one thread, so both run the same kernels).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,21 @@ def test_a_rank_that_fails_makes_every_rank_fail_without_hanging(tmp_path):
     output = done.stdout + done.stderr
     assert "rank 1 fails on purpose" in output
     assert not out.exists()
+
+
+def test_rank_0_gives_each_warning_once_and_names_the_ranks_of_one_that_not_all_gave(
+    tmp_path,
+):
+    out = tmp_path / "warned.pt"
+    done = torchrun(out, 2, "--warnings", "--warn-rank", "1")  # 6 epochs: max_iter runs out
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0 = json.loads(Path(f"{out}.rank0.json").read_text())
+    rank1 = json.loads(Path(f"{out}.rank1.json").read_text())
+    assert rank1 == []
+    categories = [category for category, _ in rank0]
+    assert categories.count("ConvergenceWarning") == 1
+    assert ["UserWarning", "rank 1 alone warns (on rank 1 only)"] in rank0
+    assert len(rank0) == len({message for _, message in rank0})  # nothing twice
 
 
 def test_a_distributed_fit_that_crashed_resumes_from_its_checkpoints(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -323,10 +324,14 @@ class GeodesicConnector(_BaseConnector):
             needed = self.distributed or self.checkpoint is not None
             fingerprint = self._fingerprint(path, inputs.data) if needed else {}
             group = self._path_group(path, inputs, fingerprint)
-            checkpoint = self._open_checkpoint(fingerprint, group)
-            settings = self._settings(continuing, checkpoint, group)
-            order = self._batch_order()
-            result = fit_path(path, inputs.data, divergence, settings, previous, order)
+            # Every rank gives the same warnings: rank 0 gives them, once. (Not around
+            # the work below, so that the ranks' last collective is not their last act:
+            # a rank that exits while another is still in it may abort that one.)
+            with contextlib.nullcontext() if group is None else group.warnings_once():
+                checkpoint = self._open_checkpoint(fingerprint, group)
+                settings = self._settings(continuing, checkpoint, group)
+                order = self._batch_order()
+                result = fit_path(path, inputs.data, divergence, settings, previous, order)
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
         attributes.update(
