@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ._data import Batch, StreamData, TensorData
 from ._inputs import n_rows, rows
 from ._optim import SGD, Adam
-from .fitting import FitSettings, choose_strategy, update_no_improvement_count
+from .fitting import POINTS_PER_CHUNK, FitSettings, choose_strategy, update_no_improvement_count
 from .path import ModelPath
 
 __all__ = ["fit_neb", "improved_tangents", "insert_image", "midpoint_losses", "neb_gradient"]
@@ -489,21 +489,38 @@ def _epoch(run: _Run) -> Tensor:
 
 
 def _step(run: _Run, batch: Batch) -> Tensor:
-    """One NEB step on a batch; returns every image's loss on it."""
+    """One NEB step on a batch; returns every image's loss on it.
+
+    Image ``i``'s loss depends on ``θ_i`` alone, so the interior images are evaluated
+    and back-propagated ``POINTS_PER_CHUNK`` at a time (as the geodesic's are): the
+    activations held at once are a chunk's, whatever the band's length.
+    """
     band, images = run.band, run.images
     assert band is not None and run.optimizer is not None
-    stacks = {
-        name: torch.cat([stack[:1], images[name], stack[-1:]]) if name in images else stack
-        for name, stack in band.params.items()
-    }
-    logits = band.functional_forward(stacks, batch.x, module=run.module)
-    losses = _image_losses(logits, batch.y)
-    for v in images.values():
-        v.grad = None
-    losses[1:-1].sum().backward()  # image i's loss depends on θ_i alone: every g_i at once
-    _replace_gradients(run, losses.detach())
+    with torch.no_grad():
+        ends = {name: stack[[0, -1]] for name, stack in band.params.items()}
+        end_losses = _image_losses(
+            band.functional_forward(ends, batch.x, module=run.module), batch.y
+        )
+    grads = {name: torch.zeros_like(v) for name, v in images.items()}
+    interior = []
+    for start in range(0, band.n_points - 2, POINTS_PER_CHUNK):
+        where = slice(start, min(start + POINTS_PER_CHUNK, band.n_points - 2))
+        leaves = {name: v[where].detach().requires_grad_(True) for name, v in images.items()}
+        fixed = {n: s[1:-1][where] for n, s in band.params.items() if n not in images}
+        logits = band.functional_forward({**leaves, **fixed}, batch.x, module=run.module)
+        losses = _image_losses(logits, batch.y)
+        losses.sum().backward()
+        for name, leaf in leaves.items():
+            if leaf.grad is not None:  # None: a parameter the forward pass does not use
+                grads[name][where] = leaf.grad
+        interior.append(losses.detach())
+    for name, v in images.items():
+        v.grad = grads[name]
+    losses = torch.cat([end_losses[:1], *interior, end_losses[1:]])
+    _replace_gradients(run, losses)
     run.optimizer.step()
-    return losses.detach()
+    return losses
 
 
 @torch.no_grad()

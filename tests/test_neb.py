@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoconnect import LinearConnector, ModelPath, NEBConnector
+from geoconnect import LinearConnector, ModelPath, NEBConnector, neb
 from geoconnect._data import as_data
 from geoconnect.fitting import FitSettings
 from geoconnect.models import make_cnn
@@ -133,6 +133,35 @@ def test_images_are_inserted_where_the_loss_is_highest():
     assert len(longer) == 6 and history["n_points"] == []
     torch.testing.assert_close(longer.params["weight"][3, :, 0], torch.tensor([-4.5, 0.0]))
     torch.testing.assert_close(longer.params["weight"][[0, 1, 2, 4, 5]], weight)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "batchnorm-cnn"])
+def test_the_band_moves_the_same_whatever_the_images_per_chunk(kind, monkeypatch):
+    # Each image's loss depends on its own parameters only: evaluating the images two
+    # at a time or all at once gives the same steps.
+    g = torch.Generator().manual_seed(0)
+    if kind == "mlp":
+        a, b = (
+            torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+            for _ in range(2)
+        )
+        X = torch.randn(64, 6, generator=g)
+    else:
+        a, b = make_cnn(width=4, seed=1), make_cnn(width=4, seed=2)
+        X = torch.randn(64, 1, 8, 8, generator=g)
+    samples = as_data(X, torch.randint(0, 3, (64,), generator=g), device="cpu")
+    bands = {}
+    for per_chunk in (2, 100):
+        monkeypatch.setattr(neb, "POINTS_PER_CHUNK", per_chunk)
+        band, history, _ = fit_neb(
+            ModelPath.linear(a, b, 9),
+            samples,
+            FitSettings(max_iter=2, batch_size=16),
+            torch.Generator().manual_seed(0),
+        )
+        bands[per_chunk] = (band.parameters_vector(), history["loss"])
+    torch.testing.assert_close(bands[2][0], bands[100][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bands[2][1], bands[100][1], rtol=1e-6)
 
 
 def test_a_band_removes_the_linear_barrier_on_the_digits_pair(digits_pair):

@@ -23,7 +23,9 @@ class NEBConnector(_LossConnector):
     force — the loss gradient with its component along the band removed, plus a
     spring along the band that keeps the images evenly spaced — with the improved
     tangent of Henkelman & Jónsson (2000). One step per batch, every image's loss
-    and gradient at once, BatchNorm layers on the batch's statistics. Like
+    and gradient (the images evaluated eight at a time, so the activations held at
+    once are eight images', whatever ``n_points``), BatchNorm layers on the batch's
+    statistics. Like
     :class:`CurveConnector` it needs labels; unlike the curve, ``path_`` is the band
     itself (BatchNorm statistics recomputed on X), so evaluation, plots, saving and
     alignment work as for the other connectors. The engine is :mod:`geoconnect.neb`.
