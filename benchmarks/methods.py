@@ -188,13 +188,9 @@ def evaluations(estimator: object, n_samples: int) -> int:
     return int(n_samples * len(history["loss"]))  # a curve: one network per sample
 
 
-def repair_forwards(estimator: object, n_samples: int) -> int:
-    """REPAIR's forward passes: each interior point is measured once per site (after
-    a BatchNorm recomputation, when it has BatchNorm), plus the two ends once."""
-    path = estimator.path_
-    sites = len(path.metadata.get("repair_sites", []))
-    per_point = sites * (2 if path.has_batchnorm else 1) + (1 if path.has_batchnorm else 0)
-    return int(n_samples * ((path.n_points - 2) * per_point + 2))
+def repair_forwards(estimator: object) -> int:
+    """REPAIR's network evaluations of one sample, as ``repair()`` counted them."""
+    return int(estimator.path_.metadata["repair_forwards"])
 
 
 def score(estimator: object, pair: Pair) -> PathEvaluation:
@@ -242,7 +238,7 @@ def run_pair(pair: Pair, max_epochs: int) -> dict:
         if method.name == "linear":
             pair.target = 0.1 * ev.barrier
         if getattr(estimator, "repair", False):
-            row["repair_forwards"] = repair_forwards(estimator, len(pair.y_train))
+            row["repair_forwards"] = repair_forwards(estimator)
         if method.trained:
             row["target"] = time_to_target(method, pair, max_epochs)
         else:

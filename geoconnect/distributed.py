@@ -257,7 +257,7 @@ class PathGroup:
 
 def _distinct(every: list) -> dict[tuple, list[int]]:
     """Each distinct warning of the ranks' lists, in order of first sight, and its ranks."""
-    seen: dict[tuple, list[int]] = {}
+    seen: dict[tuple, tuple[tuple, list[int]]] = {}  # (category, message) -> warning, ranks
     for rank, caught in enumerate(every):
         for warning in caught:
             key = warning[:2]  # category and message; the first place it was raised

@@ -849,7 +849,7 @@ def _climbed(state: FitState, energy: float) -> bool:
     """Whether ``energy`` (just recorded) is well above the level's lowest before it.
 
     Well above: more than ``_CLIMB`` times it, and more than ``_GIVEN_BACK`` of the
-    way back from it to the level's first epoch (:data:`_RISES` explains why).
+    way back from it to the level's first epoch (the comment at ``_RISES`` says why).
     """
     first = state.history["energy"][-1 - state.level_epochs]  # the level's first epoch
     lowest = state.lowest

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ._data import StreamData, TensorData, as_data
-from ._inputs import call
+from ._data import Batch, StreamData, TensorData, as_data
+from ._inputs import call, n_rows
 from ._model_checks import float_dtype
 from .path import ModelPath, recompute_module_batchnorm
 
@@ -85,7 +86,8 @@ def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
     ModelPath
         The repaired path: the same ends, positions, alignment and output convention;
         BatchNorm statistics of the interior recomputed on ``X``. Its metadata says
-        ``repair=True`` and lists the rescaled layers (``"repair_sites"``).
+        ``repair=True``, lists the rescaled layers (``"repair_sites"``) and counts
+        the network evaluations of one sample that REPAIR made (``"repair_forwards"``).
 
     Examples
     --------
@@ -103,7 +105,7 @@ def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
     >>> bool(abs(hidden(fixed[1]) - target) < 1e-4)
     True
     """
-    data = (
+    data = _Counted(
         X
         if isinstance(X, (TensorData, StreamData))
         else as_data(X, device=path.device, dtype=float_dtype(path.template))
@@ -130,11 +132,30 @@ def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
         **path.metadata,
         "repair": True,
         "repair_sites": [site.name for site in sites],
+        "repair_forwards": data.rows,
     }
     return repaired
 
 
-def _sites(path: ModelPath, data: TensorData | StreamData) -> list[_Site]:
+class _Counted:
+    """The data, counting the rows its passes yield: one network evaluation each."""
+
+    def __init__(self, data: TensorData | StreamData):
+        self.data, self.rows = data, 0
+
+    def batches(
+        self, batch_size: int, *, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        for batch in self.data.batches(batch_size, generator=generator):
+            self.rows += n_rows(batch.x)
+            yield batch
+
+
+#: What REPAIR's passes read: the data, counted.
+_Data = TensorData | StreamData | _Counted
+
+
+def _sites(path: ModelPath, data: _Data) -> list[_Site]:
     """The layers to rescale, in forward order, found on one probe pass of point 0."""
     module = path[0]
     names = {m: n for n, m in module.named_modules()}
@@ -192,7 +213,7 @@ def _site_of(layer: nn.Module, norm: nn.Module | None, names: dict) -> _Site | N
 @torch.no_grad()
 def _statistics(
     module: nn.Module,
-    data: TensorData | StreamData,
+    data: _Data,
     sites: list[_Site],
     batch_size: int,
 ) -> list[tuple[Tensor, Tensor]]:
@@ -236,7 +257,7 @@ def _channels(y: Tensor, site: _Site) -> int:
 
 def _repaired_point(
     module: nn.Module,
-    data: TensorData | StreamData,
+    data: _Data,
     sites: list[_Site],
     target: dict[str, tuple[Tensor, Tensor]],
     batch_size: int,

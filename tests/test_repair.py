@@ -66,6 +66,17 @@ def test_repair_keeps_the_ends_and_leaves_the_path_and_inputs_alone(kind):
         assert torch.equal(value, a_before[key])
 
 
+@pytest.mark.parametrize("n_points", [3, 5])
+def test_repair_counts_its_network_evaluations(digits, n_points):
+    # An MLP with two sites: a probe of 8 rows, one pass of each end, and one pass per
+    # site of each interior point (no BatchNorm to recompute).
+    X = digits.X_train[:100]
+    a, b = make_mlp((64, 8, 8, 10), seed=1), make_mlp((64, 8, 8, 10), seed=2)
+    fixed = repair(ModelPath.linear(a, b, n_points), X, batch_size=32)
+    assert fixed.metadata["repair_sites"] == ["0", "2"]
+    assert fixed.metadata["repair_forwards"] == 8 + 2 * 100 + (n_points - 2) * 2 * 100
+
+
 def test_a_batchnorm_network_is_repaired_by_its_recomputed_statistics(digits):
     """Every convolution feeds a BatchNorm: no site is left, and REPAIR's path is the
     line with its statistics recomputed — the special case."""
