@@ -36,7 +36,7 @@ from sklearn.exceptions import ConvergenceWarning
 from geoconnect import GeodesicConnector, ModelPath
 from geoconnect._data import as_data
 from geoconnect.divergences import jensen_shannon
-from geoconnect.evaluation import evaluate_path
+from geoconnect.evaluation import evaluate_path, excess_over_chord
 from geoconnect.fitting import FitSettings, FitState, fit_path
 
 try:  # run as a script from the repository root or from benchmarks/
@@ -63,7 +63,7 @@ QUALITY = 0.01
 def measure(path: ModelPath, pair: Pair) -> dict:
     """Test loss and accuracy barrier; the worst point's confidence against the ends'."""
     result = evaluate_path(path, pair.X_test, pair.y_test)
-    worst = int(np.argmax(result.loss - np.interp(result.t, [0, 1], result.loss[[0, -1]])))
+    worst = int(np.argmax(excess_over_chord(result.loss)))  # where the barrier is
     with torch.no_grad():
         x = torch.as_tensor(pair.X_test, dtype=torch.float32)
         confidence = path.logits(x).softmax(-1).amax(-1).mean(1).double().numpy()
@@ -72,7 +72,8 @@ def measure(path: ModelPath, pair: Pair) -> dict:
         "accuracy_barrier": result.accuracy_barrier,
         "worst_t": float(result.t[worst]),
         "confidence": float(confidence[worst]),
-        "end_confidence": float(np.interp(result.t[worst], [0, 1], confidence[[0, -1]])),
+        # the chord's confidence there: the ends' interpolated as the barrier's chord is
+        "end_confidence": float(confidence[worst] - excess_over_chord(confidence)[worst]),
     }
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "arc_length_positions",
     "euclidean_length",
     "evaluate_path",
+    "excess_over_chord",
     "fisher_rao_length",
     "loss_barrier",
     "path_statistics",
@@ -189,6 +190,33 @@ def euclidean_length(path: ModelPath | Mapping[str, Tensor], frozen: Iterable[st
     return float(squared.sqrt().sum())
 
 
+def excess_over_chord(values: np.ndarray) -> np.ndarray:
+    """Each point's value above the chord between the ends, ``t_i = i/(N−1)``.
+
+    ``V_i − ((1 − t_i) V_0 + t_i V_{N−1})``: what :func:`loss_barrier` maximises, so
+    its ``argmax`` is the point where a path's loss barrier is.
+
+    Parameters
+    ----------
+    values : array-like of shape (n_points,)
+        One value per point, in path order (a loss, an accuracy, …).
+
+    Returns
+    -------
+    ndarray of shape (n_points,), float
+        Zero at the ends.
+
+    Examples
+    --------
+    >>> from geoconnect.evaluation import excess_over_chord
+    >>> excess_over_chord([0.1, 0.9, 0.3]).round(6).tolist()
+    [0.0, 0.7, 0.0]
+    """
+    values = np.asarray(values, dtype=float)
+    t = np.linspace(0.0, 1.0, values.size)
+    return values - ((1.0 - t) * values[0] + t * values[-1])
+
+
 def _barrier(values: np.ndarray, sign: float) -> float:
     """The largest excess over the chord, ≥ 0; NaN when any value is NaN or infinite.
 
@@ -198,9 +226,7 @@ def _barrier(values: np.ndarray, sign: float) -> float:
     values = np.asarray(values, dtype=float)
     if not np.all(np.isfinite(values)):
         return float("nan")
-    t = np.linspace(0.0, 1.0, values.size)
-    chord = (1.0 - t) * values[0] + t * values[-1]
-    return float(max(0.0, np.max(sign * (values - chord))))
+    return float(max(0.0, np.max(sign * excess_over_chord(values))))
 
 
 def loss_barrier(loss: np.ndarray) -> float:

@@ -28,6 +28,7 @@ from geoconnect.divergences import (
     symmetric_kl,
 )
 from geoconnect.evaluation import (
+    excess_over_chord,
     fisher_rao_length,
     loss_barrier,
     path_statistics,
@@ -308,6 +309,15 @@ profiles = arrays(
 @given(loss=profiles)
 def test_barrier_is_never_negative(loss):
     assert loss_barrier(loss) >= 0.0
+
+
+@settings(deadline=None, max_examples=60)
+@given(loss=profiles)
+def test_the_barrier_is_the_largest_excess_over_the_chord_at_a_point_it_names(loss):
+    excess = excess_over_chord(loss)
+    assert excess[0] == 0.0 and abs(excess[-1]) < 1e-12
+    worst = int(np.argmax(excess))
+    assert loss_barrier(loss) == pytest.approx(max(0.0, excess[worst]), abs=1e-12)
 
 
 @settings(deadline=None, max_examples=60)
