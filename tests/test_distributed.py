@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,41 @@ def test_blocks_are_contiguous_balanced_and_cover_the_interior(n_interior, world
     covered = [s for part in owned for s in range(part.start, part.stop)]
     if n_interior >= world_size:
         assert covered == list(range(n_interior + 1))
+
+
+def test_a_group_geoconnect_initialised_is_taken_down_when_the_script_ends(tmp_path):
+    # atexit runs its handlers last-registered first: one registered before the fit
+    # runs after geoconnect's, and sees whether the group is still up.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit, torch, torch.distributed as dist\n"
+        "from geoconnect import GeodesicConnector\n"
+        "atexit.register(lambda: print('initialised at exit:', dist.is_initialized()))\n"
+        "a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)\n"
+        "GeodesicConnector(n_points=5, max_iter=1, device='cpu', random_state=0,\n"
+        "                  distributed=True).fit(torch.randn(16, 4), model_a=a, model_b=b)\n"
+        "print('initialised after the fit:', dist.is_initialized())\n"
+    )
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "PYTHONWARNINGS": "ignore",
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "initialised after the fit: True" in done.stdout  # the script may still use it
+    assert "initialised at exit: False" in done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch):
