@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from connecting import fit_and_check_on_digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoconnect import LinearConnector, ModelPath, NEBConnector, neb
+from geoconnect import ModelPath, NEBConnector, neb
 from geoconnect._data import as_data
 from geoconnect.fitting import FitSettings
 from geoconnect.models import make_cnn
@@ -165,21 +164,7 @@ def test_the_band_moves_the_same_whatever_the_images_per_chunk(kind, monkeypatch
 
 
 def test_a_band_removes_the_linear_barrier_on_the_digits_pair(digits_pair):
-    pair = digits_pair
-    a_before = copy.deepcopy(pair.model_a.state_dict())
-    X_before = pair.X.copy()
-    line = LinearConnector().fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
-    neb = NEBConnector(random_state=0, device="cpu")
-    neb.fit(pair.X, pair.y, model_a=pair.model_a, model_b=pair.model_b)
-    barrier = neb.evaluate(pair.X_test, pair.y_test).barrier
-    assert barrier <= 0.1 * line.evaluate(pair.X_test, pair.y_test).barrier
-    with torch.no_grad():  # the ends compute the models
-        x = torch.as_tensor(pair.X[:16])
-        torch.testing.assert_close(neb.path_[0](x), pair.model_a(x), rtol=0, atol=0)
-        torch.testing.assert_close(neb.path_[-1](x), pair.model_b(x), rtol=0, atol=0)
-    for key, value in pair.model_a.state_dict().items():  # nothing the user gave moved
-        assert torch.equal(value, a_before[key])
-    np.testing.assert_array_equal(pair.X, X_before)
+    neb = fit_and_check_on_digits(NEBConnector(random_state=0, device="cpu"), digits_pair)
     assert len(neb.path_) == neb.n_points
     assert neb.n_iter_ == len(neb.history_["loss"]) <= neb.max_iter
     assert set(neb.history_) == {"loss", "max_loss", "seconds", "n_points"}
