@@ -300,30 +300,14 @@ def as_data(
         return StreamData(X, device, dtype)
     if is_mapping(X):
         return TensorData(_mapping_inputs(X, dtype), _as_labels(y, _mapping_length(X)), device)
-    # X is only ever read, so it is converted at most once: no copy when it already
-    # is a tensor of the right dtype (a dataset can be most of the memory a fit uses).
-    if isinstance(X, Tensor):
-        x = source = X.detach()
-    else:
-        try:
-            array = np.asarray(X)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"X must be an array-like, tensor, Dataset or DataLoader; got "
-                f"{type(X).__name__} ({exc})."
-            ) from None
-        if array.dtype == object or not (
-            np.issubdtype(array.dtype, np.number) or array.dtype == bool
-        ):
-            raise TypeError(
-                f"X must hold numbers; got an array of dtype {array.dtype}. Convert it "
-                "with np.asarray(X, dtype=np.float32)."
-            )
-        # Arrays become ``dtype`` here, in one conversion (a copy only when the dtype
-        # differs); a read-only array is copied by ``torch.tensor``, which never warns.
-        convert = torch.as_tensor if array.flags.writeable else torch.tensor
-        x = convert(array, dtype=dtype)
-        source = array
+    x = _array_inputs(X, dtype)
+    return TensorData(x, _as_labels(y, x.shape[0]), device)
+
+
+def _array_inputs(X: object, dtype: torch.dtype) -> Tensor:
+    """An array-like or tensor X as one checked tensor: floats (and bools) in ``dtype``,
+    integer tensors kept as they are."""
+    x, source = _array_tensor(X, dtype)
     if x.ndim < 2:
         raise ValueError(
             f"X must have shape (n_samples, *input_shape); got shape {tuple(x.shape)}. "
@@ -340,7 +324,32 @@ def as_data(
         x = x.to(dtype)
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise _nonfinite_error(source, x.dtype, "X")
-    return TensorData(x, _as_labels(y, x.shape[0]), device)
+    return x
+
+
+def _array_tensor(X: object, dtype: torch.dtype) -> tuple[Tensor, Tensor | np.ndarray]:
+    """X as a tensor, and the tensor or array it was read from (for error messages)."""
+    # X is only ever read, so it is converted at most once: no copy when it already
+    # is a tensor of the right dtype (a dataset can be most of the memory a fit uses).
+    if isinstance(X, Tensor):
+        x = X.detach()
+        return x, x
+    try:
+        array = np.asarray(X)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"X must be an array-like, tensor, Dataset or DataLoader; got "
+            f"{type(X).__name__} ({exc})."
+        ) from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(
+            f"X must hold numbers; got an array of dtype {array.dtype}. Convert it "
+            "with np.asarray(X, dtype=np.float32)."
+        )
+    # Arrays become ``dtype`` here, in one conversion (a copy only when the dtype
+    # differs); a read-only array is copied by ``torch.tensor``, which never warns.
+    convert = torch.as_tensor if array.flags.writeable else torch.tensor
+    return convert(array, dtype=dtype), array
 
 
 def _mapping_inputs(X: Mapping, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -10,28 +10,44 @@ def resolve_device(device: str | torch.device, owner: str = "GeodesicConnector")
 
     ``"auto"`` picks CUDA, then MPS, then the CPU.
     """
+    if isinstance(device, str) and device == "auto":
+        return _auto_device()
+    resolved = _parse_device(device, owner)
+    _check_available(resolved, owner)
+    return resolved
+
+
+def _auto_device() -> torch.device:
+    """The device ``"auto"`` stands for: CUDA, then MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _parse_device(device: object, owner: str) -> torch.device:
+    """``device`` (a ``torch.device`` or a device string other than ``"auto"``) as a
+    ``torch.device``; a wrong type or an unparsable string is refused."""
     if isinstance(device, torch.device):
-        resolved = device
-    elif isinstance(device, str):
-        if device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda")
-            mps = getattr(torch.backends, "mps", None)
-            if mps is not None and mps.is_available():
-                return torch.device("mps")
-            return torch.device("cpu")
+        return device
+    if isinstance(device, str):
         try:
-            resolved = torch.device(device)
+            return torch.device(device)
         except (RuntimeError, ValueError):
             raise ValueError(
                 f"The 'device' parameter of {owner} must be 'auto' or a torch device "
                 f"string such as 'cpu', 'cuda' or 'cuda:1'. Got {device!r} instead."
             ) from None
-    else:
-        raise TypeError(
-            f"The 'device' parameter of {owner} must be a str or torch.device. "
-            f"Got {type(device).__name__} instead."
-        )
+    raise TypeError(
+        f"The 'device' parameter of {owner} must be a str or torch.device. "
+        f"Got {type(device).__name__} instead."
+    )
+
+
+def _check_available(resolved: torch.device, owner: str) -> None:
+    """Refuse a device that does not exist or cannot hold data here."""
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"The 'device' parameter of {owner} asks for {str(resolved)!r}, but CUDA is "
@@ -57,22 +73,25 @@ def resolve_device(device: str | torch.device, owner: str = "GeodesicConnector")
             f"be computed. Use a device that holds data: {_working_devices()}."
         )
     if resolved.type not in ("cpu", "cuda", "mps"):
-        # Backends torch knows by name but may lack (xla without torch_xla, xpu, hpu, …):
-        # try one tiny tensor there rather than fail deep inside the fit.
-        try:
-            torch.empty(1, device=resolved)
-        except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            reason = lines[0] if lines else "no message"
-            reason = reason if len(reason) <= 100 else reason[:100] + "…"
-            hint = " (for 'xla', install torch_xla)" if resolved.type == "xla" else ""
-            raise ValueError(
-                f"The 'device' parameter of {owner} asks for {str(resolved)!r}, but its "
-                f"backend is not installed or not usable here{hint}: creating a tensor "
-                f"there raised {type(exc).__name__} ({reason}). Use one of the devices "
-                f"that work here: {_working_devices()}."
-            ) from None
-    return resolved
+        _check_backend_usable(resolved, owner)
+
+
+def _check_backend_usable(resolved: torch.device, owner: str) -> None:
+    """Refuse a backend torch knows by name but may lack (xla without torch_xla, xpu,
+    hpu, …): try one tiny tensor there rather than fail deep inside the fit."""
+    try:
+        torch.empty(1, device=resolved)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else "no message"
+        reason = reason if len(reason) <= 100 else reason[:100] + "…"
+        hint = " (for 'xla', install torch_xla)" if resolved.type == "xla" else ""
+        raise ValueError(
+            f"The 'device' parameter of {owner} asks for {str(resolved)!r}, but its "
+            f"backend is not installed or not usable here{hint}: creating a tensor "
+            f"there raised {type(exc).__name__} ({reason}). Use one of the devices "
+            f"that work here: {_working_devices()}."
+        ) from None
 
 
 def _working_devices() -> str:
