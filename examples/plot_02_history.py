@@ -27,24 +27,29 @@ geodesic.fit(data.X_train, model_a=model_a, model_b=model_b)
 # %%
 # The record
 # ----------
-# ``history_`` is a dict of per-epoch lists. Energy and Fisher–Rao length are means
-# over each epoch's batches as the path moved; the Euclidean length is measured at
-# the end of the epoch. The fit stops early once the energy stops improving.
+# ``history_`` is a dict of per-epoch lists. Energy and the Fisher–Rao chord length
+# (the chord sum at the points) are means over each epoch's batches as the path
+# moved; the Euclidean length is measured at the end of the epoch. The fitted
+# ``length_`` is the continuous length of the path returned, the networks between
+# the points included, and is measured once, at the end. The fit stops early once
+# the energy stops improving.
 #
 # By default (``coarse_to_fine=True``) the fit starts with a coarse path of 4 points
 # and refines it to 7, 13 and finally 25, giving each cheap coarse level a few epochs;
 # ``history_["n_points"]`` records each epoch's level. A coarse level's lengths are
 # measured at its few points only, so they jump when points are added between them.
 history = geodesic.history_
-print(f"{'epoch':>5}{'points':>7}{'energy (nats)':>15}{'FR length (rad)':>17}{'eucl. length':>14}")
+print(f"{'epoch':>5}{'points':>7}{'energy (nats)':>15}{'FR chords (rad)':>17}{'eucl. length':>14}")
 for epoch in [*range(0, geodesic.n_iter_, 5), geodesic.n_iter_ - 1]:
     print(
         f"{epoch + 1:>5}{history['n_points'][epoch]:>7}{history['energy'][epoch]:>15.4f}"
-        f"{history['length'][epoch]:>17.3f}{history['euclidean_length'][epoch]:>14.2f}"
+        f"{history['chord_length'][epoch]:>17.3f}{history['euclidean_length'][epoch]:>14.2f}"
     )
 print(
-    f"\nstraight line: energy {line.energy_:.4f} nats, Fisher–Rao length "
-    f"{line.length_:.3f} rad, Euclidean length {line.euclidean_length_:.2f}"
+    f"\ngeodesic: Fisher–Rao length {geodesic.length_:.3f} rad (chords "
+    f"{geodesic.chord_length_:.3f})\nstraight line: energy {line.energy_:.4f} nats, "
+    f"Fisher–Rao length {line.length_:.3f} rad (chords {line.chord_length_:.3f}), "
+    f"Euclidean length {line.euclidean_length_:.2f}"
 )
 
 # %%

@@ -78,21 +78,29 @@ def run_demo(
             "test loss barrier": ev.barrier,
             "min test accuracy": ev.min_accuracy,
             "Fisher-Rao length": ev.length,
+            "Fisher-Rao chords": ev.chord_length,
             "Euclidean length": ev.euclidean_length,
             "fit seconds": seconds,
         }
     ends = evaluations["linear"].accuracy[[0, -1]]
     print(f"\nEndpoint test accuracy: model_a {ends[0]:.1%}, model_b {ends[1]:.1%}\n")
-    header = f"{'path':<10}{'barrier':>10}{'min acc':>10}{'FR length':>12}"
+    header = f"{'path':<10}{'barrier':>10}{'min acc':>10}{'FR length':>12}{'FR chords':>11}"
     header += f"{'eucl length':>13}{'fit s':>8}"
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
         print(
             f"{name:<10}{row['test loss barrier']:>10.4f}{row['min test accuracy']:>10.1%}"
-            f"{row['Fisher-Rao length']:>12.3f}{row['Euclidean length']:>13.2f}"
+            f"{row['Fisher-Rao length']:>12.3f}{row['Fisher-Rao chords']:>11.3f}"
+            f"{row['Euclidean length']:>13.2f}"
             f"{row['fit seconds']:>8.2f}"
         )
+    print(
+        f"\nFR length: the Fisher-Rao length of the path, the networks between its points "
+        f"included; FR chords: at its {n_points} points alone. No path between the two "
+        f"models is shorter than {evaluations['linear'].min_length:.3f} rad on the test "
+        "inputs (the distance between their predictions)."
+    )
     axes = plot_loss_profile(
         evaluations,
         accuracy=True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from math import comb
 from typing import Literal
@@ -29,15 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._data import StreamData, TensorData, as_data
-from ._inputs import n_rows
+from ._data import Batch, StreamData, TensorData, as_data
+from ._inputs import Inputs, n_rows
 from ._optim import SGD, Adam
-from .fitting import FitSettings, update_no_improvement_count
+from .divergences import fisher_form
+from .fitting import FitSettings, progress_bar, update_no_improvement_count
 from .path import ModelPath, recompute_module_batchnorm
 
-__all__ = ["Curve", "fit_curve"]
+__all__ = ["Curve", "curve_fisher_form", "fit_curve"]
 
 CurveKind = Literal["bezier", "polychain"]
+Objective = Literal["loss", "energy"]
+
+#: A fit whose last epoch's objective is this many times its best has blown up.
+_CLIMBED = 2.0
 
 
 class Curve:
@@ -91,14 +97,48 @@ class Curve:
             return binomial * t**j * (1 - t) ** (n - j)
         return (1 - (t * n - j).abs()).clamp_min(0)
 
-    def params_at(self, t: Tensor, stacks: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def tangent_weights(self, t: Tensor) -> Tensor:
+        """Each control point's weight in the velocity ``θ̇(t)``: shape (len(t), n_bends + 2).
+
+        The derivatives of :meth:`weights` in ``t``; each row sums to zero. A
+        polygonal chain's velocity at a bend is that of the segment after it (at
+        ``t = 1``, the last segment's).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> from geoconnect.curves import Curve
+        >>> net = torch.nn.Linear(2, 2)
+        >>> Curve(ModelPath.linear(net, net, 3), "polychain").tangent_weights(torch.tensor([0.25]))
+        tensor([[-2.,  2.,  0.]], dtype=torch.float64)
+        """
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        n = self.control.n_points - 1
+        j = torch.arange(n + 1, dtype=torch.float64)
+        if self.kind == "bezier":
+            # d/dt B_{j,n} = n (B_{j−1,n−1} − B_{j,n−1}), with B_{−1,n−1} = B_{n,n−1} = 0.
+            low = torch.tensor([comb(n - 1, k) for k in range(n)], dtype=torch.float64)
+            lower = low * t ** j[:-1] * (1 - t) ** (n - 1 - j[:-1])
+            zero = torch.zeros_like(t)
+            return n * (torch.cat([zero, lower], 1) - torch.cat([lower, zero], 1))
+        segment = (t * n).floor().clamp(0, n - 1)
+        return n * ((j == segment + 1).double() - (j == segment).double())
+
+    def params_at(
+        self,
+        t: Tensor,
+        stacks: dict[str, Tensor] | None = None,
+        *,
+        velocity: bool = False,
+    ) -> dict[str, Tensor]:
         """The networks' parameters at ``t``: a stack ``(len(t), *shape)`` per name.
 
         ``stacks`` replaces the control points' (the differentiable bends while
-        training).
+        training); ``velocity=True`` gives the velocity ``θ̇(t)`` instead.
         """
         stacks = self.control.params if stacks is None else stacks
-        w = self.weights(t)
+        w = self.tangent_weights(t) if velocity else self.weights(t)
         out = {}
         for name, stack in stacks.items():
             weights = w.to(device=stack.device, dtype=stack.dtype)
@@ -189,70 +229,189 @@ def fit_curve(
     data: TensorData | StreamData,
     settings: FitSettings,
     generator: torch.Generator,
+    objective: Objective = "loss",
 ) -> tuple[dict[str, list], bool]:
-    """Train the bends on the loss along the curve; returns the history and convergence.
+    """Train the bends along the curve; returns the history and convergence.
 
-    Each step draws one ``t ~ U(0, 1)`` from ``generator``, evaluates the network at
-    ``θ(t)`` on the batch with batch-statistics BatchNorm, and steps the bends down the
-    gradient of its cross-entropy. Early stopping on the epoch's mean loss, as the
-    geodesic's on its energy. The history holds ``loss`` and ``seconds`` per epoch.
+    Each step draws one ``t ~ U(0, 1)`` from ``generator`` and evaluates the network
+    at ``θ(t)`` on the batch with batch-statistics BatchNorm (Garipov et al.). The
+    ``objective`` is the expected value over ``t`` that the bends descend:
+
+    * ``"loss"``: the cross-entropy ``E_t L(θ(t))`` (needs labels). History: ``loss``.
+    * ``"energy"``: the Fisher–Rao energy ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``, its integrand
+      :func:`curve_fisher_form` at the drawn ``t`` (label-free), an unbiased
+      estimate. History: ``energy`` and ``length`` (the mean of ``√`` of the steps'
+      estimates: the curve's speed, so its length as ``t`` runs over ``[0, 1]``).
+
+    Early stopping on the epoch's mean objective, as the geodesic chain's on its
+    energy; the history's ``seconds`` are each epoch's wall-clock time.
     """
     control = curve.control
     bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
     make = SGD if settings.solver == "sgd" else Adam
     optimizer = make([v.requires_grad_(True) for v in bends.values()], lr=settings.learning_rate)
     module = control.batch_statistics_module()
-    history: dict[str, list] = {"loss": [], "seconds": []}
+    keys = ("loss",) if objective == "loss" else ("energy", "length")
+    history: dict[str, list] = {key: [] for key in (*keys, "seconds")}
     stopping, converged = _Stopping(settings), False
+    best = {k: v.detach().clone() for k, v in bends.items()}
+    epoch = _CurveEpoch(curve, data, settings, generator, module, bends, optimizer, objective)
     try:
-        while not converged and len(history["loss"]) < settings.max_iter:
-            tic = time.perf_counter()
-            loss = _curve_epoch(curve, data, settings, generator, module, bends, optimizer)
-            if not math.isfinite(loss):
-                raise ValueError(
-                    f"The loss along the curve became {loss} in epoch "
-                    f"{len(history['loss']) + 1}: lower learning_rate_init (now "
-                    f"{settings.learning_rate})."
-                )
-            history["loss"].append(loss)
-            history["seconds"].append(time.perf_counter() - tic)
-            converged = update_no_improvement_count(stopping, loss)  # type: ignore[arg-type]
+        with progress_bar(settings, settings.max_iter, "curve") as bar:
+            while not converged and len(history["seconds"]) < settings.max_iter:
+                tic = time.perf_counter()
+                record = epoch.run()
+                value = record[keys[0]]
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"The {keys[0]} along the curve became {value} in epoch "
+                        f"{len(history['seconds']) + 1}: lower learning_rate_init (now "
+                        f"{settings.learning_rate})."
+                    )
+                for key in keys:
+                    history[key].append(record[key])
+                history["seconds"].append(time.perf_counter() - tic)
+                if value < stopping.best:
+                    best = {k: v.detach().clone() for k, v in bends.items()}
+                converged = update_no_improvement_count(stopping, value)  # type: ignore[arg-type]
+                bar.update(1)
+                bar.set_postfix({key: f"{record[key]:.4g}" for key in keys})
+                if settings.verbose >= 2:
+                    line = "  ".join(f"{key} {record[key]:.6g}" for key in keys)
+                    print(f"epoch {len(history['seconds']):4d}  {line}")
     finally:
         for v in bends.values():
             v.grad = None
             v.requires_grad_(False)
+    last = history[keys[0]][-1] if history[keys[0]] else math.nan
+    if last > _CLIMBED * stopping.best:
+        # A descent that blew up keeps the best epoch's curve, and says so.
+        for name, value in best.items():
+            bends[name].copy_(value)
+        warnings.warn(
+            f"The {keys[0]} along the curve rose from {stopping.best:.4g} to {last:.4g} "
+            f"by epoch {len(history['seconds'])}: the descent is unstable, and the "
+            f"curve of its best epoch is kept. Lower learning_rate_init (now "
+            f"{settings.learning_rate}).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return history, converged
 
 
-def _curve_epoch(
+def curve_fisher_form(
     curve: Curve,
-    data: TensorData | StreamData,
-    settings: FitSettings,
-    generator: torch.Generator,
-    module: torch.nn.Module,
-    bends: dict[str, Tensor],
-    optimizer: Adam | SGD,
-) -> float:
-    """One pass: a step per batch at a random ``t``; the epoch's mean loss."""
+    t: Tensor,
+    x: Inputs,
+    *,
+    stacks: dict[str, Tensor] | None = None,
+    module: torch.nn.Module | None = None,
+) -> Tensor:
+    """``‖θ̇(t)‖²_F`` per sample of ``x``: the curve's squared Fisher–Rao speed at ``t``.
+
+    The logits' velocity ``ż = J_θ z · θ̇(t)`` is one forward-mode Jacobian–vector
+    product (``torch.func.jvp``) along the curve's tangent, and
+    :func:`~geoconnect.divergences.fisher_form` turns it into ``Var_{k∼p}(ż_k)``, in
+    ``d_FR²`` per ``dt²``. Differentiable in ``stacks`` (the control points).
+
+    Parameters
+    ----------
+    curve : Curve
+    t : Tensor of shape (1,)
+    x : Tensor or dict of str to Tensor
+        A batch on the curve's device.
+    stacks : dict of str to Tensor, optional
+        Control points replacing the curve's (the trainable bends).
+    module : nn.Module, optional
+        The architecture to run (default the template: eval-mode BatchNorm on its
+        own statistics; fits pass one on batch statistics).
+
+    Returns
+    -------
+    Tensor of shape (batch,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.curves import Curve, curve_fisher_form
+    >>> net = torch.nn.Linear(4, 3)
+    >>> same = Curve(ModelPath.linear(net, net, 4), "bezier")  # one function throughout
+    >>> bool(curve_fisher_form(same, torch.tensor([0.3]), torch.randn(8, 4)).abs().max() < 1e-12)
+    True
+    """
     control = curve.control
-    total, seen = 0.0, 0
-    for batch in data.batches(settings.batch_size, generator=generator):
-        if batch.y is None:
-            raise ValueError("A curve is trained on labels: X yielded a batch without y.")
-        if control.has_batchnorm and n_rows(batch.x) < 2:
-            continue  # no batch statistics from one sample
-        t = torch.rand(1, generator=generator, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(1)
+    params = curve.params_at(t, stacks)
+    velocity = curve.params_at(t, stacks, velocity=True)
+
+    def logits(p: dict[str, Tensor]) -> Tensor:
+        return control.functional_forward(p, x, module=module, strategy="loop")[0]
+
+    z, z_dot = torch.func.jvp(logits, (params,), (velocity,))
+    return fisher_form(z, z_dot)
+
+
+class _CurveEpoch:
+    """One pass of :func:`fit_curve`: a step per batch at a random ``t``."""
+
+    def __init__(
+        self,
+        curve: Curve,
+        data: TensorData | StreamData,
+        settings: FitSettings,
+        generator: torch.Generator,
+        module: torch.nn.Module,
+        bends: dict[str, Tensor],
+        optimizer: Adam | SGD,
+        objective: Objective,
+    ):
+        self.curve, self.data, self.settings, self.generator = curve, data, settings, generator
+        self.module, self.bends, self.optimizer, self.objective = (
+            module,
+            bends,
+            optimizer,
+            objective,
+        )
+
+    def run(self) -> dict[str, float]:
+        """The epoch's means: ``loss``, or ``energy`` and ``length``."""
+        control = self.curve.control
+        total, root, seen = 0.0, 0.0, 0
+        for batch in self.data.batches(self.settings.batch_size, generator=self.generator):
+            if self.objective == "loss" and batch.y is None:
+                raise ValueError("A curve is trained on labels: X yielded a batch without y.")
+            if control.has_batchnorm and n_rows(batch.x) < 2:
+                continue  # no batch statistics from one sample
+            t = torch.rand(1, generator=self.generator, dtype=torch.float64)
+            value = self._value(t, batch)
+            for v in self.bends.values():
+                v.grad = None
+            value.backward()
+            self.optimizer.step()
+            rows = n_rows(batch.x)
+            value = float(value.detach())
+            total += value * rows
+            root += math.sqrt(max(value, 0.0)) * rows
+            seen += rows
+        if not seen:
+            return {"loss": math.nan, "energy": math.nan, "length": math.nan}
+        if self.objective == "loss":
+            return {"loss": total / seen}
+        return {"energy": total / seen, "length": root / seen}
+
+    def _value(self, t: Tensor, batch: Batch) -> Tensor:
+        """The objective's estimate on one batch at one ``t``, differentiable in the bends."""
+        control = self.curve.control
         stacks = {
-            name: torch.cat([stack[:1], bends[name], stack[-1:]]) if name in bends else stack
+            name: torch.cat([stack[:1], self.bends[name], stack[-1:]])
+            if name in self.bends
+            else stack
             for name, stack in control.params.items()
         }
-        params = curve.params_at(t, stacks)
-        logits = control.functional_forward(params, batch.x, module=module, strategy="loop")[0]
-        loss = F.cross_entropy(logits, batch.y)
-        for v in bends.values():
-            v.grad = None
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * n_rows(batch.x)
-        seen += n_rows(batch.x)
-    return total / seen if seen else math.nan
+        if self.objective == "energy":
+            form = curve_fisher_form(self.curve, t, batch.x, stacks=stacks, module=self.module)
+            return form.mean()
+        params = self.curve.params_at(t, stacks)
+        logits = control.functional_forward(params, batch.x, module=self.module, strategy="loop")
+        return F.cross_entropy(logits[0], batch.y)

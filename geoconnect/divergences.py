@@ -35,6 +35,7 @@ __all__ = [
     "SPECS",
     "DivergenceSpec",
     "closed_form_segment_gradient",
+    "fisher_form",
     "fisher_rao",
     "get_divergence",
     "hellinger",
@@ -292,6 +293,47 @@ def fisher_rao(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 def _fisher_rao_of_hellinger(h2: Tensor) -> Tensor:
     return 4.0 * torch.asin(_safe_sqrt(0.5 * h2).clamp_max(math.sqrt(0.5)))
+
+
+def fisher_form(logits: Tensor, velocity: Tensor) -> Tensor:
+    r"""The Fisher information metric's quadratic form of a velocity of the logits.
+
+    For a categorical distribution ``p = softmax(z)`` moving with ``ż``, the squared
+    speed in the Fisher–Rao metric is ``Σ_k ṗ_k² / p_k = Var_{k∼p}(ż_k)``: the local
+    form of ``fisher_rao(z, z + h ż)² ≈ 8 · jensen_shannon(z, z + h ż) ≈ h² ·
+    fisher_form(z, ż)``. Computed as ``Σ_k p_k (ż_k − E_p ż)²``, which is never
+    negative.
+
+    Parameters
+    ----------
+    logits : Tensor, shape=[..., n_classes]
+        Unnormalised log-probabilities.
+    velocity : Tensor, shape=[..., n_classes]
+        Their velocity ``ż``.
+
+    Returns
+    -------
+    Tensor, shape=[...]
+        One squared speed per distribution, in radians² per unit time².
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.divergences import fisher_form
+    >>> z = torch.zeros(1, 2)
+    >>> fisher_form(z, torch.tensor([[1.0, 1.0]]))  # a shift of every logit: no motion
+    tensor([0.])
+    >>> fisher_form(z, torch.tensor([[1.0, -1.0]]))  # p' = ±1/2, so Σ p'²/p = 1
+    tensor([1.])
+    """
+    if logits.shape != velocity.shape:
+        raise ValueError(
+            f"logits and velocity must have one shape; got {tuple(logits.shape)} and "
+            f"{tuple(velocity.shape)}."
+        )
+    p = _log_softmax(logits).exp()
+    centred = velocity - (p * velocity).sum(dim=-1, keepdim=True)
+    return (p * centred.square()).sum(dim=-1)
 
 
 def fisher_rao_squared(logits_p: Tensor, logits_q: Tensor) -> Tensor:

@@ -68,7 +68,7 @@ POINTS_PER_CHUNK = 8
 #: Segments whose divergence temporaries live together in :func:`energy_step`.
 SEGMENTS_PER_BLOCK = 8
 
-HISTORY_KEYS = ("energy", "length", "euclidean_length", "n_points", "seconds")
+HISTORY_KEYS = ("energy", "chord_length", "euclidean_length", "n_points", "seconds")
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,10 @@ def copy_history(history: dict[str, list] | None = None) -> dict[str, list]:
     >>> copy_history({"energy": [0.5]})["energy"], copy_history()["n_points"]
     ([0.5], [])
     """
-    return {key: list((history or {}).get(key, [])) for key in HISTORY_KEYS}
+    history = dict(history or {})
+    if "length" in history and "chord_length" not in history:  # an older checkpoint
+        history["chord_length"] = history.pop("length")
+    return {key: list(history.get(key, [])) for key in HISTORY_KEYS}
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -475,7 +478,7 @@ def fit_path(
     if saved is not None:
         state.restore(*saved, levels)
     converged = interrupted = False
-    with _progress_bar(settings, sum(epochs for _, epochs in levels)) as bar:
+    with progress_bar(settings, sum(epochs for _, epochs in levels)) as bar:
         bar.update(sum(epochs for _, epochs in levels[: state.level]) + state.level_epochs)
         try:
             for level in range(state.level, len(levels)):
@@ -501,15 +504,20 @@ def fit_path(
     if _check_descent(state):
         state.moments = None  # a diverged descent's moments: no warm start from them
     if not (converged or interrupted):
-        warnings.warn(
-            f"GeodesicConnector stopped at max_iter={settings.max_iter} epochs before the "
-            f"energy converged (tol={settings.tol}, n_iter_no_change="
-            f"{settings.n_iter_no_change}). Raise max_iter, or continue with "
-            "warm_start=True.",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
+        warn_not_converged(settings, stacklevel=5)  # this, fit_path, _fit, fit, the caller
     return FitResult(state.history, converged, interrupted, state.moments)
+
+
+def warn_not_converged(settings: FitSettings, stacklevel: int) -> None:
+    """The ``ConvergenceWarning`` of a geodesic fit that ran out of ``max_iter``."""
+    warnings.warn(
+        f"GeodesicConnector stopped at max_iter={settings.max_iter} epochs before the "
+        f"energy converged (tol={settings.tol}, n_iter_no_change="
+        f"{settings.n_iter_no_change}). Raise max_iter, or continue with "
+        "warm_start=True.",
+        ConvergenceWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _resumable(settings: FitSettings) -> tuple[dict[str, Tensor], dict] | None:
@@ -812,7 +820,7 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
     """Everything an epoch records goes through here: history, progress bar, log line."""
     record = {
         "energy": energy,
-        "length": length,
+        "chord_length": length,
         "euclidean_length": euclidean_length(state.path),
         "n_points": state.path.n_points,
         "seconds": seconds,
@@ -834,13 +842,13 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
             stacklevel=7,
         )
     bar.update(1)
-    bar.set_postfix(points=record["n_points"], energy=f"{energy:.4g}", length=f"{length:.4g}")
+    bar.set_postfix(points=record["n_points"], energy=f"{energy:.4g}", chord_length=f"{length:.4g}")
     if state.settings.on_epoch is not None:
         state.settings.on_epoch(state)
     if state.settings.verbose >= 2:
         print(
             f"epoch {state.n_iter:4d}  points {record['n_points']:3d}  "
-            f"energy {energy:.6g}  length {length:.6g}  "
+            f"energy {energy:.6g}  chord length {length:.6g}  "
             f"euclidean length {record['euclidean_length']:.6g}"
         )
 
@@ -857,8 +865,9 @@ def _climbed(state: FitState, energy: float) -> bool:
 
 
 @contextlib.contextmanager
-def _progress_bar(settings: FitSettings, total: int) -> Iterator[tqdm]:
-    bar = tqdm(total=total, disable=settings.verbose != 1, desc="geodesic", unit="epoch")
+def progress_bar(settings: FitSettings, total: int, desc: str = "geodesic") -> Iterator[tqdm]:
+    """The fit's progress bar over ``total`` epochs, shown with ``verbose=1``."""
+    bar = tqdm(total=total, disable=settings.verbose != 1, desc=desc, unit="epoch")
     try:
         yield bar
     finally:

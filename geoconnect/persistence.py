@@ -572,7 +572,15 @@ def _path_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     lengths = [f"Euclidean {info['euclidean_length']:.6g}"]
     if meta.get("length") is not None:
-        lengths.insert(0, f"Fisher-Rao {meta.pop('length'):.6g} rad (on the fit data)")
+        extra = [
+            f"{label} {meta.pop(key):.6g}"
+            for key, label in (("chord_length", "chords"), ("min_length", "shortest possible"))
+            if meta.get(key) is not None
+        ]
+        lengths.insert(
+            0,
+            f"Fisher-Rao {meta.pop('length'):.6g} rad ({'; '.join([*extra, 'on the fit data'])})",
+        )
     lines.append(("lengths", ", ".join(lengths)))
     if meta.get("divergence") is not None:
         energy = meta.pop("energy", None)

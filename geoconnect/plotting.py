@@ -180,7 +180,7 @@ def _history(source: object) -> tuple[dict[str, list[float]], object]:
             f"This {type(source).__name__} has no history_: plot_history needs a fitted "
             "GeodesicConnector. Call fit(X, model_a=..., model_b=...) first."
         )
-    keys = ("energy", "length", "euclidean_length")
+    keys = ("energy", "chord_length", "euclidean_length")
     if not isinstance(history, Mapping) or any(k not in history for k in keys):
         raise TypeError(
             "plot_history needs a fitted GeodesicConnector or its history_, a dict with "
@@ -248,11 +248,11 @@ def plot_history(
     Examples
     --------
     >>> from geoconnect.plotting import plot_history
-    >>> history = {"energy": [0.5, 0.3, 0.25], "length": [2.0, 1.6, 1.5],
+    >>> history = {"energy": [0.5, 0.3, 0.25], "chord_length": [2.0, 1.6, 1.5],
     ...            "euclidean_length": [10.0, 11.0, 11.5]}
     >>> axes = plot_history(history)
     >>> [a.get_ylabel() for a in axes]
-    ['energy', 'Fisher–Rao length (rad)', 'Euclidean length (‖Δθ‖₂)']
+    ['energy', 'Fisher–Rao chord length (rad)', 'Euclidean length (‖Δθ‖₂)']
     """
     import matplotlib.pyplot as plt
 
@@ -273,7 +273,12 @@ def plot_history(
     units = None if spec is None else f"{spec.label}, {spec.units}"
     panels = [
         ("energy", "energy", "energy (Σ segment divergences)", "energy_"),
-        ("length", "Fisher–Rao length (rad)", "length between distributions", "length_"),
+        (
+            "chord_length",
+            "Fisher–Rao chord length (rad)",
+            "chord sum at the points",
+            "chord_length_",
+        ),
         (
             "euclidean_length",
             "Euclidean length (‖Δθ‖₂)",

@@ -20,13 +20,16 @@ def test_the_demo_connects_the_digits_pair_and_writes_its_figure(tmp_path, capsy
     rows = {}
     for name in ("linear", "geodesic"):
         match = re.search(
-            rf"^{name}\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+            rf"^{name}\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
             printed,
             flags=re.M,
         )
         assert match is not None, printed
         rows[name] = [float(v) for v in match.groups()]
-    (line_barrier, line_min_acc, line_fr, *_), (geo_barrier, geo_min_acc, geo_fr, *_) = (
+    (
+        (line_barrier, line_min_acc, line_fr, line_chords, *_),
+        (geo_barrier, geo_min_acc, geo_fr, _, *_),
+    ) = (
         rows["linear"],
         rows["geodesic"],
     )
@@ -36,6 +39,9 @@ def test_the_demo_connects_the_digits_pair_and_writes_its_figure(tmp_path, capsy
     assert geo_min_acc >= worse_end - 3.0
     assert line_min_acc < worse_end - 3.0
     assert geo_fr < line_fr
+    assert line_chords <= line_fr  # the networks between the points are measured too
+    shortest = re.search(r"shorter than ([\d.]+) rad", printed)
+    assert shortest is not None and float(shortest[1]) <= min(geo_fr, line_chords)
     assert f"Figure written to {figure.resolve()}" in printed
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from geoconnect import GeodesicConnector, LinearConnector, PathEvaluation
 from geoconnect._data import Batch, as_data
 from geoconnect.divergences import SPECS, fisher_rao_squared, jensen_shannon
-from geoconnect.evaluation import segment_divergences
+from geoconnect.evaluation import (
+    arc_length_positions,
+    path_length,
+    path_statistics,
+    segment_divergences,
+)
 from geoconnect.fitting import POINTS_PER_CHUNK, FitSettings, FitState, train_step
 from geoconnect.path import ModelPath
 
@@ -61,7 +66,7 @@ def test_geodesic_energy_falls_while_fitting(digits_paths):
     energy = geodesic.history_["energy"]
     assert energy[-1] < energy[0]
     assert geodesic.energy_ < energy[0]
-    assert geodesic.length_ < geodesic.history_["length"][0]
+    assert geodesic.chord_length_ < geodesic.history_["chord_length"][0]
 
 
 def test_the_default_energy_is_the_jensen_shannon_sum(digits_pair, digits_paths):
@@ -74,16 +79,20 @@ def test_the_default_energy_is_the_jensen_shannon_sum(digits_pair, digits_paths)
         assert conn.energy_ == pytest.approx(expected, rel=1e-6)
 
 
-def test_points_positions_are_their_arc_length_fractions(digits_paths):
+def test_points_positions_are_their_arc_length_fractions(digits_pair, digits_paths):
     line, geodesic = digits_paths
+    data = as_data(digits_pair.X, device=torch.device("cpu"))
     for conn in (line, geodesic):
         t = conn.path_.t_
         assert t[0] == 0.0 and t[-1] == 1.0 and np.all(np.diff(t) >= 0)
-    # The line's speed in distribution space is uneven; the geodesic's is nearly even.
-    assert (
-        np.abs(geodesic.path_.t_ - np.linspace(0, 1, 9)).max()
-        < np.abs(line.path_.t_ - np.linspace(0, 1, 9)).max()
-    )
+        np.testing.assert_allclose(t, path_length(conn.path_, data).positions, atol=1e-9)
+
+    # The line's chords are uneven in distribution space; the geodesic's nearly even.
+    def chord_unevenness(conn):
+        chords = arc_length_positions(path_statistics(conn.path_, data).segment_fisher_rao_sq)
+        return np.abs(chords - np.linspace(0, 1, 9)).max()
+
+    assert chord_unevenness(geodesic) < chord_unevenness(line)
 
 
 # -- fitting -------------------------------------------------------------------------
@@ -92,7 +101,9 @@ def test_points_positions_are_their_arc_length_fractions(digits_paths):
 def test_history_has_one_record_per_epoch(small_pair):
     conn = fit_geodesic(small_pair, max_iter=4)
     assert conn.n_iter_ == 4
-    assert {"energy", "length", "euclidean_length", "n_points", "seconds"} <= set(conn.history_)
+    assert {"energy", "chord_length", "euclidean_length", "n_points", "seconds"} <= set(
+        conn.history_
+    )
     assert all(len(values) == 4 for values in conn.history_.values())
     assert all(seconds > 0 for seconds in conn.history_["seconds"])
     assert conn.history_["euclidean_length"][-1] == pytest.approx(conn.euclidean_length_)
@@ -184,7 +195,7 @@ def test_verbose_2_prints_a_line_per_epoch(small_pair, capsys):
     fit_geodesic(small_pair, max_iter=3, verbose=2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 3
-    assert all("energy" in line and "length" in line for line in lines)
+    assert all("energy" in line and "chord length" in line for line in lines)
 
 
 def test_verbose_1_shows_a_progress_bar_with_energy_and_length(small_pair, capsys):

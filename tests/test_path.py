@@ -211,7 +211,7 @@ def test_fisher_rao_energy_bounds_squared_length_over_segments(seed, n_points, s
     energy = float(np.sum(steps))
     if fitted:  # energy_ is the fitted path's energy, in d_FR² units here
         assert conn.energy_ == pytest.approx(energy, rel=1e-9, abs=1e-12)
-    bound = conn.length_**2 / (n_points - 1)
+    bound = conn.chord_length_**2 / (n_points - 1)
     assert energy >= bound - 1e-9
     # The gap is the spread of the segments' speeds: zero only at constant speed.
     speeds = np.sqrt(steps)
@@ -227,7 +227,7 @@ def test_fisher_rao_energy_equals_squared_length_over_segments_at_constant_speed
 
     def relative_gap(conn):
         energy = float(np.sum(segment_fisher_rao_sq(conn.path_, digits_pair.X)))
-        return energy / (conn.length_**2 / 6) - 1
+        return energy / (conn.chord_length_**2 / 6) - 1
 
     # The line moves at uneven speed through distribution space; the minimiser of
     # the energy moves at (nearly) constant speed, where the bound is an equality.
@@ -239,7 +239,7 @@ def test_fisher_rao_energy_equals_squared_length_over_segments_at_constant_speed
 def test_a_two_point_path_meets_the_energy_bound_with_equality(small_pair):
     conn = fit_linear(small_pair, 2)
     energy = float(np.sum(segment_fisher_rao_sq(conn.path_, small_pair.X)))
-    assert energy == pytest.approx(conn.length_**2, rel=1e-9)
+    assert energy == pytest.approx(conn.chord_length_**2, rel=1e-9)
 
 
 def test_geodesic_is_no_longer_than_the_line_on_trained_models(digits_pair):
@@ -286,10 +286,11 @@ def test_permuting_hidden_units_leaves_every_divergence_unchanged(seed, perm):
     for divergence in (jensen_shannon, fisher_rao, fisher_rao_squared, hellinger, symmetric_kl):
         torch.testing.assert_close(divergence(la, lp), divergence(la, lb))
         torch.testing.assert_close(divergence(lp, la), divergence(lb, la))
-    # ...and so the shortest-path bound and a 2-point path's length, too.
+    # ...and so the shortest-path bound and a 2-point path's chord, too (the line
+    # between a and the permuted b is another path, so its length may differ).
     assert rms_fisher_rao(a, b_perm, X) == pytest.approx(rms_fisher_rao(a, b, X), rel=1e-5)
-    assert fit_linear_models(a, b_perm, X).length_ == pytest.approx(
-        fit_linear_models(a, b, X).length_, rel=1e-5
+    assert fit_linear_models(a, b_perm, X).chord_length_ == pytest.approx(
+        fit_linear_models(a, b, X).chord_length_, rel=1e-5
     )
 
 

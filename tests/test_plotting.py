@@ -155,13 +155,13 @@ def test_history_draws_the_fits_record_per_epoch(fitted):
     line, geo, _, _ = fitted
     axes = plot_history(geo, baseline=line)
     assert len(axes) == 3
-    for ax, key in zip(axes, ["energy", "length", "euclidean_length"]):
+    for ax, key in zip(axes, ["energy", "chord_length", "euclidean_length"]):
         np.testing.assert_allclose(ax.lines[0].get_ydata(), geo.history_[key])
         np.testing.assert_array_equal(ax.lines[0].get_xdata(), np.arange(1, geo.n_iter_ + 1))
         assert ax.get_xlabel() == "epoch"
-    assert axes[1].get_ylabel() == "Fisher–Rao length (rad)"
-    # the straight line's values as references
-    assert axes[1].lines[1].get_ydata()[0] == pytest.approx(line.length_)
+    assert axes[1].get_ylabel() == "Fisher–Rao chord length (rad)"
+    # the straight line's values as references: its chord sum, as the history's
+    assert axes[1].lines[1].get_ydata()[0] == pytest.approx(line.chord_length_)
     assert axes[2].lines[1].get_ydata()[0] == pytest.approx(line.euclidean_length_)
     assert axes[0].lines[1].get_ydata()[0] == pytest.approx(line.energy_)
 
@@ -181,7 +181,7 @@ def test_history_omits_the_lines_energy_for_another_divergence(fitted):
 def test_the_energy_panel_names_a_built_in_divergence_and_its_units(name):
     # A stand-in for a fitted connector: its history_ and its divergence parameter.
     fitted = types.SimpleNamespace(
-        history_={"energy": [0.5, 0.3], "length": [2.0, 1.6], "euclidean_length": [1.0, 1.1]},
+        history_={"energy": [0.5, 0.3], "chord_length": [2.0, 1.6], "euclidean_length": [1.0, 1.1]},
         divergence=name,
     )
     spec = SPECS[name]
@@ -280,7 +280,7 @@ def test_loss_plane_rejects_what_is_not_a_path(fitted):
 def test_history_marks_each_refinement_of_a_coarse_to_fine_fit():
     history = {
         "energy": [0.5, 0.4, 0.6, 0.3, 0.2],
-        "length": [2.0, 1.8, 2.2, 1.7, 1.6],
+        "chord_length": [2.0, 1.8, 2.2, 1.7, 1.6],
         "euclidean_length": [10.0, 10.5, 11.0, 11.2, 11.3],
         "n_points": [4, 4, 7, 7, 7],
     }

@@ -48,10 +48,9 @@ from .._model_checks import check_model, check_same_architecture, float_dtype, h
 from ..divergences import Divergence
 from ..evaluation import (
     PathEvaluation,
-    arc_length_positions,
     euclidean_length,
     evaluate_path,
-    fisher_rao_length,
+    path_length,
     path_statistics,
 )
 from ..fitting import FitSettings
@@ -166,17 +165,34 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         # on top of what the fit's own steps recorded on its path (REPAIR's sites)
         path.metadata = {**path.metadata, "connector": type(self).__name__}
         if inputs.data is None:
-            attributes.update(length_=None, energy_=None, n_classes_=_UNSET, classes_=_UNSET)
+            attributes.update(
+                length_=None,
+                chord_length_=None,
+                length_error_=None,
+                min_length_=None,
+                energy_=None,
+                n_classes_=_UNSET,
+                classes_=_UNSET,
+            )
             return attributes
         stats = path_statistics(
             path, inputs.data, batch_size=self._eval_batch_size(), divergence=divergence
         )
         stats.warn_if_nonfinite(stacklevel=4)  # _path_attributes, _fit, fit, the caller
-        path.t_ = arc_length_positions(stats.segment_fisher_rao_sq)
+        measured = path_length(
+            path,
+            inputs.data,
+            batch_size=self._eval_batch_size(),
+            chord_squared=stats.segment_fisher_rao_sq,
+        )
+        path.t_ = measured.positions
         n_classes = inputs.n_classes
         classes = inputs.label_classes
         attributes.update(
-            length_=fisher_rao_length(stats.segment_fisher_rao_sq),
+            length_=measured.length,
+            chord_length_=measured.chord_length,
+            length_error_=measured.error,
+            min_length_=measured.min_length,
             energy_=float(np.sum(stats.segment_costs)),
             n_classes_=n_classes,
             classes_=np.arange(n_classes) if classes is None else classes,
@@ -184,6 +200,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         path.metadata.update(
             divergence=_divergence_name(getattr(self, "divergence", "jsd")),
             length=attributes["length_"],
+            chord_length=attributes["chord_length_"],
+            min_length=attributes["min_length_"],
             energy=attributes["energy_"],
             n_classes=n_classes,
         )
@@ -518,8 +536,13 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         >>> line.evaluate(X, y).loss.shape
         (5,)
         """
+        return self._evaluate(X, y)
+
+    def _evaluate(self, X: object, y: object, lengths: bool = True) -> PathEvaluation:
         data = self._data(X, y)
-        return evaluate_path(self.path_, data, None, batch_size=self._eval_batch_size())
+        return evaluate_path(
+            self.path_, data, None, batch_size=self._eval_batch_size(), lengths=lengths
+        )
 
     def score(self, X: object, y: object = None, sample_weight: None = None) -> float:
         """Minus the loss barrier on (X, y): higher is better, 0 is the best.
@@ -551,7 +574,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         """
         if sample_weight is not None:
             raise ValueError("sample_weight is not supported by score.")
-        barrier = self.evaluate(X, y).barrier
+        barrier = self._evaluate(X, y, lengths=False).barrier
         # A broken path (NaN barrier) ranks below every sound one, in any comparison.
         return -barrier if np.isfinite(barrier) else -np.inf
 

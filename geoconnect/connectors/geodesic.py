@@ -11,15 +11,16 @@ from numbers import Integral
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import StrOptions
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from .._data import StreamData, TensorData
 from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
+from ..curves import Curve, fit_curve
 from ..distributed import PathGroup
-from ..divergences import DIVERGENCES, get_divergence
-from ..fitting import FitResult, FitSettings, copy_history, fit_path
+from ..divergences import DIVERGENCES, Divergence, get_divergence
+from ..fitting import FitResult, FitSettings, copy_history, fit_path, warn_not_converged
 from ..path import ModelPath
 from ..persistence import describe_architecture, tensor_digest
 from ._base import (
@@ -221,6 +222,8 @@ class GeodesicConnector(_BaseConnector):
         "strategy": [StrOptions({"auto", "vmap", "loop"})],
         "checkpoint": [str, os.PathLike, None],
         "distributed": ["boolean"],
+        "curve": [StrOptions({"chain", "bezier", "polychain"})],
+        "n_bends": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -245,6 +248,8 @@ class GeodesicConnector(_BaseConnector):
         checkpoint: str | os.PathLike | None = None,
         output: str | int | Callable[[object], object] | None = None,
         distributed: bool = False,
+        curve: str = "chain",
+        n_bends: int = 3,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -266,6 +271,8 @@ class GeodesicConnector(_BaseConnector):
         self.checkpoint = checkpoint
         self.output = output
         self.distributed = distributed
+        self.curve = curve
+        self.n_bends = n_bends
 
     def fit(
         self,
@@ -307,9 +314,12 @@ class GeodesicConnector(_BaseConnector):
         if self.checkpoint is not None:  # before any work: a directory that cannot be used
             Checkpoint.check_directory(self.checkpoint)
         self._check_distributed()
+        self._check_curve()
         inputs = self._fit_inputs(X, y, model_a, model_b, require_X=True)
         self._check_mixed_precision(inputs.device)
         continuing = self.warm_start and hasattr(self, "path_")
+        if self.curve != "chain":
+            return self._fit_curve(inputs, divergence, continuing)
         path = self._initial_path(inputs, continuing)
         previous = (
             FitResult(self.history_, moments=getattr(self, "_fit_moments", None))
@@ -346,8 +356,65 @@ class GeodesicConnector(_BaseConnector):
                 **group.counts,
             },
             _fit_moments=_UNSET if result.moments is None else result.moments,
+            curve_=_UNSET,
         )
         return attributes
+
+    def _fit_curve(self, inputs: FitInputs, divergence: Divergence, continuing: bool) -> dict:
+        """The continuous geodesic: a curve's bends descend its Fisher–Rao energy."""
+        data = inputs.data
+        assert data is not None
+        control = self._line(inputs).resample(self.n_bends + 2)
+        previous = getattr(self, "curve_", None) if continuing else None
+        if continuing and (
+            previous is None or (previous.kind, previous.n_bends) != (self.curve, self.n_bends)
+        ):
+            before = (
+                "was a chain"
+                if previous is None
+                else f"had curve={previous.kind!r}, n_bends={previous.n_bends}"
+            )
+            raise ValueError(
+                f"warm_start=True continues from curve_, but the previous fit {before}; "
+                f"this one asks for curve={self.curve!r}, n_bends={self.n_bends}. Fit "
+                "with the previous curve and n_bends, or set warm_start=False."
+            )
+        if previous is not None:
+            control.copy_interior_from(previous.control)
+        curve = Curve(control, self.curve)
+        settings = self._settings(continuing)
+        history, converged = fit_curve(curve, data, settings, self._batch_order(), "energy")
+        if not converged:
+            warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
+        if previous is not None:
+            history = {k: self.history_[k] + history[k] for k in history}
+        path = curve.sample(self.n_points, data, batch_size=self.batch_size)
+        attributes = self._path_attributes(path, inputs, divergence)
+        attributes.update(
+            curve_=curve,
+            history_=history,
+            n_iter_=len(history["energy"]),
+            strategy_=path.strategy,
+            communication_=_UNSET,
+            _fit_moments=_UNSET,
+        )
+        return attributes
+
+    def _check_curve(self) -> None:
+        """Refuse, before any work, what the continuous geodesic does not do yet."""
+        if self.curve == "chain":
+            return
+        for name, value, why in (
+            ("distributed", self.distributed, "splits a chain's points across ranks"),
+            ("checkpoint", self.checkpoint, "checkpoints a chain's fit"),
+            ("mixed_precision", self.mixed_precision, "runs a chain's steps in bfloat16"),
+        ):
+            if value not in (None, False):
+                raise ValueError(
+                    f"{name}={value!r} {why}; it is not available with "
+                    f"curve={self.curve!r} yet. Set curve='chain', or {name}="
+                    f"{None if name == 'checkpoint' else False}."
+                )
 
     def _open_checkpoint(self, fingerprint: dict, group: PathGroup | None) -> Checkpoint | None:
         """The fit's checkpoint, with the fingerprint that tells this fit from others.

@@ -1,0 +1,412 @@
+"""The length of the path a user gets, and the continuous geodesic on a curve.
+
+``length_`` is the Fisher–Rao length of the polygon between the points (the networks
+``path_.at(t)`` gives), measured to a known error; ``chord_length_`` the chord sum at
+the points; ``min_length_`` the distance between the ends' predictions, which no path
+beats. ``GeodesicConnector(curve=...)`` descends a curve's Fisher–Rao energy,
+estimated at random ``t`` by a forward-mode Jacobian–vector product.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_mlp, random_pair
+from connecting import fit_and_check_on_digits
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning
+from torch.utils.data import TensorDataset
+
+from geoconnect import (
+    CurveConnector,
+    GeodesicConnector,
+    LinearConnector,
+    ModelPath,
+    NEBConnector,
+)
+from geoconnect._data import as_data
+from geoconnect.curves import Curve, curve_fisher_form
+from geoconnect.divergences import fisher_form, jensen_shannon
+from geoconnect.evaluation import path_length
+from geoconnect.models import load_digits_split, make_cnn, train_classifier
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def measure(path, X, **kwargs):
+    return path_length(path, as_data(X, device="cpu"), **kwargs)
+
+
+def batch_size(conn) -> int:
+    """The batch size of a connector's BatchNorm statistics (and so of its networks)."""
+    return getattr(conn, "batch_size", 256)
+
+
+def denser(path: ModelPath | Curve, X: np.ndarray, subdivisions: int, **kwargs):
+    """The measurement with every segment cut into ``subdivisions`` pieces."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rtol=0 never converges
+        return measure(path, X, rtol=0.0, max_subdivisions=subdivisions, **kwargs)
+
+
+def check_length_is_measured(conn, X: np.ndarray) -> None:
+    """``length_`` within 2 % of a 4×-denser measurement, which its error bounds."""
+    measured = measure(conn.path_, X, batch_size=batch_size(conn))
+    assert conn.length_ == pytest.approx(measured.length, rel=1e-9)
+    assert conn.length_error_ == pytest.approx(measured.error, rel=1e-6)
+    dense = denser(conn.path_, X, 4 * measured.subdivisions, batch_size=batch_size(conn))
+    assert conn.length_ == pytest.approx(dense.length, rel=0.02)
+    assert abs(conn.length_ - dense.length) <= conn.length_error_ + 1e-9
+    assert conn.min_length_ <= conn.chord_length_ + 1e-9
+    assert conn.chord_length_ <= measured.refined_chord_length + 1e-9 <= conn.length_ + 2e-9
+
+
+# -- the length of the path a user gets ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn_pair():
+    """Two small BatchNorm CNNs on digits images (trained briefly)."""
+    data = load_digits_split()
+    X, y = data.images_train[:300], data.y_train[:300]
+    a, b = (train_classifier(make_cnn(seed=s), X, y, epochs=10, seed=s) for s in (1, 2))
+    return a, b, X, y
+
+
+def every_connector() -> list:
+    common = {"n_points": 9, "device": "cpu", "random_state": 0, "max_iter": 5}
+    return [
+        LinearConnector(n_points=9, device="cpu"),
+        LinearConnector(n_points=9, device="cpu", repair=True),
+        GeodesicConnector(**common),
+        GeodesicConnector(curve="bezier", **common),
+        CurveConnector(**common),
+        NEBConnector(**common),
+    ]
+
+
+def test_every_connectors_length_is_within_2_percent_of_a_4x_denser_measurement(digits_pair):
+    pair = digits_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for conn in every_connector():
+            conn.fit(pair.X, pair.y, model_a=pair.model_a, model_b=pair.model_b)
+            check_length_is_measured(conn, pair.X)
+            # the networks between the points are on the path, and they bend it
+            assert conn.length_ > 1.01 * conn.chord_length_
+
+
+def test_every_connectors_length_is_measured_on_a_batchnorm_pair(cnn_pair):
+    a, b, X, y = cnn_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for conn in every_connector():
+            conn.fit(X, y, model_a=a, model_b=b)
+            check_length_is_measured(conn, X)
+
+
+def test_a_batchnorm_paths_length_on_other_inputs_recomputes_every_interior_network(cnn_pair):
+    a, b, X, _ = cnn_pair
+    line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+    # evaluate on other inputs: every interior network's statistics from those inputs,
+    # so that the length is that of one path, not of a path with two data sets' steps.
+    data = load_digits_split()
+    X_test, y_test = data.images_test[:200], data.y_test[:200]
+    on_test = line.evaluate(X_test, y_test)
+    recomputed = copy.deepcopy(line.path_)
+    recomputed.recompute_batchnorm(X_test)
+    expected = measure(recomputed, X_test)
+    assert on_test.length == pytest.approx(expected.length, rel=1e-9)
+    assert on_test.min_length == pytest.approx(expected.min_length, rel=1e-9)
+    assert on_test.min_length <= on_test.chord_length <= on_test.length
+    assert on_test.length_ratio == pytest.approx(on_test.length / on_test.min_length)
+
+
+def test_the_shortest_length_is_the_two_point_lines_chord(digits_pair):
+    pair = digits_pair
+    two = LinearConnector(n_points=2, device="cpu").fit(
+        pair.X, model_a=pair.model_a, model_b=pair.model_b
+    )
+    line = LinearConnector(device="cpu").fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert two.chord_length_ == pytest.approx(line.min_length_, rel=1e-6)
+    assert line.path_.metadata["min_length"] == line.min_length_
+    assert line.path_.metadata["chord_length"] == line.chord_length_
+    assert line.length_ > line.chord_length_ > line.min_length_
+
+
+def test_score_does_not_measure_lengths(digits_pair, monkeypatch):
+    pair = digits_pair
+    line = LinearConnector(device="cpu").fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    barrier = line.evaluate(pair.X_test, pair.y_test).barrier
+    import geoconnect.evaluation as evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("score measured a length")
+
+    monkeypatch.setattr(evaluation, "path_length", refuse)
+    assert line.score(pair.X_test, pair.y_test) == -barrier
+
+
+def test_a_stream_and_an_array_give_one_length(digits_pair):
+    # In-memory data reuse the logits of the positions measured before; streamed data
+    # evaluate them again. Both are one measurement.
+    path = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 4)
+    X = torch.as_tensor(digits_pair.X[:500])
+    array = path_length(path, as_data(X, device="cpu"))
+    stream = path_length(path, as_data(TensorDataset(X), device="cpu"))
+    assert stream.n_samples == array.n_samples == 500
+    for field in ("length", "error", "chord_length", "refined_chord_length", "min_length"):
+        assert getattr(stream, field) == pytest.approx(getattr(array, field), rel=1e-9)
+    assert stream.subdivisions == array.subdivisions
+
+
+def test_large_inputs_are_measured_on_a_fixed_subset_of_them(digits_pair):
+    path = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 3)
+    first = measure(path, digits_pair.X, max_samples=300)
+    assert first.n_samples == 300 and measure(path, digits_pair.X).n_samples == len(digits_pair.X)
+    assert measure(path, digits_pair.X, max_samples=300).length == first.length  # one subset
+    with pytest.raises(ValueError, match="max_samples"):
+        measure(path, digits_pair.X, max_samples=0)
+
+
+def test_an_unconverged_length_says_so(digits_pair):
+    path = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 2)
+    with pytest.warns(RuntimeWarning, match="did not converge at 2 pieces per segment"):
+        measured = measure(path, digits_pair.X, max_subdivisions=2)
+    assert not measured.converged and measured.error > 0.01 * measured.length
+    with pytest.raises(ValueError, match="max_subdivisions must be an integer ≥ 2"):
+        measure(path, digits_pair.X, max_subdivisions=1)
+    with pytest.raises(ValueError, match="rtol"):
+        measure(path, digits_pair.X, rtol=-1.0)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_points=st.integers(2, 6), scale=st.sampled_from([1.0, 3.0]))
+def test_law_refining_never_shortens_a_polygons_chords(seed, n_points, scale):
+    pair = random_pair(seed=seed, scale=scale)
+    line = LinearConnector(n_points=n_points, device="cpu").fit(
+        pair.X, model_a=pair.model_a, model_b=pair.model_b
+    )
+    # √(E_x d_FR²) obeys the triangle inequality, so a finer chord sum is never shorter.
+    coarse = denser(line.path_, pair.X, 2).refined_chord_length
+    fine = denser(line.path_, pair.X, 8).refined_chord_length
+    assert line.min_length_ <= line.chord_length_ + 1e-9 <= coarse + 2e-9 <= fine + 3e-9
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_points=st.integers(3, 6), scale=st.sampled_from([1.0, 3.0]))
+def test_law_no_path_is_shorter_than_the_distance_between_its_ends(seed, n_points, scale):
+    pair = random_pair(seed=seed, scale=scale)
+    path = ModelPath.linear(pair.model_a, pair.model_b, n_points)
+    for i in range(1, n_points - 1):  # interior points off the line: a bent path
+        for name, p in random_mlp((5, 8, 3), 1000 + seed + i).named_parameters():
+            path.params[name][i] = scale * p.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a wild path may not converge
+        measured = measure(path, pair.X)
+    assert measured.min_length <= measured.chord_length + 1e-9
+    assert measured.min_length <= measured.length + 1e-9
+    assert measured.ratio >= 1.0 - 1e-9
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_points=st.integers(2, 5))
+def test_law_a_path_through_networks_of_one_function_has_length_zero(seed, n_points):
+    # Each network differs from the first by a shift of every logit: one function.
+    pair = random_pair(seed=seed)
+    shifted = copy.deepcopy(pair.model_a)
+    with torch.no_grad():
+        shifted[-1].bias += 3.0
+    path = ModelPath.linear(pair.model_a, shifted, n_points)
+    measured = measure(path, pair.X)
+    assert measured.length < 1e-5 and measured.min_length < 1e-6 and measured.converged
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_points=st.integers(2, 6), scale=st.sampled_from([1.0, 3.0]))
+def test_law_a_lines_length_does_not_depend_on_its_number_of_points(seed, n_points, scale):
+    pair = random_pair(seed=seed, scale=scale)
+    few = measure(ModelPath.linear(pair.model_a, pair.model_b, n_points), pair.X)
+    many = measure(ModelPath.linear(pair.model_a, pair.model_b, 9), pair.X)
+    assert abs(few.length - many.length) <= few.error + many.error + 1e-9
+    assert few.length == pytest.approx(many.length, rel=0.02)
+
+
+def test_a_curve_on_the_line_has_the_lines_length(digits_pair):
+    # A Bezier curve whose bends lie on the line, evenly spaced, is the line itself.
+    line = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 3)
+    curve = Curve(ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 4), "bezier")
+    on_curve, on_line = measure(curve, digits_pair.X), measure(line, digits_pair.X)
+    assert on_curve.positions is None
+    assert on_curve.length == pytest.approx(on_line.length, rel=0.02)
+    assert on_curve.min_length == pytest.approx(on_line.min_length, rel=1e-9)
+
+
+# -- the Fisher form and the curve's energy ---------------------------------------------
+
+logits = st.lists(st.floats(-6, 6), min_size=2, max_size=6)
+
+
+@SETTINGS
+@given(z=logits, seed=st.integers(0, 1000))
+def test_law_the_fisher_form_is_the_local_jensen_shannon_divergence(z, seed):
+    z = torch.tensor(z, dtype=torch.float64)
+    velocity = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).double()
+    form = float(fisher_form(z, velocity))
+    assert form >= 0.0
+    for h in (1e-3, 1e-4):
+        jsd = float(jensen_shannon(z, z + h * velocity))
+        assert 8 * jsd / h**2 == pytest.approx(form, rel=1e-2, abs=1e-9)
+
+
+def test_a_shift_of_every_logit_costs_nothing():
+    z = torch.randn(4, 5, dtype=torch.float64)
+    assert float(fisher_form(z, torch.ones_like(z)).abs().max()) < 1e-12
+
+
+def _mlp_curve(seed: int, kind: str, n_bends: int) -> Curve:
+    torch.manual_seed(seed)
+    nets = [
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        for _ in range(n_bends + 2)
+    ]
+    path = ModelPath.linear(nets[0], nets[-1], n_bends + 2)
+    for i, net in enumerate(nets[1:-1], start=1):  # bends off the line
+        for name, p in net.named_parameters():
+            path.params[name][i] = p.detach()
+    return Curve(path, kind)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 1000),
+    kind=st.sampled_from(["bezier", "polychain"]),
+    n_bends=st.integers(1, 3),
+    t=st.floats(0.02, 0.97),
+)
+def test_law_the_jvp_form_is_the_divergence_between_t_and_t_plus_h(seed, kind, n_bends, t):
+    curve = _mlp_curve(seed, kind, n_bends)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    form = curve_fisher_form(curve, torch.tensor([t]), x)
+    h = 1e-3  # the divergence between t − h and t + h: O(h²) from the form
+    n = n_bends + 1  # a polychain bends at j / n: t ± h on one segment
+    assume(kind == "bezier" or math.floor((t - h) * n) == math.floor((t + h) * n))
+    near = curve.params_at(torch.tensor([t - h, t + h], dtype=torch.float64))
+    with torch.no_grad():
+        z = curve.control.functional_forward(near, x)
+    divergence = 8 * jensen_shannon(z[0], z[1]) / (2 * h) ** 2
+    torch.testing.assert_close(form, divergence, rtol=1e-3, atol=1e-6 * float(form.max()))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), kind=st.sampled_from(["bezier", "polychain"]))
+def test_law_a_curve_through_networks_of_one_function_has_zero_energy(seed, kind):
+    # The bends differ from the ends by a shift of every logit: one function throughout.
+    curve = _mlp_curve(seed, kind, 2)
+    stack = curve.control.params
+    for name in stack:
+        stack[name][:] = stack[name][0]
+    stack["2.bias"][1:-1] += torch.tensor([[1.5], [-2.0]], dtype=torch.float64)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for t in (0.1, 0.5, 0.9):
+        assert float(curve_fisher_form(curve, torch.tensor([t]), x).abs().max()) < 1e-12
+
+
+def test_the_energy_at_random_t_is_an_unbiased_estimate_of_its_integral():
+    curve = _mlp_curve(3, "bezier", 2)
+    x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0, 1, 401, dtype=torch.float64)
+    with torch.no_grad():
+        forms = torch.stack([curve_fisher_form(curve, t.reshape(1), x).mean() for t in grid])
+    quadrature = float(torch.trapezoid(forms, grid))
+    draws = torch.rand(3000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        estimates = torch.stack([curve_fisher_form(curve, t.reshape(1), x).mean() for t in draws])
+    mean, sem = float(estimates.mean()), float(estimates.std() / math.sqrt(len(draws)))
+    assert abs(mean - quadrature) < 4 * sem
+
+
+# -- GeodesicConnector(curve=...) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bezier_geodesic(digits_pair):
+    pair = digits_pair
+    geo = GeodesicConnector(
+        curve="bezier", learning_rate_init=1e-2, device="cpu", random_state=0, max_iter=60
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return fit_and_check_on_digits(geo, pair)
+
+
+def test_the_curve_geodesic_is_shorter_than_the_line_and_than_the_loss_curve(
+    digits_pair, bezier_geodesic
+):
+    pair, geo = digits_pair, bezier_geodesic
+    line = LinearConnector(device="cpu").fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    loss_curve = CurveConnector(device="cpu", random_state=0).fit(
+        pair.X, pair.y, model_a=pair.model_a, model_b=pair.model_b
+    )
+    assert geo.length_ < 0.5 * line.length_
+    assert geo.length_ < loss_curve.length_
+    assert isinstance(geo.curve_, Curve) and geo.curve_.n_bends == 3
+    assert set(geo.history_) == {"energy", "length", "seconds"}
+    assert geo.history_["energy"][-1] < geo.history_["energy"][0]
+    with torch.no_grad():  # the curve's ends are the models
+        x = torch.as_tensor(pair.X[:16])
+        torch.testing.assert_close(geo.curve_.at(1.0)(x), pair.model_b(x), rtol=0, atol=0)
+
+
+def test_a_chain_fit_after_a_curve_fit_has_no_curve(digits_pair, bezier_geodesic):
+    geo = copy.deepcopy(bezier_geodesic).set_params(curve="chain", max_iter=2, n_points=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        geo.fit(digits_pair.X, model_a=digits_pair.model_a, model_b=digits_pair.model_b)
+    assert not hasattr(geo, "curve_")
+
+
+def test_a_curve_warm_start_continues_the_curve(digits_pair, bezier_geodesic):
+    pair = digits_pair
+    geo = copy.deepcopy(bezier_geodesic).set_params(warm_start=True, max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert geo.n_iter_ == bezier_geodesic.n_iter_ + 2
+    assert geo.history_["energy"][: bezier_geodesic.n_iter_] == bezier_geodesic.history_["energy"]
+    with pytest.raises(ValueError, match="n_bends=3"):
+        geo.set_params(n_bends=4).fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"distributed": True}, {"checkpoint": "ckpt"}, {"mixed_precision": True}]
+)
+def test_what_a_curve_does_not_do_yet_is_refused_before_any_work(small_pair, setting):
+    geo = GeodesicConnector(curve="polychain", device="cpu", random_state=0, **setting)
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name}=.*curve='chain'"):
+        geo.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert not hasattr(geo, "path_")
+
+
+def test_a_batchnorm_curve_geodesic_keeps_its_ends_and_recomputes_its_statistics(cnn_pair):
+    a, b, X, _ = cnn_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        geo = GeodesicConnector(
+            curve="bezier", n_points=5, max_iter=3, device="cpu", random_state=0
+        ).fit(X, model_a=a, model_b=b)
+    x = torch.as_tensor(X[:16])
+    with torch.no_grad():
+        torch.testing.assert_close(geo.path_[0](x), a(x), rtol=0, atol=0)
+        torch.testing.assert_close(geo.path_[-1](x), b(x), rtol=0, atol=0)
+    name = next(iter(geo.path_.batchnorm_buffers))
+    stats = geo.path_.batchnorm_buffers[name]
+    assert not torch.equal(stats[2], stats[0]) and not torch.equal(stats[2], stats[-1])
+    check_length_is_measured(geo, X)
