@@ -271,7 +271,7 @@ def fit_curve(
                 for key in keys:
                     history[key].append(record[key])
                 history["seconds"].append(time.perf_counter() - tic)
-                if value < stopping.best:
+                if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
                 converged = update_no_improvement_count(stopping, value)  # type: ignore[arg-type]
                 bar.update(1)
@@ -284,8 +284,10 @@ def fit_curve(
             v.grad = None
             v.requires_grad_(False)
     last = history[keys[0]][-1] if history[keys[0]] else math.nan
-    if last > _CLIMBED * stopping.best:
-        # A descent that blew up keeps the best epoch's curve, and says so.
+    if objective == "energy" and last > _CLIMBED * stopping.best:
+        # A descent that blew up keeps the best epoch's curve, and says so. (Not on
+        # the loss: a curve's mean loss at random t, once near zero, can double from
+        # one epoch to the next without anything going wrong.)
         for name, value in best.items():
             bends[name].copy_(value)
         warnings.warn(

@@ -525,8 +525,9 @@ def path_length(
         In-memory data with more inputs is measured on a fixed random subset of this
         size (None: all); the count used is ``n_samples`` in the result.
     chord_squared : array-like of shape (n_points − 1,), optional
-        A path's segments' ``E_x d_FR²`` at its points on all of ``data``, if already
-        measured (:func:`path_statistics`): saves a pass.
+        A path's segments' ``E_x d_FR²`` at its points on ``data``, if already
+        measured (:func:`path_statistics`): saves a pass over streamed data
+        (in-memory data are measured again, their logits kept for the refinement).
 
     Returns
     -------
@@ -558,7 +559,8 @@ def path_length(
     sample = _length_sample(data, max_samples)
     networks = _Networks(path)
     pieces = _Pieces(networks, sample, batch_size)
-    if chord_squared is None or sample is not data or networks.curve is not None:
+    if chord_squared is None or pieces.caching or networks.curve is not None:
+        # (in-memory inputs: the chords' logits are kept for the first doubling)
         chord_squared = pieces.chords()
     refinement = _Refinement(
         torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()

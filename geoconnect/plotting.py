@@ -219,7 +219,10 @@ def plot_history(
     The seed paper's Figure 2 (left): as the energy falls, the path's length in the
     space of predictive distributions (Fisher–Rao) falls while its length in
     parameter space (Euclidean) rises — the path bends away from the straight line.
-    When the history records a coarse-to-fine fit (``history_["n_points"]`` changes),
+    The Fisher–Rao panel is the chord sum at the points per epoch
+    (``history_["chord_length"]``); a fitted connector's continuous ``length_``, the
+    networks between the points included, is marked at the last epoch. When the
+    history records a coarse-to-fine fit (``history_["n_points"]`` changes),
     the coarse levels are shaded, dotted lines mark each refinement and the x label
     lists the levels' numbers of points; a coarse level's numbers are those of its
     coarser polygon, measured at its points only, so the lengths can jump when
@@ -229,7 +232,7 @@ def plot_history(
     ----------
     connector : GeodesicConnector or dict
         A fitted connector, or its ``history_`` (per-epoch lists ``energy``,
-        ``length``, ``euclidean_length``).
+        ``chord_length``, ``euclidean_length``).
     baseline : LinearConnector, optional
         A straight line between the same models, fitted on the same X: its
         ``length_``, ``euclidean_length_`` (and ``energy_``, for the JSD) are drawn as
@@ -299,6 +302,9 @@ def plot_history(
             reference = None  # the line's energy_ is a JSD sum: not comparable
         if reference is not None:
             axis.axhline(reference, color="0.35", linestyle="--", label="straight line")
+        length = getattr(connector, "length_", None)
+        if key == "chord_length" and length is not None:
+            axis.plot(epochs[-1:], [length], "*", color="C3", ms=10, label="length_ (continuous)")
         if len(levels) > 1:
             coarse = ", ".join(str(n) for _, _, n in levels[:-1])
             axis.set_xlabel(f"epoch (shaded: coarse, N = {coarse})")
@@ -310,7 +316,7 @@ def plot_history(
             fontsize="medium",
         )
         axis.grid(alpha=0.3)
-        if reference is not None:
+        if reference is not None or (key == "chord_length" and length is not None):
             axis.legend(fontsize="small", loc="best")
     if title:
         fig.suptitle(title)

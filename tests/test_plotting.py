@@ -162,6 +162,9 @@ def test_history_draws_the_fits_record_per_epoch(fitted):
     assert axes[1].get_ylabel() == "Fisher–Rao chord length (rad)"
     # the straight line's values as references: its chord sum, as the history's
     assert axes[1].lines[1].get_ydata()[0] == pytest.approx(line.chord_length_)
+    # the continuous length of the path returned, at the last epoch
+    assert axes[1].lines[2].get_ydata()[0] == pytest.approx(geo.length_)
+    assert axes[1].lines[2].get_xdata()[0] == geo.n_iter_
     assert axes[2].lines[1].get_ydata()[0] == pytest.approx(line.euclidean_length_)
     assert axes[0].lines[1].get_ydata()[0] == pytest.approx(line.energy_)
 
@@ -173,7 +176,7 @@ def test_history_omits_the_lines_energy_for_another_divergence(fitted):
     other.fit(X, model_a=a, model_b=b)
     axes = plot_history(other, baseline=line)
     assert len(axes[0].lines) == 1  # a JSD energy is not comparable with a Hellinger one
-    assert len(axes[1].lines) == 2
+    assert len(axes[1].lines) == 3  # its chords, the line's, and its continuous length_
     assert "squared Hellinger" in axes[0].get_title()
 
 
