@@ -393,7 +393,7 @@ LENGTH_ATOL = 1e-6
 MAX_SUBDIVISIONS = 32
 #: The most inputs :func:`path_length` measures on: larger in-memory data sets are
 #: measured on a fixed random subset of this size (data streams on all of theirs).
-LENGTH_SAMPLES = 2048
+LENGTH_SAMPLES = 512
 #: The segments a :class:`~geoconnect.curves.Curve` is first cut into, in ``t``.
 CURVE_SEGMENTS = 8
 #: Networks held together while a subdivided block of segments is measured.
@@ -432,8 +432,9 @@ class PathLength:
     converged : bool
         Whether ``error`` is at most ``rtol`` of the length.
     n_samples : int
-        The inputs it was measured on (a fixed random subset of at most
-        ``max_samples`` of in-memory data).
+        The inputs the networks between the points were measured on: a fixed
+        random subset of at most ``max_samples`` of in-memory data (the chords and
+        ``min_length`` are measured on all of them).
     positions : ndarray of shape (n_points,) or None
         A path's points' positions in [0, 1] by cumulative arc length (None for a
         curve).
@@ -521,9 +522,14 @@ def path_length(
         rounding puts about 1e-7 into every chord of a path of one function.
     max_subdivisions : int, default=32
         The finest resolution tried, in pieces per segment (≥ 2).
-    max_samples : int or None, default=2048
-        In-memory data with more inputs is measured on a fixed random subset of this
-        size (None: all); the count used is ``n_samples`` in the result.
+    max_samples : int or None, default=512
+        In-memory data with more inputs has the networks between the points measured
+        on a fixed random subset of this size (None: all), where each of them needs
+        its BatchNorm statistics and its logits computed; the chords at the points
+        and ``min_length`` are measured on every input, and each segment's length
+        is its chord there times its length over its chord on the subset (a ratio
+        estimate, whose sampling noise the chords largely cancel). The subset's size
+        is ``n_samples`` in the result.
     chord_squared : array-like of shape (n_points − 1,), optional
         A path's segments' ``E_x d_FR²`` at its points on ``data``, if already
         measured (:func:`path_statistics`): saves a pass over streamed data
@@ -559,20 +565,26 @@ def path_length(
     sample = _length_sample(data, max_samples)
     networks = _Networks(path)
     pieces = _Pieces(networks, sample, batch_size)
-    if chord_squared is None or pieces.caching or networks.curve is not None:
-        # (in-memory inputs: the chords' logits are kept for the first doubling)
-        chord_squared = pieces.chords()
-    refinement = _Refinement(
-        torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
-    )
-    chord = refinement.length()
-    while math.isfinite(chord):
+    everywhere = pieces if sample is data else _Pieces(networks, data, batch_size)
+    if (
+        chord_squared is None
+        or networks.curve is not None
+        or (everywhere is pieces and pieces.caching)
+    ):
+        chord_squared = everywhere.chords()  # in memory, their logits kept for the refinement
+    chords = torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
+    refinement = _Refinement(chords if sample is data else pieces.chords())
+    while math.isfinite(refinement.length()):
         chosen = refinement.next_segments(rtol * refinement.length() + atol, max_subdivisions)
         if not chosen:
             break
         for m, segments in chosen.items():
             finer = pieces.squares(segments, 2 * m).clamp_min(0.0).sqrt().sum(1)
             refinement.refine(segments, finer)
+    if sample is not data:
+        # The chords on every input, each segment scaled as the subset's refinement did
+        # its chord: a ratio estimate, whose sampling noise the chords mostly cancel.
+        refinement.rescale(chords.clamp_min(0.0).sqrt())
     length, error = refinement.length(), refinement.error()
     converged = error <= rtol * length + atol
     if not converged and math.isfinite(length):
@@ -584,12 +596,13 @@ def path_length(
             RuntimeWarning,
             stacklevel=2,
         )
-    min_length = math.sqrt(max(pieces.ends(), 0.0))
-    pieces.warn_if_nonfinite()
+    min_length = math.sqrt(max(everywhere.ends(), 0.0))
+    for measured in {id(pieces): pieces, id(everywhere): everywhere}.values():
+        measured.warn_if_nonfinite()
     return PathLength(
         length=length,
         error=error,
-        chord_length=chord,
+        chord_length=float(chords.clamp_min(0.0).sqrt().sum()),
         refined_chord_length=float(refinement.chords.sum()),
         min_length=min_length,
         subdivisions=int(refinement.pieces.max()),
@@ -615,6 +628,7 @@ class _Refinement:
 
     def __init__(self, chord_squared: Tensor):
         self.chords = chord_squared.clamp_min(0.0).sqrt()  # NaN kept
+        self.initial = self.chords.clone()  # the chords at the points
         self.pieces = torch.ones(self.chords.numel(), dtype=torch.long)
         self.added = torch.full_like(self.chords, math.nan)  # by the last doubling
         self.added_before = torch.full_like(self.chords, math.nan)  # by the one before
@@ -657,6 +671,14 @@ class _Refinement:
         for i in torch.nonzero(chosen).flatten().tolist():
             out.setdefault(int(self.pieces[i]), []).append(i)
         return out
+
+    def rescale(self, chords: Tensor) -> None:
+        """Scale each segment to the given chord (its chord on more inputs)."""
+        factor = torch.where(self.initial > 0, chords / self.initial, torch.ones_like(chords))
+        self.chords = self.chords * factor
+        self.added = self.added * factor
+        self.added_before = self.added_before * factor
+        self.initial = chords
 
     def refine(self, segments: list[int], finer: Tensor) -> None:
         """Record the chord sums of ``segments`` at twice their resolution."""
