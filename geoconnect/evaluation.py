@@ -523,9 +523,9 @@ def path_length(
     max_subdivisions : int, default=32
         The finest resolution tried, in pieces per segment (≥ 2).
     max_samples : int or None, default=512
-        In-memory data with more inputs has the networks between the points measured
-        on a fixed random subset of this size (None: all), where each of them needs
-        its BatchNorm statistics and its logits computed; the chords at the points
+        In-memory data with more inputs has the predictions of the networks between
+        the points compared on a fixed random subset of this size (None: all; their
+        BatchNorm statistics come from all the inputs, as the points'); the chords at the points
         and ``min_length`` are measured on every input, and each segment's length
         is its chord there times its length over its chord on the subset (a ratio
         estimate, whose sampling noise the chords largely cancel). The subset's size
@@ -564,7 +564,7 @@ def path_length(
         )
     sample = _length_sample(data, max_samples)
     networks = _Networks(path)
-    pieces = _Pieces(networks, sample, batch_size)
+    pieces = _Pieces(networks, sample, batch_size, statistics=data)
     everywhere = pieces if sample is data else _Pieces(networks, data, batch_size)
     if (
         chord_squared is None
@@ -574,13 +574,7 @@ def path_length(
         chord_squared = everywhere.chords()  # in memory, their logits kept for the refinement
     chords = torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
     refinement = _Refinement(chords if sample is data else pieces.chords())
-    while math.isfinite(refinement.length()):
-        chosen = refinement.next_segments(rtol * refinement.length() + atol, max_subdivisions)
-        if not chosen:
-            break
-        for m, segments in chosen.items():
-            finer = pieces.squares(segments, 2 * m).clamp_min(0.0).sqrt().sum(1)
-            refinement.refine(segments, finer)
+    refinement.run(pieces, rtol, atol, max_subdivisions)
     if sample is not data:
         # The chords on every input, each segment scaled as the subset's refinement did
         # its chord: a ratio estimate, whose sampling noise the chords mostly cancel.
@@ -588,14 +582,7 @@ def path_length(
     length, error = refinement.length(), refinement.error()
     converged = error <= rtol * length + atol
     if not converged and math.isfinite(length):
-        warnings.warn(
-            f"The path's Fisher–Rao length did not converge at {max_subdivisions} pieces "
-            f"per segment: {length:.4g} is uncertain by about {error:.3g} "
-            f"({error / length:.1%}). More points (n_points) make a path's segments "
-            "straighter; max_subdivisions refines them further.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn_unconverged(length, error, max_subdivisions)
     min_length = math.sqrt(max(everywhere.ends(), 0.0))
     for measured in {id(pieces): pieces, id(everywhere): everywhere}.values():
         measured.warn_if_nonfinite()
@@ -611,6 +598,17 @@ def path_length(
         positions=None
         if networks.curve is not None
         else arc_length_positions(refinement.segments().square()),
+    )
+
+
+def _warn_unconverged(length: float, error: float, max_subdivisions: int) -> None:
+    warnings.warn(
+        f"The path's Fisher–Rao length did not converge at {max_subdivisions} pieces "
+        f"per segment: {length:.4g} is uncertain by about {error:.3g} "
+        f"({error / length:.1%}). More points (n_points) make a path's segments "
+        "straighter; max_subdivisions refines them further.",
+        RuntimeWarning,
+        stacklevel=3,  # this, path_length, its caller
     )
 
 
@@ -671,6 +669,17 @@ class _Refinement:
         for i in torch.nonzero(chosen).flatten().tolist():
             out.setdefault(int(self.pieces[i]), []).append(i)
         return out
+
+    def run(self, pieces: _Pieces, rtol: float, atol: float, max_subdivisions: int) -> None:
+        """Double the resolution of the most uncertain segments until the error of
+        the length is within ``rtol`` of it plus ``atol``, or none can be doubled."""
+        while math.isfinite(self.length()):
+            chosen = self.next_segments(rtol * self.length() + atol, max_subdivisions)
+            if not chosen:
+                return
+            for m, segments in chosen.items():
+                finer = pieces.squares(segments, 2 * m).clamp_min(0.0).sqrt().sum(1)
+                self.refine(segments, finer)
 
     def rescale(self, chords: Tensor) -> None:
         """Scale each segment to the given chord (its chord on more inputs)."""
@@ -752,8 +761,19 @@ class _Pieces:
     data are measured in one pass per block of networks, the old positions again.
     """
 
-    def __init__(self, networks: _Networks, data: TensorData | StreamData, batch_size: int):
+    def __init__(
+        self,
+        networks: _Networks,
+        data: TensorData | StreamData,
+        batch_size: int,
+        statistics: TensorData | StreamData | None = None,
+    ):
         self.networks, self.data, self.batch_size = networks, data, batch_size
+        # The BatchNorm statistics of the networks between the points come from all
+        # the inputs, as the points' own and path.at(t, X)'s do, even when the
+        # predictions are compared on a subset: statistics from two data sets on one
+        # path would put steps into it at the points that no refinement removes.
+        self.statistics = data if statistics is None else statistics
         self.cache: dict[int, Tensor] = {}
         self.cached_bytes = 0
         self.caching = isinstance(data, TensorData)
@@ -820,7 +840,7 @@ class _Pieces:
         """Logits of the networks at ``u`` on all of the data: (len(u), n, n_classes)."""
         single = u.numel() == 1  # a path has two points at least
         block, fresh = self.networks.at(u.repeat(2) if single else u)
-        block.recompute_batchnorm(self.data, points=fresh, batch_size=self.batch_size)
+        block.recompute_batchnorm(self.statistics, points=fresh, batch_size=self.batch_size)
         with torch.no_grad():
             logits = torch.cat([block.logits(b.x) for b in self.data.batches(self.batch_size)], 1)
         logits = logits[:1] if single else logits
@@ -844,7 +864,7 @@ class _Pieces:
         for s in range(0, len(segments), per_block):
             u = torch.tensor(segments[s : s + per_block], dtype=torch.float64)[:, None] + frac
             block, fresh = self.networks.at(u.flatten())
-            block.recompute_batchnorm(self.data, points=fresh, batch_size=self.batch_size)
+            block.recompute_batchnorm(self.statistics, points=fresh, batch_size=self.batch_size)
             stats = path_statistics(block, self.data, batch_size=self.batch_size)
             self.nonfinite |= stats.nonfinite_points.size > 0
             steps = torch.as_tensor(stats.segment_fisher_rao_sq, dtype=torch.float64)

@@ -176,6 +176,22 @@ def test_large_inputs_are_measured_on_a_fixed_subset_of_them(digits_pair):
         measure(path, digits_pair.X, max_samples=0)
 
 
+def test_a_batchnorm_path_measured_on_a_subset_keeps_its_statistics_from_every_input(
+    cnn_pair,
+):
+    # The networks between the points take their statistics from all the inputs, as
+    # the points do: from the subset, they would step away from the points' at each.
+    a, b, _, _ = cnn_pair
+    X = load_digits_split().images_train  # more than the 512 compared
+    path = LinearConnector(n_points=4, device="cpu").fit(X, model_a=a, model_b=b).path_
+    subset, everything = measure(path, X), measure(path, X, max_samples=None)
+    assert subset.n_samples == 512 and everything.n_samples == len(X)
+    assert subset.converged and subset.subdivisions <= everything.subdivisions
+    assert subset.length == pytest.approx(everything.length, rel=0.03)
+    assert subset.chord_length == everything.chord_length
+    assert subset.min_length == everything.min_length
+
+
 def test_an_unconverged_length_says_so(digits_pair):
     path = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 2)
     with pytest.warns(RuntimeWarning, match="did not converge at 2 pieces per segment"):
