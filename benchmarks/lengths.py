@@ -88,9 +88,9 @@ def run_pair(pair) -> dict:
             "converged": clock.result.converged,
             "n_samples": clock.result.n_samples,
         }
-        if method.name == "geodesic":
-            if pair.key in ("mlp", "cnn"):  # the figure's two panels
-                rows[method.name]["resolution"] = resolution_curve(estimator, pair)
+        if method.name == "geodesic" and pair.key in ("mlp", "cnn"):  # the figure's panels
+            rows[method.name]["resolution"] = resolution_curve(estimator, pair)
+        if method.name == "geodesic" and len(pair.X_train) > clock.result.n_samples:
             # the same measurement on every fit input, against the subset's
             everything = path_length(
                 estimator.path_,

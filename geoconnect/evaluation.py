@@ -393,7 +393,7 @@ LENGTH_ATOL = 1e-6
 MAX_SUBDIVISIONS = 32
 #: The most inputs :func:`path_length` measures on: larger in-memory data sets are
 #: measured on a fixed random subset of this size (data streams on all of theirs).
-LENGTH_SAMPLES = 512
+LENGTH_SAMPLES = 2048
 #: The segments a :class:`~geoconnect.curves.Curve` is first cut into, in ``t``.
 CURVE_SEGMENTS = 8
 #: Networks held together while a subdivided block of segments is measured.
@@ -522,7 +522,7 @@ def path_length(
         rounding puts about 1e-7 into every chord of a path of one function.
     max_subdivisions : int, default=32
         The finest resolution tried, in pieces per segment (≥ 2).
-    max_samples : int or None, default=512
+    max_samples : int or None, default=2048
         In-memory data with more inputs has the predictions of the networks between
         the points compared on a fixed random subset of this size (None: all; their
         BatchNorm statistics come from all the inputs, as the points'); the chords at the points

@@ -169,7 +169,7 @@ def test_a_stream_and_an_array_give_one_length(digits_pair):
 def test_large_inputs_are_measured_on_a_fixed_subset_of_them(digits_pair):
     path = ModelPath.linear(digits_pair.model_a, digits_pair.model_b, 3)
     first = measure(path, digits_pair.X, max_samples=300)
-    assert first.n_samples == 300 and measure(path, digits_pair.X).n_samples == 512
+    assert first.n_samples == 300 and measure(path, digits_pair.X).n_samples == len(digits_pair.X)
     assert measure(path, digits_pair.X, max_samples=None).n_samples == len(digits_pair.X)
     assert measure(path, digits_pair.X, max_samples=300).length == first.length  # one subset
     with pytest.raises(ValueError, match="max_samples"):
@@ -184,7 +184,7 @@ def test_a_batchnorm_path_measured_on_a_subset_keeps_its_statistics_from_every_i
     a, b, _, _ = cnn_pair
     X = load_digits_split().images_train  # more than the 512 compared
     path = LinearConnector(n_points=4, device="cpu").fit(X, model_a=a, model_b=b).path_
-    subset, everything = measure(path, X), measure(path, X, max_samples=None)
+    subset, everything = measure(path, X, max_samples=512), measure(path, X, max_samples=None)
     assert subset.n_samples == 512 and everything.n_samples == len(X)
     assert subset.converged and subset.subdivisions <= everything.subdivisions
     assert subset.length == pytest.approx(everything.length, rel=0.03)
