@@ -594,7 +594,7 @@ def path_length(
         min_length=min_length,
         subdivisions=int(refinement.pieces.max()),
         converged=bool(converged),
-        n_samples=_n_samples(sample),
+        n_samples=pieces.n_samples,
         positions=None
         if networks.curve is not None
         else arc_length_positions(refinement.segments().square()),
@@ -774,6 +774,7 @@ class _Pieces:
         # predictions are compared on a subset: statistics from two data sets on one
         # path would put steps into it at the points that no refinement removes.
         self.statistics = data if statistics is None else statistics
+        self.n_samples = 0  # the inputs the predictions were compared on
         self.cache: dict[int, Tensor] = {}
         self.cached_bytes = 0
         self.caching = isinstance(data, TensorData)
@@ -844,6 +845,7 @@ class _Pieces:
         with torch.no_grad():
             logits = torch.cat([block.logits(b.x) for b in self.data.batches(self.batch_size)], 1)
         logits = logits[:1] if single else logits
+        self.n_samples = logits.shape[1]
         if not torch.isfinite(logits).all():
             self.nonfinite = True
         return logits
@@ -866,6 +868,7 @@ class _Pieces:
             block, fresh = self.networks.at(u.flatten())
             block.recompute_batchnorm(self.statistics, points=fresh, batch_size=self.batch_size)
             stats = path_statistics(block, self.data, batch_size=self.batch_size)
+            self.n_samples = stats.n_samples
             self.nonfinite |= stats.nonfinite_points.size > 0
             steps = torch.as_tensor(stats.segment_fisher_rao_sq, dtype=torch.float64)
             # The block runs through every piece and, between two segments, one step
@@ -897,12 +900,6 @@ def _length_sample(
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(data.n_samples, generator=generator)[:max_samples].sort().values
     return TensorData(rows(data.x, index.to(data.home)), None, data.device)
-
-
-def _n_samples(data: TensorData | StreamData) -> int:
-    if isinstance(data, TensorData):
-        return data.n_samples
-    return sum(n_rows(batch.x) for batch in data.batches(4096))
 
 
 def _length_on(
