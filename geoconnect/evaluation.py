@@ -776,7 +776,6 @@ class _Pieces:
         self.statistics = data if statistics is None else statistics
         self.n_samples = 0  # the inputs the predictions were compared on
         self.cache: dict[int, Tensor] = {}
-        self.cached_bytes = 0
         self.caching = isinstance(data, TensorData)
         self.nonfinite = False
 
@@ -814,7 +813,6 @@ class _Pieces:
     def _block(self, segments: list[int], m: int) -> Tensor:
         """:meth:`squares` of a few segments, whose networks are evaluated together."""
         olds = [self.cache.pop(s, None) for s in segments]
-        self.cached_bytes -= sum(o.element_size() * o.nelement() for o in olds if o is not None)
         reuse = m % 2 == 0 and all(o is not None and o.shape[0] == m // 2 + 1 for o in olds)
         if reuse:  # only the midpoints are new
             odd = torch.arange(1, m, 2, dtype=torch.float64) / m
@@ -832,10 +830,9 @@ class _Pieces:
         return torch.stack([self._steps(run) for run in runs])
 
     def _keep(self, segment: int, logits: Tensor) -> None:
-        size = logits.element_size() * logits.nelement()
-        if self.cached_bytes + size <= _CACHE_BYTES:
+        held = sum(v.element_size() * v.nelement() for v in self.cache.values())
+        if held + logits.element_size() * logits.nelement() <= _CACHE_BYTES:
             self.cache[segment] = logits
-            self.cached_bytes += size
 
     def _logits(self, u: Tensor) -> Tensor:
         """Logits of the networks at ``u`` on all of the data: (len(u), n, n_classes)."""
