@@ -26,6 +26,7 @@ there "linear" is the aligned line and "unaligned linear" the line as trained.
     python benchmarks/methods.py --quick        # the MLP pair and a short ladder
     python benchmarks/methods.py --figure F.png --json F.json
     python benchmarks/methods.py --from-json F.json   # the table of an earlier run
+    python benchmarks/methods.py --pairs mlp,cnn --method geodesic --no-ladder
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from geoconnect import CurveConnector, GeodesicConnector, LinearConnector, NEBConnector
+from geoconnect.curves import ENERGY_T_PER_BATCH
 from geoconnect.evaluation import PathEvaluation
 from geoconnect.models import (
     load_digits_split,
@@ -77,6 +79,10 @@ class Method:
     labels: bool
     trained: bool
     pairs: tuple[str, ...] = field(default=("mlp", "wide", "layernorm", "cnn", "resnet"))
+
+
+#: The continuous geodesic's settings, one for every pair (its defaults are the chain's).
+CURVE_GEODESIC = {"learning_rate_init": 3e-2}
 
 
 def _common(align: str | None) -> dict:
@@ -119,6 +125,21 @@ METHODS = [
         True,
     ),
     Method("NEB", lambda align, **kw: NEBConnector(**_common(align), **kw), True, True),
+    *(
+        Method(
+            f"geodesic, {name}",
+            lambda align, curve=curve, n_bends=n_bends, **kw: GeodesicConnector(
+                curve=curve, n_bends=n_bends, **{**CURVE_GEODESIC, **kw}, **_common(align)
+            ),
+            False,
+            True,
+        )
+        for name, curve, n_bends in (
+            ("Bezier, 1 bend", "bezier", 1),
+            ("Bezier, 3 bends", "bezier", 3),
+            ("polychain, 3 bends", "polychain", 3),
+        )
+    ),
 ]
 
 
@@ -185,7 +206,10 @@ def evaluations(estimator: object, n_samples: int) -> int:
         return 0
     if "n_points" in history:  # a chain of points, the interior trained on every sample
         return int(n_samples * sum(n - 2 for n in history["n_points"]))
-    return int(n_samples * len(history["loss"]))  # a curve: one network per sample
+    if "loss" in history:  # a curve on the loss: one network per sample
+        return int(n_samples * len(history["loss"]))
+    # a curve on the energy: a forward-mode pass per sample at each of its t
+    return int(n_samples * len(history["energy"]) * ENERGY_T_PER_BATCH)
 
 
 def repair_forwards(estimator: object) -> int:
@@ -216,11 +240,13 @@ def time_to_target(method: Method, pair: Pair, max_epochs: int) -> dict:
     return {"seconds": None, "epochs": None, "evaluations": None, "ladder": ladder}
 
 
-def run_pair(pair: Pair, max_epochs: int) -> dict:
+def run_pair(pair: Pair, max_epochs: int, methods: list[str] | None = None) -> dict:
     rows, evaluations_by_method = {}, {}
     for method in METHODS:
         if pair.key not in method.pairs:
             continue
+        if methods is not None and method.name not in methods and method.name != "linear":
+            continue  # the line sets the target
         fit(method, pair, **({"max_iter": 1} if method.trained else {}))  # warm-up
         estimator, seconds = fit(method, pair)
         ev = score(estimator, pair)
@@ -243,7 +269,9 @@ def run_pair(pair: Pair, max_epochs: int) -> dict:
             pair.target = 0.1 * ev.barrier
         if getattr(estimator, "repair", False):
             row["repair_forwards"] = repair_forwards(estimator)
-        if method.trained:
+        if method.trained and max_epochs == 0:  # --no-ladder
+            row["target"] = {"seconds": None, "epochs": None, "evaluations": None, "run": False}
+        elif method.trained:
             row["target"] = time_to_target(method, pair, max_epochs)
         else:
             reached = ev.barrier <= pair.target
@@ -294,7 +322,7 @@ def table(results: dict) -> str:
 def _cells(row: dict) -> list[str]:
     target = row["target"]
     if target["seconds"] is None:
-        to_target, spent = "not reached", "—"
+        to_target, spent = "not reached" if target.get("run", True) else "not run", "—"
     else:
         epochs = f" ({target['epochs']} ep.)" if target["epochs"] else ""
         to_target = f"{target['seconds']:.2f} s{epochs}"
@@ -362,6 +390,15 @@ def main() -> None:
     parser.add_argument("--figure", help="write the figure of test loss along every path")
     parser.add_argument("--json", help="write every measurement to this file")
     parser.add_argument("--from-json", help="print the table of an earlier run's JSON")
+    parser.add_argument(
+        "--method",
+        action="append",
+        help="a method to run (repeatable; default all; the line runs always)",
+    )
+    parser.add_argument("--pairs", help="comma-separated pairs (mlp,wide,layernorm,cnn,resnet)")
+    parser.add_argument(
+        "--no-ladder", action="store_true", help="the default fits only, no time-to-target"
+    )
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as handle:
@@ -370,11 +407,14 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     names = ["mlp"] if args.quick else ["mlp", "wide", "layernorm", "cnn", "resnet"]
+    names = args.pairs.split(",") if args.pairs else names
+    methods = args.method
     max_epochs = 8 if args.quick else args.max_epochs
+    max_epochs = 0 if args.no_ladder else max_epochs
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
     results = {}
     for pair in make_pairs(names):
-        results[pair.name] = run_pair(pair, max_epochs)
+        results[pair.name] = run_pair(pair, max_epochs, methods)
     serial = {
         name: {k: v for k, v in result.items() if k != "evaluations"}
         for name, result in results.items()

@@ -37,7 +37,7 @@ from .divergences import fisher_form
 from .fitting import FitSettings, progress_bar, update_no_improvement_count
 from .path import ModelPath, recompute_module_batchnorm
 
-__all__ = ["Curve", "curve_fisher_form", "fit_curve"]
+__all__ = ["Curve", "curve_energy", "curve_fisher_form", "fit_curve"]
 
 CurveKind = Literal["bezier", "polychain"]
 Objective = Literal["loss", "energy"]
@@ -215,6 +215,10 @@ class Curve:
         return module
 
 
+#: The stratified values of ``t`` at which each batch estimates a curve's energy.
+ENERGY_T_PER_BATCH = 4
+
+
 @dataclass
 class _Stopping:
     """Early stopping's counters, as :func:`update_no_improvement_count` reads them."""
@@ -233,15 +237,17 @@ def fit_curve(
 ) -> tuple[dict[str, list], bool]:
     """Train the bends along the curve; returns the history and convergence.
 
-    Each step draws one ``t ~ U(0, 1)`` from ``generator`` and evaluates the network
-    at ``θ(t)`` on the batch with batch-statistics BatchNorm (Garipov et al.). The
+    Each step draws ``t`` from ``generator`` and evaluates the network at ``θ(t)``
+    on the batch with batch-statistics BatchNorm (Garipov et al.). The
     ``objective`` is the expected value over ``t`` that the bends descend:
 
-    * ``"loss"``: the cross-entropy ``E_t L(θ(t))`` (needs labels). History: ``loss``.
+    * ``"loss"``: the cross-entropy ``E_t L(θ(t))`` at one ``t ~ U(0, 1)`` per step
+      (needs labels). History: ``loss``.
     * ``"energy"``: the Fisher–Rao energy ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``, its integrand
-      :func:`curve_fisher_form` at the drawn ``t`` (label-free), an unbiased
-      estimate. History: ``energy`` and ``length`` (the mean of ``√`` of the steps'
-      estimates: the curve's speed, so its length as ``t`` runs over ``[0, 1]``).
+      :func:`curve_fisher_form` averaged over ``ENERGY_T_PER_BATCH`` stratified
+      ``t`` per step (label-free), an unbiased estimate. History: ``energy`` and
+      ``length`` (the mean of ``√`` of the integrand at the drawn ``t``: the
+      curve's mean speed, so its length as ``t`` runs over ``[0, 1]``).
 
     Early stopping on the epoch's mean objective, as the geodesic chain's on its
     energy; the history's ``seconds`` are each epoch's wall-clock time.
@@ -354,6 +360,65 @@ def curve_fisher_form(
     return fisher_form(z, z_dot)
 
 
+def curve_energy(
+    curve: Curve,
+    x: Inputs,
+    generator: torch.Generator | None = None,
+    *,
+    n_t: int = ENERGY_T_PER_BATCH,
+    stacks: dict[str, Tensor] | None = None,
+    module: torch.nn.Module | None = None,
+) -> tuple[Tensor, float]:
+    """An unbiased estimate of the curve's Fisher–Rao energy on ``x``, and its speed.
+
+    The energy is ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``; the estimate is the mean of
+    :func:`curve_fisher_form` over ``x`` at ``n_t`` stratified ``t`` (one uniform
+    draw in each of ``n_t`` equal parts of ``[0, 1]``), which has less variance
+    than as many independent draws. This is what
+    ``GeodesicConnector(curve=...)`` descends, one estimate per batch.
+
+    Parameters
+    ----------
+    curve : Curve
+    x : Tensor or dict of str to Tensor
+        A batch on the curve's device.
+    generator : torch.Generator, optional
+        The draws' source (default torch's global one).
+    n_t : int, default=ENERGY_T_PER_BATCH
+        The values of ``t``.
+    stacks, module
+        As for :func:`curve_fisher_form`.
+
+    Returns
+    -------
+    energy : Tensor of shape ()
+        Differentiable in ``stacks``.
+    speed : float
+        The mean of ``√(E_x ‖θ̇(t)‖²_F)`` at the drawn ``t``: an estimate of the
+        curve's Fisher–Rao length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.curves import Curve, curve_energy
+    >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> curve = Curve(ModelPath.linear(a, b, 4), "bezier")
+    >>> energy, speed = curve_energy(curve, torch.randn(16, 4), torch.Generator().manual_seed(0))
+    >>> bool(energy >= speed**2 - 1e-9)  # Jensen: the mean square is at least the squared mean
+    True
+    """
+    if not (isinstance(n_t, int) and n_t >= 1):
+        raise ValueError(f"n_t must be a positive integer; got {n_t!r}.")
+    draws = torch.rand(n_t, generator=generator, dtype=torch.float64)
+    forms = [
+        curve_fisher_form(curve, t.reshape(1), x, stacks=stacks, module=module).mean()
+        for t in (torch.arange(n_t, dtype=torch.float64) + draws) / n_t
+    ]
+    speed = sum(math.sqrt(max(float(f.detach()), 0.0)) for f in forms) / n_t
+    return torch.stack(forms).mean(), speed
+
+
 class _CurveEpoch:
     """One pass of :func:`fit_curve`: a step per batch at a random ``t``."""
 
@@ -385,16 +450,14 @@ class _CurveEpoch:
                 raise ValueError("A curve is trained on labels: X yielded a batch without y.")
             if control.has_batchnorm and n_rows(batch.x) < 2:
                 continue  # no batch statistics from one sample
-            t = torch.rand(1, generator=self.generator, dtype=torch.float64)
-            value = self._value(t, batch)
+            value, speed = self._value(batch)
             for v in self.bends.values():
                 v.grad = None
             value.backward()
             self.optimizer.step()
             rows = n_rows(batch.x)
-            value = float(value.detach())
-            total += value * rows
-            root += math.sqrt(max(value, 0.0)) * rows
+            total += float(value.detach()) * rows
+            root += speed * rows
             seen += rows
         if not seen:
             return {"loss": math.nan, "energy": math.nan, "length": math.nan}
@@ -402,8 +465,14 @@ class _CurveEpoch:
             return {"loss": total / seen}
         return {"energy": total / seen, "length": root / seen}
 
-    def _value(self, t: Tensor, batch: Batch) -> Tensor:
-        """The objective's estimate on one batch at one ``t``, differentiable in the bends."""
+    def _value(self, batch: Batch) -> tuple[Tensor, float]:
+        """The objective's estimate on one batch, differentiable in the bends, and the
+        curve's mean speed at the ``t`` drawn (NaN for the loss).
+
+        The loss at one ``t ~ U(0, 1)``; the energy at ``ENERGY_T_PER_BATCH``
+        stratified ``t`` (one in each of as many equal parts of ``[0, 1]``): still
+        unbiased, with less variance than as many independent draws.
+        """
         control = self.curve.control
         stacks = {
             name: torch.cat([stack[:1], self.bends[name], stack[-1:]])
@@ -412,8 +481,10 @@ class _CurveEpoch:
             for name, stack in control.params.items()
         }
         if self.objective == "energy":
-            form = curve_fisher_form(self.curve, t, batch.x, stacks=stacks, module=self.module)
-            return form.mean()
+            return curve_energy(
+                self.curve, batch.x, self.generator, stacks=stacks, module=self.module
+            )
+        t = torch.rand(1, generator=self.generator, dtype=torch.float64)
         params = self.curve.params_at(t, stacks)
         logits = control.functional_forward(params, batch.x, module=self.module, strategy="loop")
-        return F.cross_entropy(logits[0], batch.y)
+        return F.cross_entropy(logits[0], batch.y), math.nan

@@ -413,9 +413,13 @@ class PathLength:
         doubling of the resolution adds about half of what the last one added), so
         each segment's is its finest chord sum plus what the last doubling added.
     error : float
-        The estimated error of ``length``: how much each segment's estimate moved
-        at its last doubling (at least a quarter of what that doubling added; all
-        of it for a segment doubled once).
+        The estimated error of ``length``: for each segment, the largest of how
+        much its estimate moved at its last doubling, a quarter of what that
+        doubling added (half at the second doubling, all of it at the first), and
+        how far it is from (and how much moved) the extrapolation by the observed
+        ratio of consecutive additions. With BatchNorm, the jumps at the ends (the
+        models' own statistics against the inputs') are measured on their own,
+        without error, and are part of ``length``.
     chord_length : float
         The chord sum at the path's points alone (a curve: at ``CURVE_SEGMENTS + 1``
         evenly spaced ``t``), which understates the length when the path bends
@@ -569,17 +573,22 @@ def path_length(
     if (
         chord_squared is None
         or networks.curve is not None
+        or networks.jumps
         or (everywhere is pieces and pieces.caching)
     ):
-        chord_squared = everywhere.chords()  # in memory, their logits kept for the refinement
-    chords = torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
-    refinement = _Refinement(chords if sample is data else pieces.chords())
-    refinement.run(pieces, rtol, atol, max_subdivisions)
+        inner = everywhere.chords()  # in memory, their logits kept for the refinement
+    else:
+        inner = torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
+    jumps, chords = _end_jumps(everywhere, inner)
+    if chord_squared is not None and networks.curve is None:
+        chords = torch.as_tensor(np.asarray(chord_squared), dtype=torch.float64).flatten()
+    refinement = _Refinement(inner if sample is data else pieces.chords())
+    refinement.run(pieces, rtol, atol, max_subdivisions, jumps=float(jumps.sum()))
     if sample is not data:
         # The chords on every input, each segment scaled as the subset's refinement did
         # its chord: a ratio estimate, whose sampling noise the chords mostly cancel.
-        refinement.rescale(chords.clamp_min(0.0).sqrt())
-    length, error = refinement.length(), refinement.error()
+        refinement.rescale(inner.clamp_min(0.0).sqrt())
+    length, error = refinement.length() + float(jumps.sum()), refinement.error()
     converged = error <= rtol * length + atol
     if not converged and math.isfinite(length):
         _warn_unconverged(length, error, max_subdivisions)
@@ -590,14 +599,14 @@ def path_length(
         length=length,
         error=error,
         chord_length=float(chords.clamp_min(0.0).sqrt().sum()),
-        refined_chord_length=float(refinement.chords.sum()),
+        refined_chord_length=float(refinement.chords.sum() + jumps.sum()),
         min_length=min_length,
         subdivisions=int(refinement.pieces.max()),
         converged=bool(converged),
         n_samples=pieces.n_samples,
         positions=None
         if networks.curve is not None
-        else arc_length_positions(refinement.segments().square()),
+        else arc_length_positions(_with_jumps(refinement.segments(), jumps).square()),
     )
 
 
@@ -620,26 +629,40 @@ class _Refinement:
     resolution (measured on digits paths: each doubling of the resolution adds half
     of what the last one added). A segment's length is therefore its chord sum plus
     what the last doubling added (Richardson's extrapolation for a first-order
-    error), and its error is how much that estimate moved at the last doubling, and
-    at least a quarter of what the doubling added.
+    error). Some segments converge faster (a BatchNorm CNN's line: each doubling
+    added 0.36–0.48 of the last), and there that extrapolation overshoots. The
+    error is the largest of: how much the estimate moved at the last doubling; a
+    quarter of what the doubling added (half, at the second doubling); and how far
+    it is from, and how much moved, the extrapolation by the observed ratio of
+    consecutive additions (Aitken's Δ², the ratio capped at 0.6).
     """
 
     def __init__(self, chord_squared: Tensor):
         self.chords = chord_squared.clamp_min(0.0).sqrt()  # NaN kept
         self.initial = self.chords.clone()  # the chords at the points
         self.pieces = torch.ones(self.chords.numel(), dtype=torch.long)
-        self.added = torch.full_like(self.chords, math.nan)  # by the last doubling
-        self.added_before = torch.full_like(self.chords, math.nan)  # by the one before
+        # what the last three doublings added, the last first
+        self.added = [torch.full_like(self.chords, math.nan) for _ in range(3)]
 
     def segments(self) -> Tensor:
         """Each segment's estimated length."""
-        return torch.where(self.added.isnan(), self.chords, self.chords + self.added)
+        return torch.where(self.added[0].isnan(), self.chords, self.chords + self.added[0])
 
     def errors(self) -> Tensor:
         """Each segment's estimated error (inf: not refined yet)."""
-        moved = (2.0 * self.added - self.added_before).abs()
-        errors = torch.where(self.added_before.isnan(), self.added, moved.maximum(self.added / 4))
-        return torch.where(self.added.isnan(), math.inf, errors)
+        d0, d1, d2 = self.added
+        first = self.chords + d0
+        moved = (2.0 * d0 - d1).abs()
+        aitken = self.chords + _aitken_tail(d0, d1)
+        aitken_before = self.chords - d0 + _aitken_tail(d1, d2)
+        errors = torch.maximum(moved, d0 / 4).maximum((aitken - first).abs())
+        # Two additions say little about how the next ones shrink (a BatchNorm CNN's
+        # curve: ratios 0.46, then 0.31): half the last one, until a third is known.
+        errors = torch.where(
+            d2.isnan(), errors.maximum(d0 / 2), errors.maximum((aitken - aitken_before).abs())
+        )
+        errors = torch.where(d1.isnan(), d0, errors)
+        return torch.where(d0.isnan(), math.inf, errors)
 
     def length(self) -> float:
         return float(self.segments().sum())
@@ -649,19 +672,19 @@ class _Refinement:
 
     def next_segments(self, tolerance: float, max_subdivisions: int) -> dict[int, list[int]]:
         """The segments to double next, by their resolution: those never refined, then
-        the largest errors until what is left is within half the ``tolerance`` (an
-        error in radians); none when the error is within it."""
+        the largest errors until the others' are within the ``tolerance`` (an error
+        in radians; those doubled come back smaller, and the next round takes the
+        largest again); none when the error is within it."""
         errors = self.errors()
         refinable = 2 * self.pieces <= max_subdivisions
         unknown = torch.isinf(errors)
         chosen = unknown & refinable
         known = torch.where(unknown, torch.zeros_like(errors), errors)
-        budget = 0.5 * tolerance
-        if not unknown.any() and float(known.sum()) <= 2 * budget:
+        if not unknown.any() and float(known.sum()) <= tolerance:
             return {}  # measured
         left = float(known.sum())
         for i in torch.argsort(torch.where(refinable, known, -1.0), descending=True).tolist():
-            if left <= budget or not refinable[i] or known[i] <= 0.0:
+            if left <= tolerance or not refinable[i] or known[i] <= 0.0:
                 break
             chosen[i] = True
             left -= float(known[i])
@@ -670,11 +693,20 @@ class _Refinement:
             out.setdefault(int(self.pieces[i]), []).append(i)
         return out
 
-    def run(self, pieces: _Pieces, rtol: float, atol: float, max_subdivisions: int) -> None:
+    def run(
+        self,
+        pieces: _Pieces,
+        rtol: float,
+        atol: float,
+        max_subdivisions: int,
+        jumps: float = 0.0,
+    ) -> None:
         """Double the resolution of the most uncertain segments until the error of
-        the length is within ``rtol`` of it plus ``atol``, or none can be doubled."""
+        the length (with ``jumps`` besides the segments) is within ``rtol`` of it
+        plus ``atol``, or none can be doubled."""
         while math.isfinite(self.length()):
-            chosen = self.next_segments(rtol * self.length() + atol, max_subdivisions)
+            tolerance = rtol * (self.length() + jumps) + atol
+            chosen = self.next_segments(tolerance, max_subdivisions)
             if not chosen:
                 return
             for m, segments in chosen.items():
@@ -685,23 +717,40 @@ class _Refinement:
         """Scale each segment to the given chord (its chord on more inputs)."""
         factor = torch.where(self.initial > 0, chords / self.initial, torch.ones_like(chords))
         self.chords = self.chords * factor
-        self.added = self.added * factor
-        self.added_before = self.added_before * factor
+        self.added = [added * factor for added in self.added]
         self.initial = chords
 
     def refine(self, segments: list[int], finer: Tensor) -> None:
         """Record the chord sums of ``segments`` at twice their resolution."""
         index = torch.tensor(segments)
-        self.added_before[index] = self.added[index]
+        self.added[2][index] = self.added[1][index]
+        self.added[1][index] = self.added[0][index]
         # Never negative but for rounding: √(E_x d_FR²) obeys the triangle inequality.
-        self.added[index] = (finer - self.chords[index]).clamp_min(0.0)
+        self.added[0][index] = (finer - self.chords[index]).clamp_min(0.0)
         self.chords[index] = finer
         self.pieces[index] *= 2
 
 
+def _aitken_tail(last: Tensor, before: Tensor, cap: float = 0.6) -> Tensor:
+    """What the doublings after one that added ``last`` (the one before it:
+    ``before``) add if each adds the same ratio of the previous one (≤ ``cap``)."""
+    ratio = torch.where(before > 0, last / before, (last > 0).to(last.dtype))
+    ratio = ratio.clamp(0.0, cap)
+    return last * ratio / (1.0 - ratio)
+
+
 class _Networks:
     """The networks of a path or a curve at positions ``u`` ∈ [0, n_segments]: at the
-    integers a path's own points, or a curve's ``t = u / n_segments``."""
+    integers a path's own points, or a curve's ``t = u / n_segments``.
+
+    With BatchNorm, the networks between the ends get statistics recomputed on the
+    data while the ends keep their models' own: the path jumps at each end, from a
+    model to the same parameters with recomputed statistics. Chord sums converge
+    slowly across a jump (a chord from the end counts only part of the jump and the
+    motion after it until the pieces are much shorter than the jump), so the
+    continuous part is measured from the recomputed ends (``jumps``: positions 0 and
+    ``n_segments`` are those) and each jump is measured on its own.
+    """
 
     def __init__(self, path: ModelPath | Curve):
         from .curves import Curve
@@ -712,10 +761,12 @@ class _Networks:
             self.n_segments = CURVE_SEGMENTS
         else:
             self.curve, self.base, self.n_segments = None, path, path.n_points - 1
+        self.jumps = self.base.has_batchnorm
 
-    def at(self, u: Tensor) -> tuple[ModelPath, list[int]]:
+    def at(self, u: Tensor, own: Tensor | None = None) -> tuple[ModelPath, list[int]]:
         """The networks at ``u`` (float64), with their positions whose BatchNorm
-        statistics must be recomputed (the ends and a path's points keep theirs)."""
+        statistics must be recomputed: all but a path's points, the ends included
+        when ``jumps``, and the positions ``own`` marks (the ends' own models)."""
         from .path import ModelPath
 
         base, device = self.base, self.base.device
@@ -726,7 +777,7 @@ class _Networks:
                 params[name][t == 0] = stack[0]
                 params[name][t == 1] = stack[-1]
             nearest = torch.where(t >= 0.5, base.n_points - 1, 0)
-            fresh = (t > 0) & (t < 1)
+            fresh = torch.ones_like(t, dtype=torch.bool) if self.jumps else (t > 0) & (t < 1)
         else:
             low = u.floor().clamp(0, self.n_segments - 1)
             frac = u - low
@@ -737,6 +788,10 @@ class _Networks:
                 params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
             nearest = (low + (frac >= 0.5).double()).long()
             fresh = (frac > 0) & (frac < 1)
+            if self.jumps:
+                fresh |= (u == 0) | (u == self.n_segments)
+        if own is not None:
+            fresh &= ~own
         nearest = nearest.to(device)
         block = ModelPath(
             base.template,
@@ -808,7 +863,7 @@ class _Pieces:
     def ends(self) -> float:
         """``E_x d_FR²`` between the path's two ends."""
         u = torch.tensor([0.0, float(self.networks.n_segments)], dtype=torch.float64)
-        return float(self._steps(self._logits(u))[0])
+        return float(self._steps(self._logits(u, own=torch.ones(2, dtype=torch.bool)))[0])
 
     def _block(self, segments: list[int], m: int) -> Tensor:
         """:meth:`squares` of a few segments, whose networks are evaluated together."""
@@ -834,10 +889,23 @@ class _Pieces:
         if held + logits.element_size() * logits.nelement() <= _CACHE_BYTES:
             self.cache[segment] = logits
 
-    def _logits(self, u: Tensor) -> Tensor:
+    def steps(self, u: Tensor, own: Tensor) -> Tensor:
+        """``E_x d_FR²`` between the consecutive networks at ``u`` (``own``: see
+        :meth:`_Networks.at`)."""
+        if self.caching:
+            return self._steps(self._logits(u, own))
+        block, fresh = self.networks.at(u, own)
+        block.recompute_batchnorm(self.statistics, points=fresh, batch_size=self.batch_size)
+        stats = path_statistics(block, self.data, batch_size=self.batch_size)
+        self.nonfinite |= stats.nonfinite_points.size > 0
+        return torch.as_tensor(stats.segment_fisher_rao_sq, dtype=torch.float64)
+
+    def _logits(self, u: Tensor, own: Tensor | None = None) -> Tensor:
         """Logits of the networks at ``u`` on all of the data: (len(u), n, n_classes)."""
         single = u.numel() == 1  # a path has two points at least
-        block, fresh = self.networks.at(u.repeat(2) if single else u)
+        if single:
+            u, own = u.repeat(2), None if own is None else own.repeat(2)
+        block, fresh = self.networks.at(u, own)
         block.recompute_batchnorm(self.statistics, points=fresh, batch_size=self.batch_size)
         with torch.no_grad():
             logits = torch.cat([block.logits(b.x) for b in self.data.batches(self.batch_size)], 1)
@@ -883,6 +951,36 @@ class _Pieces:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def _end_jumps(pieces: _Pieces, inner: Tensor) -> tuple[Tensor, Tensor]:
+    """The jumps at the ends (zero without BatchNorm) and the chords at the points
+    with the ends' own models, given those with the recomputed ends (``inner``,
+    ``E_x d_FR²``).
+
+    One pass over the networks at ``[1, 0*, 0, n, n*, n − 1]`` (``*``: the model's
+    own statistics) gives the first chord, the first jump, the line, the last
+    jump and the last chord.
+    """
+    networks, n = pieces.networks, pieces.networks.n_segments
+    if not networks.jumps:
+        return torch.zeros(2, dtype=torch.float64), inner
+    u = torch.tensor([1.0, 0.0, 0.0, n, n, n - 1], dtype=torch.float64)
+    own = torch.tensor([False, True, False, False, True, False])
+    if n == 1:  # the neighbours are the other end's own model
+        own[[0, 5]] = True
+    steps = pieces.steps(u, own)
+    chords = inner.clone()
+    chords[0], chords[-1] = steps[0], steps[4]
+    return steps[[1, 3]].clamp_min(0.0).sqrt(), chords
+
+
+def _with_jumps(segments: Tensor, jumps: Tensor) -> Tensor:
+    """Each segment's length with the jumps at the ends added to the end segments."""
+    out = segments.clone()
+    out[0] += jumps[0]
+    out[-1] += jumps[1]
+    return out
 
 
 def _length_sample(

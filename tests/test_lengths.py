@@ -30,11 +30,12 @@ from geoconnect import (
     ModelPath,
     NEBConnector,
 )
-from geoconnect._data import as_data
-from geoconnect.curves import Curve, curve_fisher_form
+from geoconnect._data import TensorData, as_data
+from geoconnect.curves import Curve, curve_energy, curve_fisher_form
 from geoconnect.divergences import fisher_form, jensen_shannon
 from geoconnect.evaluation import path_length
 from geoconnect.models import load_digits_split, make_cnn, train_classifier
+from geoconnect.path import recompute_module_batchnorm
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -126,6 +127,34 @@ def test_a_batchnorm_paths_length_on_other_inputs_recomputes_every_interior_netw
     assert on_test.min_length == pytest.approx(expected.min_length, rel=1e-9)
     assert on_test.min_length <= on_test.chord_length <= on_test.length
     assert on_test.length_ratio == pytest.approx(on_test.length / on_test.min_length)
+
+
+def _rms_fisher_rao(net_a, net_b, X) -> float:
+    """√(E_x d_FR²) between two networks' predictions on X."""
+    x = torch.as_tensor(X, dtype=torch.float32)
+    with torch.no_grad():
+        la, lb = net_a.eval()(x).double(), net_b.eval()(x).double()
+    bc = (0.5 * (la.log_softmax(1) + lb.log_softmax(1))).exp().sum(1).clamp(max=1.0)
+    return float((2 * torch.acos(bc)).square().mean().sqrt())
+
+
+def test_a_batchnorm_paths_jumps_at_its_ends_are_part_of_its_length(cnn_pair):
+    # Between the ends, the networks get statistics recomputed on X; the ends keep the
+    # models' own. The path jumps there, and the jumps are part of its length.
+    a, b, X, _ = cnn_pair
+    line = LinearConnector(n_points=2, device="cpu").fit(X, model_a=a, model_b=b)
+    fresh_a, fresh_b = copy.deepcopy(a), copy.deepcopy(b)
+    for net in (fresh_a, fresh_b):
+        recompute_module_batchnorm(net, as_data(X, device="cpu"), 256)
+    jump_a, jump_b = _rms_fisher_rao(a, fresh_a, X), _rms_fisher_rao(b, fresh_b, X)
+    assert jump_a > 1e-3 and jump_b > 1e-3  # the models' statistics are not X's
+    # the chord and the shortest length are between the models themselves ...
+    assert line.min_length_ == pytest.approx(_rms_fisher_rao(a, b, X), rel=1e-6)
+    assert line.chord_length_ == pytest.approx(line.min_length_, rel=1e-9)
+    # ... and the length goes through both jumps (the triangle inequality)
+    between = _rms_fisher_rao(fresh_a, fresh_b, X)
+    assert line.length_ >= jump_a + between + jump_b - 1e-6
+    assert line.length_ == pytest.approx(denser(line.path_, X, 128).length, rel=0.01)
 
 
 def test_the_shortest_length_is_the_two_point_lines_chord(digits_pair):
@@ -340,18 +369,58 @@ def test_law_a_curve_through_networks_of_one_function_has_zero_energy(seed, kind
         assert float(curve_fisher_form(curve, torch.tensor([t]), x).abs().max()) < 1e-12
 
 
-def test_the_energy_at_random_t_is_an_unbiased_estimate_of_its_integral():
+def _quadrature(curve: Curve, x: torch.Tensor, phi=lambda s: s, n: int = 401) -> tuple:
+    """The curve's energy and length on x by the trapezoid rule over ``s``, the curve
+    run as ``t = phi(s)``: ``∫ F(φ(s)) φ'(s)² ds`` and ``∫ √F(φ(s)) φ'(s) ds``."""
+    s = torch.linspace(0, 1, n, dtype=torch.float64).requires_grad_(True)
+    t = phi(s)
+    (dt,) = torch.autograd.grad(t.sum(), s)
+    with torch.no_grad():
+        forms = torch.stack([curve_fisher_form(curve, ti.reshape(1), x).mean() for ti in t])
+    s = s.detach()
+    energy = float(torch.trapezoid(forms * dt.square(), s))
+    length = float(torch.trapezoid(forms.clamp_min(0).sqrt() * dt, s))
+    return energy, length
+
+
+def test_the_stratified_energy_estimate_is_unbiased():
     curve = _mlp_curve(3, "bezier", 2)
     x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    grid = torch.linspace(0, 1, 401, dtype=torch.float64)
+    energy, _ = _quadrature(curve, x)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        forms = torch.stack([curve_fisher_form(curve, t.reshape(1), x).mean() for t in grid])
-    quadrature = float(torch.trapezoid(forms, grid))
-    draws = torch.rand(3000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        estimates = torch.stack([curve_energy(curve, x, generator)[0] for _ in range(1000)])
+    mean, sem = float(estimates.mean()), float(estimates.std() / math.sqrt(len(estimates)))
+    assert abs(mean - energy) < 4 * sem
+    # stratified: less variance than as many independent draws
     with torch.no_grad():
-        estimates = torch.stack([curve_fisher_form(curve, t.reshape(1), x).mean() for t in draws])
-    mean, sem = float(estimates.mean()), float(estimates.std() / math.sqrt(len(draws)))
-    assert abs(mean - quadrature) < 4 * sem
+        single = torch.stack([curve_energy(curve, x, generator, n_t=1)[0] for _ in range(1000)])
+    assert estimates.var() < single.var() / 4 * 1.5
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), kind=st.sampled_from(["bezier", "polychain"]))
+def test_law_a_curves_squared_length_is_at_most_its_energy(seed, kind):
+    curve = _mlp_curve(seed, kind, 2)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    energy, length = _quadrature(curve, x)
+    assert length**2 <= energy * (1 + 1e-9)
+    measured = path_length(curve, TensorData(x, None, torch.device("cpu")))  # chords
+    assert measured.length**2 <= energy * (1 + 1e-9) + 2 * measured.length * measured.error
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), a=st.floats(-0.9, 0.9))
+def test_law_reparametrising_a_curve_does_not_change_its_length(seed, a):
+    # the speed from the forward-mode JVP, integrated along a smooth monotone
+    # t = s − a sin(2πs) / 2π, is the length the chords measure along t
+    curve = _mlp_curve(seed, "bezier", 2)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _, uniform = _quadrature(curve, x)
+    _, warped = _quadrature(curve, x, lambda s: s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
+    measured = path_length(curve, TensorData(x, None, torch.device("cpu")), rtol=1e-3)
+    assert warped == pytest.approx(uniform, rel=1e-3)
+    assert abs(measured.length - uniform) <= measured.error + 1e-3 * uniform
 
 
 # -- GeodesicConnector(curve=...) ----------------------------------------------------
@@ -413,6 +482,15 @@ def test_what_a_curve_does_not_do_yet_is_refused_before_any_work(small_pair, set
     geo = GeodesicConnector(curve="polychain", device="cpu", random_state=0, **setting)
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"{name}=.*curve='chain'"):
+        geo.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert not hasattr(geo, "path_")
+
+
+def test_a_curve_refuses_a_divergence_without_a_known_local_form(small_pair):
+    geo = GeodesicConnector(
+        curve="bezier", divergence=lambda p, q: (p - q).square().sum(-1), device="cpu"
+    )
+    with pytest.raises(ValueError, match=r"callable divergence.*divergence='jsd'"):
         geo.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(geo, "path_")
 

@@ -144,6 +144,22 @@ class GeodesicConnector(_BaseConnector):
         parameters, and an int ``random_state``. Ctrl-C stops every rank with
         ``KeyboardInterrupt``; a fit with ``checkpoint`` resumes. See :mod:`geoconnect.distributed`
         and the user guide's "Scaling out".
+    curve : {"chain", "bezier", "polychain"}, default="chain"
+        ``"chain"``: the ``n_points`` networks above are free, and the energy is
+        the sum of divergences between neighbours. ``"bezier"`` or
+        ``"polychain"``: the continuous geodesic, a Bezier curve or polygonal
+        chain through ``n_bends`` free networks (as :class:`CurveConnector`'s),
+        whose bends descend the Fisher–Rao energy ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``,
+        estimated on each batch at stratified random ``t`` by a forward-mode
+        Jacobian–vector product (:func:`geoconnect.curves.curve_energy`). The
+        built-in divergences all have the Fisher metric as their local form (up
+        to a constant), so the curve descends the same energy whichever is named;
+        a callable divergence is refused with a curve. ``n_points`` then only sets
+        how many networks ``path_`` samples along the fitted curve, not the cost
+        of a step. Not yet with ``distributed``, ``checkpoint`` or
+        ``mixed_precision``.
+    n_bends : int, default=3
+        The free networks of a curve (``curve="bezier"`` or ``"polychain"``).
 
     Attributes
     ----------
@@ -154,7 +170,11 @@ class GeodesicConnector(_BaseConnector):
     energy_ : float
         Energy of the path on X, in the divergence's units.
     length_ : float
-        Fisher–Rao length on X (radians), whatever the divergence.
+        Fisher–Rao length on X (radians), whatever the divergence: of the
+        continuous path, the networks between the points included
+        (:func:`geoconnect.evaluation.path_length`), to the error
+        ``length_error_``. ``chord_length_`` is the sum of the chords at the
+        points alone, ``min_length_`` the length no path between the ends beats.
     euclidean_length_ : float
         Length in parameter space.
     history_ : dict of str to list of float
@@ -163,6 +183,12 @@ class GeodesicConnector(_BaseConnector):
         (the level's number of points with ``coarse_to_fine``; energy and length of
         a coarser level are those of its coarser polygon), and ``seconds`` (the
         epoch's wall-clock time).
+        With a curve: ``energy`` and ``length`` (each epoch's means of the
+        batches' estimates), and ``seconds``.
+    curve_ : Curve
+        Only with ``curve="bezier"`` or ``"polychain"``: the fitted curve
+        (``curve_.at(t, X)`` is the network at any ``t``); ``path_`` holds
+        ``n_points`` networks at evenly spaced ``t`` along it.
     n_iter_ : int
         Number of epochs run, coarse levels included (``len(history_["energy"])``;
         with ``warm_start``, the previous fits' too).
@@ -404,6 +430,12 @@ class GeodesicConnector(_BaseConnector):
         """Refuse, before any work, what the continuous geodesic does not do yet."""
         if self.curve == "chain":
             return
+        if callable(self.divergence):
+            raise ValueError(
+                f"curve={self.curve!r} descends the Fisher–Rao energy, the local form of "
+                "every built-in divergence; a callable divergence has no known local "
+                "form. Pass divergence='jsd' (or another built-in name), or curve='chain'."
+            )
         for name, value, why in (
             ("distributed", self.distributed, "splits a chain's points across ranks"),
             ("checkpoint", self.checkpoint, "checkpoints a chain's fit"),
