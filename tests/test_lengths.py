@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from conftest import random_mlp, random_pair
 from connecting import fit_and_check_on_digits
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file
 from sklearn.exceptions import ConvergenceWarning
 from torch.utils.data import TensorDataset
 
@@ -484,6 +487,34 @@ def test_what_a_curve_does_not_do_yet_is_refused_before_any_work(small_pair, set
     with pytest.raises(ValueError, match=f"{name}=.*curve='chain'"):
         geo.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(geo, "path_")
+
+
+REFERENCE = Path(__file__).parent / "data" / "chain_reference.safetensors"
+
+
+def test_the_chain_is_unchanged_against_a_stored_reference():
+    # tests/data/chain_reference.safetensors: this fit at commit f70a506, before
+    # curve=... existed. Bitwise where the CPU kernels are those it was made with.
+    reference = load_file(REFERENCE)
+    with safe_open(REFERENCE, "pt") as handle:
+        made = handle.metadata()
+    pair = random_pair((5, 16, 16, 3), n_samples=200, seed=3)
+    geo = GeodesicConnector(n_points=7, max_iter=6, device="cpu", random_state=0, strategy="loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    same_kernels = (made["torch"], made["cpu_capability"]) == (
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+    )
+    energy = torch.tensor(geo.history_["energy"], dtype=torch.float64)
+    for name, value in [("energy", energy)] + [
+        (f"param.{k}", v) for k, v in geo.path_.params.items()
+    ]:
+        if same_kernels:
+            assert torch.equal(value, reference[name]), name
+        else:
+            torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
 
 
 def test_a_curve_refuses_a_divergence_without_a_known_local_form(small_pair):
