@@ -34,7 +34,13 @@ from ._data import Batch, StreamData, TensorData, as_data
 from ._inputs import Inputs, n_rows
 from ._optim import SGD, Adam
 from .divergences import fisher_form
-from .fitting import FitSettings, progress_bar, update_no_improvement_count
+from .fitting import (
+    FitSettings,
+    diverged,
+    progress_bar,
+    update_no_improvement_count,
+    warn_diverged,
+)
 from .path import ModelPath, recompute_module_batchnorm
 
 __all__ = ["Curve", "curve_energy", "curve_fisher_form", "fit_curve"]
@@ -217,6 +223,10 @@ class Curve:
 
 #: The stratified values of ``t`` at which each batch estimates a curve's energy.
 ENERGY_T_PER_BATCH = 4
+#: The batches, and the values of t, on which a curve's energy and length are
+#: compared before and after its fit.
+_CHECK_BATCHES = 4
+_CHECK_T = 8
 
 
 @dataclass
@@ -262,6 +272,8 @@ def fit_curve(
     stopping, converged = _Stopping(settings), False
     best = {k: v.detach().clone() for k, v in bends.items()}
     epoch = _CurveEpoch(curve, data, settings, generator, module, bends, optimizer, objective)
+    start = {k: v.detach().clone() for k, v in bends.items()}
+    initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
     try:
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
@@ -289,22 +301,42 @@ def fit_curve(
         for v in bends.values():
             v.grad = None
             v.requires_grad_(False)
-    last = history[keys[0]][-1] if history[keys[0]] else math.nan
-    if objective == "energy" and last > _CLIMBED * stopping.best:
-        # A descent that blew up keeps the best epoch's curve, and says so. (Not on
-        # the loss: a curve's mean loss at random t, once near zero, can double from
-        # one epoch to the next without anything going wrong.)
+    if objective == "energy":
+        _never_worse(epoch, history["energy"], stopping.best, best, start, initial)
+    return history, converged
+
+
+def _never_worse(
+    epoch: _CurveEpoch,
+    energies: list[float],
+    lowest: float,
+    best: dict[str, Tensor],
+    start: dict[str, Tensor],
+    initial: tuple[float, float],
+) -> None:
+    """After an energy descent: a descent that blew up keeps its best epoch's curve,
+    and one whose energy or length ends above where it began (measured the same
+    way: a curve can lower its energy by evening out its speed while it lengthens)
+    its start, each with a warning. (Not on the loss: a curve's mean loss at random
+    t, once near zero, can double from one epoch to the next without anything
+    going wrong.)"""
+    bends, settings = epoch.bends, epoch.settings
+    last = energies[-1] if energies else math.nan
+    if last > _CLIMBED * lowest:
         for name, value in best.items():
             bends[name].copy_(value)
         warnings.warn(
-            f"The {keys[0]} along the curve rose from {stopping.best:.4g} to {last:.4g} "
-            f"by epoch {len(history['seconds'])}: the descent is unstable, and the "
-            f"curve of its best epoch is kept. Lower learning_rate_init (now "
-            f"{settings.learning_rate}).",
+            f"The energy along the curve rose from {lowest:.4g} to {last:.4g} by epoch "
+            f"{len(energies)}: the descent is unstable, and the curve of its best epoch "
+            f"is kept. Lower learning_rate_init (now {settings.learning_rate}).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # this, fit_curve, its caller's caller
         )
-    return history, converged
+    final = epoch.measure()
+    if diverged(final[0], initial[0]) or diverged(final[1], initial[1]):
+        for name, value in start.items():
+            bends[name].copy_(value)
+        warn_diverged(final, initial, settings.learning_rate, stacklevel=4)
 
 
 def curve_fisher_form(
@@ -465,6 +497,41 @@ class _CurveEpoch:
             return {"loss": total / seen}
         return {"energy": total / seen, "length": root / seen}
 
+    def measure(self) -> tuple[float, float]:
+        """The curve's energy and length (the mean speed) on the first
+        ``_CHECK_BATCHES`` batches at ``_CHECK_T`` fixed stratified ``t``: the same
+        draws every time, so that two curves compare without the draws' noise."""
+        with torch.no_grad():
+            return self._measure()
+
+    def _measure(self) -> tuple[float, float]:
+        generator = torch.Generator().manual_seed(0)
+        stacks = self._stacks()
+        energy = length = 0.0
+        seen = 0
+        for batch in self.data.batches(self.settings.batch_size):
+            if self.curve.control.has_batchnorm and n_rows(batch.x) < 2:
+                continue
+            rows = n_rows(batch.x)
+            value, speed = curve_energy(
+                self.curve, batch.x, generator, n_t=_CHECK_T, stacks=stacks, module=self.module
+            )
+            energy += float(value.detach()) * rows
+            length += speed * rows
+            seen += rows
+            if seen >= _CHECK_BATCHES * self.settings.batch_size:
+                break
+        return (energy / seen, length / seen) if seen else (math.nan, math.nan)
+
+    def _stacks(self) -> dict[str, Tensor]:
+        """The control points, the ends and the bends being trained."""
+        return {
+            name: torch.cat([stack[:1], self.bends[name], stack[-1:]])
+            if name in self.bends
+            else stack
+            for name, stack in self.curve.control.params.items()
+        }
+
     def _value(self, batch: Batch) -> tuple[Tensor, float]:
         """The objective's estimate on one batch, differentiable in the bends, and the
         curve's mean speed at the ``t`` drawn (NaN for the loss).
@@ -474,12 +541,7 @@ class _CurveEpoch:
         unbiased, with less variance than as many independent draws.
         """
         control = self.curve.control
-        stacks = {
-            name: torch.cat([stack[:1], self.bends[name], stack[-1:]])
-            if name in self.bends
-            else stack
-            for name, stack in control.params.items()
-        }
+        stacks = self._stacks()
         if self.objective == "energy":
             return curve_energy(
                 self.curve, batch.x, self.generator, stacks=stacks, module=self.module

@@ -671,20 +671,41 @@ def _check_descent(state: FitState) -> bool:
     back, with a warning that says so. Returns True then.
     """
     final, initial = path_energy(state), state.initial_energy
-    if not final > initial * (1.0 + 1e-3) + 1e-12:
+    if not diverged(final, initial):
         return False
     with torch.no_grad():
         for name, view in state.target.interior().items():
             view.copy_(state.initial_interior[name])
+    warn_diverged(final, initial, state.settings.learning_rate, stacklevel=6)
+    return True
+
+
+def diverged(final: float, initial: float) -> bool:
+    """Whether a fit's energy ended above where it began (beyond rounding)."""
+    return final > initial * (1.0 + 1e-3) + 1e-12
+
+
+def warn_diverged(
+    final: float | tuple[float, float],
+    initial: float | tuple[float, float],
+    learning_rate: float,
+    stacklevel: int,
+) -> None:
+    """The warning of a fit that ended above its start, and returns the start: its
+    energy, or its (energy, length)."""
+    if isinstance(final, tuple) and isinstance(initial, tuple):
+        ended = f"energy {final[0]:.4g} and length {final[1]:.4g}"
+        began = f"{initial[0]:.4g} and {initial[1]:.4g}"
+    else:
+        ended, began = f"energy {final:.4g}", f"{initial:.4g}"
     warnings.warn(
-        f"The fit ended with energy {final:.4g}, above the {initial:.4g} of the path it "
+        f"The fit ended with {ended}, against the {began} of the path it "
         "started from: the descent diverged. The path returned is the one the fit "
         "started from (the straight line, or warm_start's path_), not the diverged one. "
-        f"Lower learning_rate_init (now {state.settings.learning_rate}).",
+        f"Lower learning_rate_init (now {learning_rate}).",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=stacklevel,
     )
-    return True
 
 
 def _run_level(state: FitState, epochs: int, bar: tqdm, *, final: bool) -> bool:

@@ -517,6 +517,23 @@ def test_the_chain_is_unchanged_against_a_stored_reference():
             torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_curve_fit_that_ends_above_its_start_returns_its_start_and_says_so():
+    pair = random_pair((5, 16, 3), n_samples=64, seed=0, scale=2.0)
+    geo = GeodesicConnector(
+        curve="bezier", n_bends=1, learning_rate_init=0.3, max_iter=3, device="cpu"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.warns(RuntimeWarning, match="descent diverged"):
+            geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert geo.history_["energy"][-1] > geo.history_["energy"][0]  # it did climb
+    line = LinearConnector(device="cpu").fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert geo.length_ == pytest.approx(line.length_, rel=1e-6)  # the line it started from
+    bend = {k: v[1] for k, v in geo.curve_.control.params.items()}
+    for name, ends in line.path_.params.items():
+        torch.testing.assert_close(bend[name], 0.5 * (ends[0] + ends[-1]), rtol=1e-5, atol=1e-6)
+
+
 def test_a_curve_refuses_a_divergence_without_a_known_local_form(small_pair):
     geo = GeodesicConnector(
         curve="bezier", divergence=lambda p, q: (p - q).square().sum(-1), device="cpu"
