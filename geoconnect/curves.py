@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from math import comb
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -151,13 +152,28 @@ class Curve:
             out[name] = torch.tensordot(weights, stack, dims=([1], [0]))
         return out
 
-    def sample(self, n_points: int, data: object = None, *, batch_size: int = 256) -> ModelPath:
-        """The path of ``n_points`` networks at ``t = i / (n_points − 1)`` on the curve.
+    def sample(
+        self,
+        n_points: int,
+        data: object = None,
+        *,
+        batch_size: int = 256,
+        t: np.ndarray | None = None,
+    ) -> ModelPath:
+        """The path of ``n_points`` networks at ``t = i / (n_points − 1)`` on the curve,
+        or at the increasing ``t`` given (from 0 to 1).
 
         The ends are the models exactly, BatchNorm statistics included; the others'
         statistics are recomputed on ``data`` (needed for BatchNorm networks).
         """
-        t = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)
+        if t is None:
+            t = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)
+        else:
+            t = torch.as_tensor(np.asarray(t, dtype=np.float64))
+            if t.shape != (n_points,) or t[0] != 0.0 or t[-1] != 1.0 or (t.diff() < 0).any():
+                raise ValueError(
+                    f"t must be {n_points} increasing positions from 0 to 1; got {t.tolist()}."
+                )
         params = self.params_at(t)
         for name, stack in self.control.params.items():  # the ends bit for bit
             params[name][0], params[name][-1] = stack[0], stack[-1]

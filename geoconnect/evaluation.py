@@ -439,9 +439,9 @@ class PathLength:
         The inputs the networks between the points were measured on: a fixed
         random subset of at most ``max_samples`` of in-memory data (the chords and
         ``min_length`` are measured on all of them).
-    positions : ndarray of shape (n_points,) or None
-        A path's points' positions in [0, 1] by cumulative arc length (None for a
-        curve).
+    positions : ndarray of shape (n_points,) or (CURVE_SEGMENTS + 1,), or None
+        A path's points' positions in [0, 1] by cumulative arc length; a curve's,
+        of ``t = j / CURVE_SEGMENTS``.
 
     Examples
     --------
@@ -604,9 +604,7 @@ def path_length(
         subdivisions=int(refinement.pieces.max()),
         converged=bool(converged),
         n_samples=pieces.n_samples,
-        positions=None
-        if networks.curve is not None
-        else arc_length_positions(_with_jumps(refinement.segments(), jumps).square()),
+        positions=arc_length_positions(_with_jumps(refinement.segments(), jumps).square()),
     )
 
 
