@@ -74,7 +74,9 @@ def run(estimator, pair, labels: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="mlp,wide,layernorm,cnn,resnet")
+    parser.add_argument(
+        "--pairs", default="mlp,wide,layernorm,cnn,resnet", help="and mnist1d (the bench extra)"
+    )
     parser.add_argument("--setting", action="append", required=True, help="JSON parameters")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()

@@ -178,6 +178,9 @@ def make_pairs(names: list[str]) -> list[Pair]:
     }
     pairs = []
     for key in names:
+        if key == "mnist1d":
+            pairs.append(_mnist1d_pair())
+            continue
         name, factory, X_train, X_test, epochs = recipes[key]
         a, b = (
             train_classifier(factory(s), X_train, split.y_train, seed=s, epochs=epochs)
@@ -186,6 +189,24 @@ def make_pairs(names: list[str]) -> list[Pair]:
         align = "weight_matching" if key == "resnet" else None
         pairs.append(Pair(key, name, a, b, X_train, X_test, split.y_train, split.y_test, align))
     return pairs
+
+
+def _mnist1d_pair() -> Pair:
+    """Two 40-64-64-10 MLPs on MNIST-1D (Greydanus, 2020), generated offline by the
+    ``mnist1d`` package (``pip install -e ".[bench]"``): 4000 training and 1000 test
+    signals of 40 samples, harder than digits for their size."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:  # pragma: no cover
+        raise SystemExit('the mnist1d pair needs: pip install -e ".[bench]"') from error
+    data = make_dataset(get_dataset_args())  # seeded by its arguments: the same every run
+    X_train, X_test = (np.asarray(data[k], dtype=np.float32) for k in ("x", "x_test"))
+    y_train, y_test = (np.asarray(data[k], dtype=np.int64) for k in ("y", "y_test"))
+    a, b = (
+        train_classifier(make_mlp((40, 64, 64, 10), seed=s), X_train, y_train, seed=s, epochs=40)
+        for s in (1, 2)
+    )
+    return Pair("mnist1d", "MNIST-1D MLP 40-64-64-10", a, b, X_train, X_test, y_train, y_test)
 
 
 def fit(method: Method, pair: Pair, **settings: object) -> tuple[object, float]:
