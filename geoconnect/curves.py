@@ -286,9 +286,9 @@ def fit_curve(
     keys = ("loss",) if objective == "loss" else ("energy", "length")
     history: dict[str, list] = {key: [] for key in (*keys, "seconds")}
     stopping, converged = _Stopping(settings), False
-    best = {k: v.detach().clone() for k, v in bends.items()}
-    epoch = _CurveEpoch(curve, data, settings, generator, module, bends, optimizer, objective)
     start = {k: v.detach().clone() for k, v in bends.items()}
+    best = start  # replaced, never written into
+    epoch = _CurveEpoch(curve, data, settings, generator, module, bends, optimizer, objective)
     initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
     try:
         with progress_bar(settings, settings.max_iter, "curve") as bar:
@@ -513,14 +513,11 @@ class _CurveEpoch:
             return {"loss": total / seen}
         return {"energy": total / seen, "length": root / seen}
 
+    @torch.no_grad()
     def measure(self) -> tuple[float, float]:
         """The curve's energy and length (the mean speed) on the first
         ``_CHECK_BATCHES`` batches at ``_CHECK_T`` fixed stratified ``t``: the same
         draws every time, so that two curves compare without the draws' noise."""
-        with torch.no_grad():
-            return self._measure()
-
-    def _measure(self) -> tuple[float, float]:
         generator = torch.Generator().manual_seed(0)
         stacks = self._stacks()
         energy = length = 0.0
