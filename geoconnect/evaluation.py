@@ -294,6 +294,9 @@ class PathStatistics:
     loss: np.ndarray | None  # (N,) mean cross-entropy, if labels
     accuracy: np.ndarray | None  # (N,) if labels
     nonfinite_points: np.ndarray  # indices of points with a NaN or infinite logit
+    #: (N, n_samples, n_classes): every point's logits, when asked and within
+    #: ``_CACHE_BYTES`` (:func:`path_length` reuses them).
+    logits: Tensor | None = None
 
     def warn_if_nonfinite(self, stacklevel: int = 2) -> None:
         """Warn, naming the points, when some point's logits were NaN or infinite."""
@@ -324,14 +327,17 @@ def path_statistics(
     *,
     batch_size: int = 256,
     divergence: Divergence | None = None,
+    keep_logits: bool = False,
 ) -> PathStatistics:
     """One pass over ``data`` evaluating every point in eval mode.
 
     Gathers the per-segment means of d_FR² (always), of ``divergence`` (when given),
-    and the per-point loss and accuracy (when the data carry labels).
+    and the per-point loss and accuracy (when the data carry labels); with
+    ``keep_logits``, the logits too, when they fit in ``_CACHE_BYTES``.
     """
     n = 0
     fr_sum = costs_sum = loss_sum = correct = nonfinite = None
+    kept: list[Tensor] | None = [] if keep_logits else None
     for batch in data.batches(batch_size):
         logits = path.logits(batch.x)  # (N, B, C)
         if logits.ndim != 3:
@@ -342,6 +348,10 @@ def path_statistics(
         bad = ~torch.isfinite(logits).flatten(1).all(1)
         nonfinite = bad if nonfinite is None else nonfinite | bad
         n_points, b, n_classes = logits.shape
+        if kept is not None:
+            kept.append(logits)
+            if sum(k.element_size() * k.nelement() for k in kept) > _CACHE_BYTES:
+                kept = None
         if batch.y is not None:
             check_labels(batch.y, n_classes)
         # In float64, a few points at a time: the temporaries of the divergences
@@ -381,6 +391,7 @@ def path_statistics(
         loss=mean(loss_sum),
         accuracy=mean(correct),
         nonfinite_points=np.flatnonzero(nonfinite.cpu().numpy()),
+        logits=None if kept is None else torch.cat(kept, 1),
     )
 
 
@@ -398,6 +409,9 @@ LENGTH_SAMPLES = 2048
 CURVE_SEGMENTS = 8
 #: Networks held together while a subdivided block of segments is measured.
 _POINTS_PER_MEASURE = 33
+#: The most bytes of logits :class:`_Pieces` keeps to reuse at the next resolution
+#: (and :func:`path_statistics` keeps for it).
+_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -493,6 +507,7 @@ def path_length(
     max_subdivisions: int = MAX_SUBDIVISIONS,
     max_samples: int | None = LENGTH_SAMPLES,
     chord_squared: np.ndarray | None = None,
+    point_logits: Tensor | None = None,
 ) -> PathLength:
     """The Fisher–Rao length of the continuous path a user gets, to a known error.
 
@@ -538,6 +553,9 @@ def path_length(
         A path's segments' ``E_x d_FR²`` at its points on ``data``, if already
         measured (:func:`path_statistics`): saves a pass over streamed data
         (in-memory data are measured again, their logits kept for the refinement).
+    point_logits : Tensor of shape (n_points, n_samples, n_classes), optional
+        A path's points' logits on in-memory ``data``, if already computed
+        (``path_statistics(..., keep_logits=True).logits``): saves a pass.
 
     Returns
     -------
@@ -570,6 +588,8 @@ def path_length(
     networks = _Networks(path)
     pieces = _Pieces(networks, sample, batch_size, statistics=data)
     everywhere = pieces if sample is data else _Pieces(networks, data, batch_size)
+    if point_logits is not None and networks.curve is None:
+        everywhere.remember_points(point_logits)
     if (
         chord_squared is None
         or networks.curve is not None
@@ -761,10 +781,25 @@ class _Networks:
             self.curve, self.base, self.n_segments = None, path, path.n_points - 1
         self.jumps = self.base.has_batchnorm
 
+    def fresh(self, u: Tensor, own: Tensor | None = None) -> list[int]:
+        """The positions among ``u`` whose BatchNorm statistics are recomputed: all
+        but a path's points, the ends included when ``jumps``, less those ``own``
+        marks (the ends' own models)."""
+        if self.curve is not None:
+            t = u / self.n_segments
+            fresh = torch.ones_like(t, dtype=torch.bool) if self.jumps else (t > 0) & (t < 1)
+        else:
+            frac = u - u.floor().clamp(0, self.n_segments - 1)
+            fresh = (frac > 0) & (frac < 1)
+            if self.jumps:
+                fresh |= (u == 0) | (u == self.n_segments)
+        if own is not None:
+            fresh &= ~own
+        return torch.nonzero(fresh).flatten().tolist()
+
     def at(self, u: Tensor, own: Tensor | None = None) -> tuple[ModelPath, list[int]]:
         """The networks at ``u`` (float64), with their positions whose BatchNorm
-        statistics must be recomputed: all but a path's points, the ends included
-        when ``jumps``, and the positions ``own`` marks (the ends' own models)."""
+        statistics must be recomputed (:meth:`fresh`)."""
         from .path import ModelPath
 
         base, device = self.base, self.base.device
@@ -775,7 +810,6 @@ class _Networks:
                 params[name][t == 0] = stack[0]
                 params[name][t == 1] = stack[-1]
             nearest = torch.where(t >= 0.5, base.n_points - 1, 0)
-            fresh = torch.ones_like(t, dtype=torch.bool) if self.jumps else (t > 0) & (t < 1)
         else:
             low = u.floor().clamp(0, self.n_segments - 1)
             frac = u - low
@@ -785,11 +819,6 @@ class _Networks:
                 a, b = stack[low.long().to(device)], stack[(low.long() + 1).to(device)]
                 params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
             nearest = (low + (frac >= 0.5).double()).long()
-            fresh = (frac > 0) & (frac < 1)
-            if self.jumps:
-                fresh |= (u == 0) | (u == self.n_segments)
-        if own is not None:
-            fresh &= ~own
         nearest = nearest.to(device)
         block = ModelPath(
             base.template,
@@ -799,11 +828,7 @@ class _Networks:
             frozen=base.frozen,
             output=base.output,
         )
-        return block, torch.nonzero(fresh).flatten().tolist()
-
-
-#: The most bytes of logits :class:`_Pieces` keeps to reuse at the next resolution.
-_CACHE_BYTES = 256 * 2**20
+        return block, self.fresh(u, own)
 
 
 class _Pieces:
@@ -831,6 +856,17 @@ class _Pieces:
         self.cache: dict[int, Tensor] = {}
         self.caching = isinstance(data, TensorData)
         self.nonfinite = False
+        # The logits of single networks at integer positions (the points, the ends
+        # with and without recomputed statistics), by (position, recomputed): the
+        # chords, the jumps and the ends share them.
+        self.known: dict[tuple[float, bool], Tensor] = {}
+
+    def remember_points(self, logits: Tensor) -> None:
+        """Take a path's points' logits on the data (as :meth:`_Networks.at` gives
+        them without recomputed statistics)."""
+        if self.caching and logits.shape[0] == self.networks.n_segments + 1:
+            for i, row in enumerate(logits):
+                self.known[(float(i), False)] = row
 
     def squares(self, segments: list[int], m: int) -> Tensor:
         """Shape (len(segments), m): each piece's ``E_x d_FR²``."""
@@ -883,9 +919,14 @@ class _Pieces:
         return torch.stack([self._steps(run) for run in runs])
 
     def _keep(self, segment: int, logits: Tensor) -> None:
-        held = sum(v.element_size() * v.nelement() for v in self.cache.values())
-        if held + logits.element_size() * logits.nelement() <= _CACHE_BYTES:
+        if self._room(logits):
             self.cache[segment] = logits
+
+    def _room(self, logits: Tensor) -> bool:
+        """Whether ``logits`` fit besides what is kept (counted as if copies)."""
+        held = sum(v.element_size() * v.nelement() for v in self.cache.values())
+        held += sum(v.element_size() * v.nelement() for v in self.known.values())
+        return held + logits.element_size() * logits.nelement() <= _CACHE_BYTES
 
     def steps(self, u: Tensor, own: Tensor) -> Tensor:
         """``E_x d_FR²`` between the consecutive networks at ``u`` (``own``: see
@@ -899,7 +940,30 @@ class _Pieces:
         return torch.as_tensor(stats.segment_fisher_rao_sq, dtype=torch.float64)
 
     def _logits(self, u: Tensor, own: Tensor | None = None) -> Tensor:
-        """Logits of the networks at ``u`` on all of the data: (len(u), n, n_classes)."""
+        """Logits of the networks at ``u`` on all of the data: (len(u), n, n_classes);
+        those at integer positions are remembered and reused."""
+        fresh = set(self.networks.fresh(u, own))
+        keys = [(v, i in fresh) for i, v in enumerate(u.tolist())]
+        missing = [i for i, key in enumerate(keys) if key not in self.known]
+        computed = None
+        if missing:
+            index = torch.tensor(missing)
+            computed = self._compute(u[index], None if own is None else own[index])
+            for i, row in zip(missing, computed):
+                if float(keys[i][0]).is_integer() and self._room(row):
+                    self.known[keys[i]] = row
+        if computed is not None and len(missing) == len(keys):
+            logits = computed
+        else:
+            found = dict(zip(missing, () if computed is None else computed))
+            logits = torch.stack(
+                [found[i] if i in found else self.known[key] for i, key in enumerate(keys)]
+            )
+        self.n_samples = logits.shape[1]
+        return logits
+
+    def _compute(self, u: Tensor, own: Tensor | None) -> Tensor:
+        """Logits of the networks at ``u``, evaluated."""
         single = u.numel() == 1  # a path has two points at least
         if single:
             u, own = u.repeat(2), None if own is None else own.repeat(2)
@@ -908,7 +972,6 @@ class _Pieces:
         with torch.no_grad():
             logits = torch.cat([block.logits(b.x) for b in self.data.batches(self.batch_size)], 1)
         logits = logits[:1] if single else logits
-        self.n_samples = logits.shape[1]
         if not torch.isfinite(logits).all():
             self.nonfinite = True
         return logits

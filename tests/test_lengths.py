@@ -160,6 +160,32 @@ def test_a_batchnorm_paths_jumps_at_its_ends_are_part_of_its_length(cnn_pair):
     assert line.length_ == pytest.approx(denser(line.path_, X, 128).length, rel=0.01)
 
 
+def test_a_fits_measurement_evaluates_no_network_twice(cnn_pair, monkeypatch):
+    # The points' logits come from the fit's own pass over them; the chords, the
+    # jumps at the ends and the shortest length share the ends' networks.
+    import geoconnect.evaluation as evaluation
+
+    a, b, X, _ = cnn_pair
+    evaluated: list[tuple[float, bool]] = []
+    compute = evaluation._Pieces._compute
+
+    def counted(self, u, own):
+        fresh = set(self.networks.fresh(u, own))
+        evaluated.extend((v, i in fresh) for i, v in enumerate(u.tolist()))
+        return compute(self, u, own)
+
+    monkeypatch.setattr(evaluation._Pieces, "_compute", counted)
+    line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
+    assert len(evaluated) == len(set(evaluated))
+    points = {(float(i), False) for i in range(line.path_.n_points)}
+    assert not points & set(evaluated)  # the fit's statistics pass had them
+    assert {(0.0, True), (4.0, True)} <= set(evaluated)  # the ends' recomputed networks
+    evaluated.clear()
+    alone = measure(line.path_, X)  # without the fit's logits: the points once each
+    assert len(evaluated) == len(set(evaluated)) and points <= set(evaluated)
+    assert alone.length == pytest.approx(line.length_, rel=1e-9)
+
+
 def test_the_shortest_length_is_the_two_point_lines_chord(digits_pair):
     pair = digits_pair
     two = LinearConnector(n_points=2, device="cpu").fit(

@@ -176,7 +176,11 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             )
             return attributes
         stats = path_statistics(
-            path, inputs.data, batch_size=self._eval_batch_size(), divergence=divergence
+            path,
+            inputs.data,
+            batch_size=self._eval_batch_size(),
+            divergence=divergence,
+            keep_logits=True,  # the length measurement's chords
         )
         stats.warn_if_nonfinite(stacklevel=4)  # _path_attributes, _fit, fit, the caller
         measured = path_length(
@@ -184,6 +188,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
             inputs.data,
             batch_size=self._eval_batch_size(),
             chord_squared=stats.segment_fisher_rao_sq,
+            point_logits=stats.logits,
         )
         path.t_ = measured.positions
         n_classes = inputs.n_classes
