@@ -150,17 +150,27 @@ class GeodesicConnector(_BaseConnector):
         the sum of divergences between neighbours. ``"bezier"`` or
         ``"polychain"``: the continuous geodesic, a Bezier curve or polygonal
         chain through ``n_bends`` free networks (as :class:`CurveConnector`'s),
-        whose bends descend the Fisher–Rao energy ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``,
-        estimated on each batch at stratified random ``t`` by a forward-mode
-        Jacobian–vector product (:func:`geoconnect.curves.curve_energy`). The
-        built-in divergences all have the Fisher metric as their local form (up
-        to a constant), so the curve descends the same energy whichever is named;
-        a callable divergence is refused with a curve. ``n_points`` then only sets
-        how many networks ``path_`` samples along the fitted curve, not the cost
-        of a step. Not yet with ``distributed``, ``checkpoint`` or
-        ``mixed_precision``.
+        whose bends descend the Fisher–Rao energy ``∫₀¹ E_x ‖θ̇(t)‖²_F dt`` on
+        each batch, estimated as ``energy`` says. The built-in divergences all
+        have the Fisher metric as their local form (up to a constant), so the
+        curve descends the same energy whichever is named; a callable divergence
+        is refused with a curve. ``n_points`` then only sets how many networks
+        ``path_`` samples along the fitted curve (evenly by Fisher–Rao arc
+        length), not the cost of a step. Not yet with ``distributed``,
+        ``checkpoint`` or ``mixed_precision``.
     n_bends : int, default=3
         The free networks of a curve (``curve="bezier"`` or ``"polychain"``).
+    energy : {"chord", "jvp"}, default="chord"
+        How a batch estimates a curve's energy. ``"chord"``: the energy of the
+        polygon through the curve's networks on a random grid of 8 steps in ``t``,
+        each chord measured by ``divergence``
+        (:func:`geoconnect.curves.curve_chord_energy`). ``"jvp"``: the squared
+        Fisher–Rao speed at 4 stratified random ``t``, by a forward-mode
+        Jacobian–vector product (:func:`geoconnect.curves.curve_energy`): unbiased,
+        but heavy-tailed where the curve's predictions switch within a narrow
+        interval of ``t``; on the digits pairs its fits were unstable at every
+        learning rate tried, and ``"chord"``'s were not (user guide, "The
+        continuous geodesic"). Unused by the chain.
 
     Attributes
     ----------
@@ -251,6 +261,7 @@ class GeodesicConnector(_BaseConnector):
         "distributed": ["boolean"],
         "curve": [StrOptions({"chain", "bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
+        "energy": [StrOptions({"chord", "jvp"})],
     }
 
     def __init__(
@@ -277,6 +288,7 @@ class GeodesicConnector(_BaseConnector):
         distributed: bool = False,
         curve: str = "chain",
         n_bends: int = 3,
+        energy: str = "chord",
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -300,6 +312,7 @@ class GeodesicConnector(_BaseConnector):
         self.distributed = distributed
         self.curve = curve
         self.n_bends = n_bends
+        self.energy = energy
 
     def fit(
         self,
@@ -410,7 +423,15 @@ class GeodesicConnector(_BaseConnector):
             control.copy_interior_from(previous.control)
         curve = Curve(control, self.curve)
         settings = self._settings(continuing)
-        history, converged = fit_curve(curve, data, settings, self._batch_order(), "energy")
+        history, converged = fit_curve(
+            curve,
+            data,
+            settings,
+            self._batch_order(),
+            "energy",
+            energy=self.energy,  # type: ignore[arg-type]
+            divergence=divergence,
+        )
         if not converged:
             warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
         if previous is not None:
