@@ -1,8 +1,8 @@
 """The continuous geodesic's settings, tried on the benchmark pairs.
 
 ``GeodesicConnector(curve="bezier" | "polychain")`` descends a curve's Fisher–Rao
-energy at stratified random ``t`` (see the user guide's "The continuous geodesic").
-Its defaults are not tuned yet; this run fits it with each setting given on each
+energy, estimated as its ``energy`` parameter says (see the user guide's "The
+continuous geodesic"). This run fits it with each setting given on each
 pair and records, per fit: the continuous length on the fit inputs (``length_`` ±
 ``length_error_``) and on the test inputs, the test loss barrier, the epochs, the
 seconds and the epochs' energies (how stable the descent was). The default chain

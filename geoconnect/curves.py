@@ -441,8 +441,8 @@ def curve_energy(
     The energy is ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``; the estimate is the mean of
     :func:`curve_fisher_form` over ``x`` at ``n_t`` stratified ``t`` (one uniform
     draw in each of ``n_t`` equal parts of ``[0, 1]``), which has less variance
-    than as many independent draws. This is what
-    ``GeodesicConnector(curve=...)`` descends, one estimate per batch.
+    than as many independent draws. ``GeodesicConnector(curve=..., energy="jvp")``
+    descends it, one estimate per batch.
 
     Parameters
     ----------
