@@ -38,12 +38,15 @@ from .divergences import Divergence, fisher_form, jensen_shannon, spec_of
 from .evaluation import segment_divergences
 from .fitting import (
     FitSettings,
+    _load_moments,
+    _moments,
     diverged,
     progress_bar,
     update_no_improvement_count,
     warn_diverged,
 )
 from .path import ModelPath, recompute_module_batchnorm
+from .persistence import prefixed
 
 __all__ = ["Curve", "curve_chord_energy", "curve_energy", "curve_fisher_form", "fit_curve"]
 
@@ -308,7 +311,13 @@ def fit_curve(
     epoch = _CurveEpoch(
         curve, data, settings, generator, module, bends, optimizer, objective, energy, divergence
     )
-    initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
+    saved = None if settings.checkpoint is None else settings.checkpoint.saved
+    if saved is not None:  # resume where the checkpointed fit stopped
+        history, initial, converged, best, start = _resume(
+            saved, bends, optimizer, stopping, settings, generator
+        )
+    else:
+        initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
     try:
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
@@ -327,6 +336,17 @@ def fit_curve(
                 if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
                 converged = update_no_improvement_count(stopping, value)  # type: ignore[arg-type]
+                if settings.checkpoint is not None:
+                    settings.checkpoint.write(
+                        _snapshot(bends, best, start, optimizer, settings, generator),
+                        {
+                            "history": history,
+                            "best": stopping.best,
+                            "stale": stopping.stale,
+                            "initial": list(initial),
+                            "converged": converged,
+                        },
+                    )
                 bar.update(1)
                 bar.set_postfix({key: f"{record[key]:.4g}" for key in keys})
                 if settings.verbose >= 2:
@@ -339,6 +359,51 @@ def fit_curve(
     if objective == "energy":
         _never_worse(epoch, history["energy"], stopping.best, best, start, initial)
     return history, converged
+
+
+def _snapshot(
+    bends: dict[str, Tensor],
+    best: dict[str, Tensor],
+    start: dict[str, Tensor],
+    optimizer: Adam | SGD,
+    settings: FitSettings,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """A curve fit's tensors after an epoch: the bends, the best epoch's and the
+    start's, the optimiser's moments and the random generators' states."""
+    tensors = {f"bends/{k}": v.detach() for k, v in bends.items()}
+    tensors.update({f"best/{k}": v for k, v in best.items()})
+    tensors.update({f"start/{k}": v for k, v in start.items()})
+    tensors.update({f"moments/{k}": v for k, v in _moments(optimizer, settings.solver).items()})
+    tensors["rng/generator"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    return tensors
+
+
+def _resume(
+    saved: tuple[dict[str, Tensor], dict],
+    bends: dict[str, Tensor],
+    optimizer: Adam | SGD,
+    stopping: _Stopping,
+    settings: FitSettings,
+    generator: torch.Generator,
+) -> tuple[dict[str, list], tuple[float, float], bool, dict[str, Tensor], dict[str, Tensor]]:
+    """Load a :func:`_snapshot` and its record into a fit; returns its history, the
+    start's energy and length, whether it had converged, and the best epoch's and
+    the start's bends."""
+    tensors, record = saved
+    with torch.no_grad():
+        for name, value in bends.items():
+            value.copy_(tensors[f"bends/{name}"])
+    _load_moments(optimizer, prefixed(tensors, "moments/"), settings.solver)
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    stopping.best, stopping.stale = record["best"], record["stale"]
+    best = {k: tensors[f"best/{k}"].clone() for k in bends}
+    start = {k: tensors[f"start/{k}"].clone() for k in bends}
+    initial = (float(record["initial"][0]), float(record["initial"][1]))
+    history = {key: list(values) for key, values in record["history"].items()}
+    return history, initial, bool(record["converged"]), best, start
 
 
 def _never_worse(

@@ -355,3 +355,64 @@ def test_info_summarises_a_checkpoint(tmp_path, small_pair, capsys):
     assert main(["info", str(tmp_path / FILE)]) == 0
     out = capsys.readouterr().out
     assert "kind          checkpoint" in out and "epochs        6 complete" in out
+
+
+# -- the continuous geodesic ------------------------------------------------------------------
+
+
+def _curve_fit(models, X, checkpoint, *, crash_after=None, monkeypatch=None):
+    """A Bezier geodesic's fit; ``crash_after`` epochs of it, then Crash."""
+    import geoconnect.curves as curves
+
+    if crash_after is not None:
+        run, calls = curves._CurveEpoch.run, []
+
+        def dying(self):
+            if len(calls) == crash_after:
+                raise Crash
+            calls.append(1)
+            return run(self)
+
+        monkeypatch.setattr(curves._CurveEpoch, "run", dying)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return GeodesicConnector(
+                curve="bezier",
+                n_points=7,
+                max_iter=6,
+                device="cpu",
+                random_state=0,
+                checkpoint=checkpoint,
+            ).fit(X, model_a=models[0], model_b=models[1])
+    finally:
+        if crash_after is not None:
+            monkeypatch.undo()
+
+
+@pytest.mark.parametrize("crash_after", [0, 2, 5])
+def test_a_curve_fit_that_dies_resumes_to_the_same_curve(
+    tmp_path, monkeypatch, mlp_pair, crash_after
+):
+    models, X = mlp_pair
+    X = X[:400]
+    reference = _curve_fit(models, X, tmp_path / "uninterrupted")
+    with pytest.raises(Crash):
+        _curve_fit(models, X, tmp_path / "ckpt", crash_after=crash_after, monkeypatch=monkeypatch)
+    if crash_after:
+        saved = file_info(tmp_path / "ckpt" / FILE)["state"]
+        assert len(saved["history"]["energy"]) == crash_after
+    resumed = _curve_fit(models, X, tmp_path / "ckpt")
+    assert identical(resumed, reference)
+    for name, stack in reference.curve_.control.params.items():
+        assert torch.equal(resumed.curve_.control.params[name], stack)
+    again = _curve_fit(models, X, tmp_path / "ckpt")  # a finished fit resumes at its end
+    assert identical(again, reference) and again.n_iter_ == reference.n_iter_
+
+
+def test_a_curve_checkpoint_is_refused_by_a_chain_fit(tmp_path, monkeypatch, mlp_pair):
+    models, X = mlp_pair
+    with pytest.raises(Crash):
+        _curve_fit(models, X[:400], tmp_path, crash_after=2, monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match="parameter curve is bezier there and chain now"):
+        fit(models, X[:400], tmp_path)

@@ -156,8 +156,8 @@ class GeodesicConnector(_BaseConnector):
         curve descends the same energy whichever is named; a callable divergence
         is refused with a curve. ``n_points`` then only sets how many networks
         ``path_`` samples along the fitted curve (evenly by Fisher–Rao arc
-        length), not the cost of a step. Not yet with ``distributed``,
-        ``checkpoint`` or ``mixed_precision``.
+        length), not the cost of a step. Not yet with ``distributed`` or
+        ``mixed_precision``; ``checkpoint`` resumes a curve's fit as a chain's.
     n_bends : int, default=3
         The free networks of a curve (``curve="bezier"`` or ``"polychain"``).
     energy : {"chord", "jvp"}, default="chord"
@@ -422,7 +422,8 @@ class GeodesicConnector(_BaseConnector):
         if previous is not None:
             control.copy_interior_from(previous.control)
         curve = Curve(control, self.curve)
-        settings = self._settings(continuing)
+        fingerprint = {} if self.checkpoint is None else self._fingerprint(control, data)
+        settings = self._settings(continuing, self._open_checkpoint(fingerprint, None))
         history, converged = fit_curve(
             curve,
             data,
@@ -474,14 +475,12 @@ class GeodesicConnector(_BaseConnector):
             )
         for name, value, why in (
             ("distributed", self.distributed, "splits a chain's points across ranks"),
-            ("checkpoint", self.checkpoint, "checkpoints a chain's fit"),
             ("mixed_precision", self.mixed_precision, "runs a chain's steps in bfloat16"),
         ):
-            if value not in (None, False):
+            if value:
                 raise ValueError(
                     f"{name}={value!r} {why}; it is not available with "
-                    f"curve={self.curve!r} yet. Set curve='chain', or {name}="
-                    f"{None if name == 'checkpoint' else False}."
+                    f"curve={self.curve!r} yet. Set curve='chain', or {name}=False."
                 )
 
     def _open_checkpoint(self, fingerprint: dict, group: PathGroup | None) -> Checkpoint | None:
