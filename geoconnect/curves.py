@@ -42,6 +42,7 @@ from .fitting import (
     _moments,
     diverged,
     progress_bar,
+    scheduled_rate,
     update_no_improvement_count,
     warn_diverged,
 )
@@ -322,6 +323,7 @@ def fit_curve(
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
                 tic = time.perf_counter()
+                optimizer.lr = scheduled_rate(settings, len(history["seconds"]))
                 record = epoch.run()
                 value = record[keys[0]]
                 if not math.isfinite(value):

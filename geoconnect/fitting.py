@@ -84,6 +84,9 @@ class FitSettings:
 
     solver: Literal["adam", "sgd"] = "adam"
     learning_rate: float = 3e-3
+    #: ``"cosine"``: a curve's rate falls from ``learning_rate`` to 0 along half a
+    #: cosine over ``max_iter`` epochs (:func:`scheduled_rate`); the chain's is constant.
+    learning_rate_schedule: Literal["constant", "cosine"] = "constant"
     max_iter: int = 100
     batch_size: int = 256
     tol: float = 1e-3
@@ -758,6 +761,21 @@ def _load_moments(optimizer: Optimizer, moments: dict[str, Tensor], solver: str)
             return  # another path's
         state.setdefault(int(index), {})[name] = value
     optimizer.load_moments(state)
+
+
+def scheduled_rate(settings: FitSettings, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under the settings' schedule.
+
+    Examples
+    --------
+    >>> from geoconnect.fitting import FitSettings, scheduled_rate
+    >>> cosine = FitSettings(learning_rate=0.01, max_iter=4, learning_rate_schedule="cosine")
+    >>> [round(scheduled_rate(cosine, k), 5) for k in range(4)]
+    [0.01, 0.00854, 0.005, 0.00146]
+    """
+    if settings.learning_rate_schedule == "constant":
+        return settings.learning_rate
+    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.max_iter))
 
 
 def update_no_improvement_count(state: FitState, energy: float) -> bool:

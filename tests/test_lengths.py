@@ -666,3 +666,35 @@ def test_a_batchnorm_curve_geodesic_keeps_its_ends_and_recomputes_its_statistics
     stats = geo.path_.batchnorm_buffers[name]
     assert not torch.equal(stats[2], stats[0]) and not torch.equal(stats[2], stats[-1])
     check_length_is_measured(geo, X)
+
+
+def test_a_cosine_schedule_lowers_a_curves_rate_to_zero_and_is_refused_for_the_chain(
+    small_pair, monkeypatch
+):
+    import geoconnect.curves as curves
+
+    rates = []
+    run = curves._CurveEpoch.run
+
+    def recording(self):
+        rates.append(self.optimizer.lr)
+        return run(self)
+
+    monkeypatch.setattr(curves._CurveEpoch, "run", recording)
+    pair = small_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        GeodesicConnector(
+            curve="bezier",
+            learning_rate="cosine",
+            learning_rate_init=0.01,
+            max_iter=5,
+            n_iter_no_change=5,
+            device="cpu",
+            random_state=0,
+        ).fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert rates == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)])
+    chain = GeodesicConnector(learning_rate="cosine", device="cpu")
+    with pytest.raises(ValueError, match="learning_rate='cosine' schedules a curve"):
+        chain.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert not hasattr(chain, "path_")

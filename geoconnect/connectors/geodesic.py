@@ -56,6 +56,11 @@ class GeodesicConnector(_BaseConnector):
         Optimiser of the interior points. ``"sgd"`` is plain SGD, the paper's.
     learning_rate_init : float, default=3e-3
         Step size.
+    learning_rate : {"constant", "cosine"}, default="constant"
+        A curve's learning-rate schedule (``curve="bezier"`` or ``"polychain"``):
+        constant, or falling from ``learning_rate_init`` to 0 along half a cosine
+        over ``max_iter`` epochs (:func:`geoconnect.fitting.scheduled_rate`). The
+        chain's rate is constant: ``"cosine"`` with ``curve="chain"`` is refused.
     max_iter : int, default=100
         Maximum number of epochs (passes over X), the coarse levels of
         ``coarse_to_fine`` included: ``n_iter_ ≤ max_iter`` always.
@@ -262,6 +267,7 @@ class GeodesicConnector(_BaseConnector):
         "curve": [StrOptions({"chain", "bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
         "energy": [StrOptions({"chord", "jvp"})],
+        "learning_rate": [StrOptions({"constant", "cosine"})],
     }
 
     def __init__(
@@ -289,6 +295,7 @@ class GeodesicConnector(_BaseConnector):
         curve: str = "chain",
         n_bends: int = 3,
         energy: str = "chord",
+        learning_rate: str = "constant",
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -313,6 +320,7 @@ class GeodesicConnector(_BaseConnector):
         self.curve = curve
         self.n_bends = n_bends
         self.energy = energy
+        self.learning_rate = learning_rate
 
     def fit(
         self,
@@ -466,6 +474,12 @@ class GeodesicConnector(_BaseConnector):
     def _check_curve(self) -> None:
         """Refuse, before any work, what the continuous geodesic does not do yet."""
         if self.curve == "chain":
+            if self.learning_rate != "constant":
+                raise ValueError(
+                    f"learning_rate={self.learning_rate!r} schedules a curve's fit; the "
+                    "chain's coarse-to-fine levels keep a constant rate. Set "
+                    "learning_rate='constant', or curve='bezier'."
+                )
             return
         if callable(self.divergence):
             raise ValueError(
@@ -566,6 +580,7 @@ class GeodesicConnector(_BaseConnector):
             verbose=self.verbose if group is None or group.rank == 0 else 0,
             checkpoint=checkpoint,
             group=group,
+            learning_rate_schedule=self.learning_rate,
         )
 
     def _batch_order(self) -> torch.Generator:
