@@ -569,8 +569,10 @@ def curve_chord_energy(
     with one uniform ``u``; each chord's ``E_x d_FR²`` is estimated from
     ``divergence`` by its local constant (``8 · JSD`` for ``"jsd"``), and the
     energy is ``Σ_j E_x d_FR²(t_j, t_{j+1}) / (t_{j+1} − t_j)``, the discrete form
-    of ``∫₀¹ E_x ‖θ̇(t)‖²_F dt`` (at most it, by the Cauchy–Schwarz inequality on
-    each chord; equal in the limit of a fine grid). This is what
+    of ``∫₀¹ E_x ‖θ̇(t)‖²_F dt``: equal to it in the limit of a fine grid, and at
+    most it on any grid for the Fisher–Rao distance itself (the Cauchy–Schwarz
+    inequality on each chord; the other divergences agree with it to leading
+    order in the chord's length). This is what
     ``GeodesicConnector(curve=..., energy="chord")`` descends, one estimate per
     batch.
 
@@ -603,8 +605,8 @@ def curve_chord_energy(
     energy : Tensor of shape ()
         Differentiable in ``stacks``.
     length : float
-        The grid's chord sum, ``Σ_j √(E_x d_FR²(t_j, t_{j+1}))``: at most the
-        curve's length.
+        The grid's chord sum, ``Σ_j √(E_x d_FR²(t_j, t_{j+1}))`` (for the
+        Fisher–Rao distance, at most the curve's length).
 
     Examples
     --------
