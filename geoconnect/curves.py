@@ -34,8 +34,8 @@ from torch import Tensor
 from ._data import Batch, StreamData, TensorData, as_data
 from ._inputs import Inputs, n_rows
 from ._optim import SGD, Adam
-from .divergences import Divergence, fisher_form, jensen_shannon, spec_of
-from .evaluation import segment_divergences
+from .divergences import Divergence, fisher_form, fisher_rao, jensen_shannon, spec_of
+from .evaluation import arc_length_positions, segment_divergences
 from .fitting import (
     FitSettings,
     _load_moments,
@@ -244,6 +244,76 @@ class Curve:
             data = as_data(X, device=self.control.device)
             recompute_module_batchnorm(module, data, batch_size)
         return module
+
+
+#: The chords, evenly spaced in ``t``, by which :func:`arc_length_t` measures a curve.
+ARC_PIECES = 16
+
+
+@torch.no_grad()
+def arc_length_t(
+    curve: Curve,
+    data: object,
+    n_points: int,
+    *,
+    batch_size: int = 256,
+    n_pieces: int = ARC_PIECES,
+    max_batches: int = 4,
+) -> np.ndarray:
+    """The ``t`` of ``n_points`` networks evenly spaced by Fisher–Rao arc length.
+
+    The arc length is measured by the chords between the curve's networks at
+    ``t = j / n_pieces``, on the first ``max_batches`` batches of ``data``, as the
+    fit sees them (BatchNorm on batch statistics), and is linear in ``t`` between
+    them: a placement of the points, at the cost of ``n_pieces + 1`` forward passes
+    of those batches. (A curve fitted to its energy is near constant speed already.)
+
+    Parameters
+    ----------
+    curve : Curve
+    data : array-like, dict of arrays, Dataset or DataLoader
+        The inputs (labels are not needed).
+    n_points : int
+    batch_size : int, default=256
+    n_pieces : int, default=ARC_PIECES
+    max_batches : int, default=4
+
+    Returns
+    -------
+    ndarray of shape (n_points,)
+        Increasing, from 0 to 1; evenly spaced when the curve has no length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.curves import Curve, arc_length_t
+    >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> curve = Curve(ModelPath.linear(a, b, 3), "bezier")
+    >>> t = arc_length_t(curve, torch.randn(64, 4), 5)
+    >>> float(t[0]), float(t[-1]), bool((t[1:] >= t[:-1]).all())
+    (0.0, 1.0, True)
+    """
+    control = curve.control
+    data = as_data(data, device=control.device)
+    module = control.batch_statistics_module() if control.has_batchnorm else None
+    grid = torch.linspace(0.0, 1.0, n_pieces + 1, dtype=torch.float64)
+    params = curve.params_at(grid)
+    squared = torch.zeros(n_pieces, dtype=torch.float64)
+    seen = 0
+    for batch in data.batches(batch_size):
+        if seen >= max_batches * batch_size:
+            break
+        if control.has_batchnorm and n_rows(batch.x) < 2:
+            continue
+        logits = control.functional_forward(params, batch.x, module=module)
+        distances = segment_divergences(logits, fisher_rao).double()
+        squared += (distances**2).sum(1).cpu()
+        seen += n_rows(batch.x)
+    knots = arc_length_positions(squared / max(seen, 1))
+    t = np.interp(np.linspace(0.0, 1.0, n_points), knots, grid.numpy())
+    t[0], t[-1] = 0.0, 1.0
+    return np.maximum.accumulate(t)
 
 
 #: The stratified values of ``t`` at which each batch estimates a curve's energy

@@ -34,7 +34,13 @@ from geoconnect import (
     NEBConnector,
 )
 from geoconnect._data import TensorData, as_data
-from geoconnect.curves import Curve, curve_chord_energy, curve_energy, curve_fisher_form
+from geoconnect.curves import (
+    Curve,
+    arc_length_t,
+    curve_chord_energy,
+    curve_energy,
+    curve_fisher_form,
+)
 from geoconnect.divergences import fisher_form, jensen_shannon
 from geoconnect.evaluation import path_length
 from geoconnect.models import load_digits_split, make_cnn, train_classifier
@@ -560,6 +566,25 @@ def test_a_curve_geodesics_points_are_evenly_spaced_by_arc_length(digits_pair, b
         by_t = measure(geo.curve_.sample(geo.n_points, pair.X), pair.X).positions
         assert np.abs(geo.path_.t_ - even).max() < 0.05
         assert np.abs(geo.path_.t_ - even).max() < margin * np.abs(by_t - even).max()
+
+
+def test_arc_length_t_places_points_where_the_measured_length_does(digits_pair, bezier_geodesic):
+    # arc_length_t reads the arc length off 16 chords on four batches; path_length
+    # measures it on all the inputs to 1 % (linear between its 8 knots: the two
+    # differ by up to 0.021 on the line by their interpolation alone). The line's
+    # speed is far from even in t (the fitted curve's is near even): the telling case.
+    pair = digits_pair
+    fitted = LinearConnector(n_points=5).fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    line = Curve(fitted.path_, "bezier")
+    for curve in (line, bezier_geodesic.curve_):
+        knots = measure(curve, pair.X).positions
+        assert knots is not None
+        by_length = np.interp(np.linspace(0, 1, 25), knots, np.linspace(0, 1, knots.size))
+        placed = arc_length_t(curve, pair.X, 25)
+        assert placed[0] == 0.0 and placed[-1] == 1.0 and (np.diff(placed) >= 0).all()
+        assert np.abs(placed - by_length).max() < 0.03
+    even = np.linspace(0, 1, 25)
+    assert np.abs(arc_length_t(line, pair.X, 25) - even).max() > 0.05
 
 
 def test_a_chain_fit_after_a_curve_fit_has_no_curve(digits_pair, bezier_geodesic):

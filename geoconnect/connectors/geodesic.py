@@ -17,10 +17,9 @@ from torch import nn
 from .._data import StreamData, TensorData
 from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
-from ..curves import Curve, fit_curve
+from ..curves import Curve, arc_length_t, fit_curve
 from ..distributed import PathGroup
 from ..divergences import DIVERGENCES, Divergence, get_divergence
-from ..evaluation import path_length
 from ..fitting import FitResult, FitSettings, copy_history, fit_path, warn_not_converged
 from ..path import ModelPath
 from ..persistence import describe_architecture, tensor_digest
@@ -445,9 +444,8 @@ class GeodesicConnector(_BaseConnector):
             warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
         if previous is not None:
             history = {k: self.history_[k] + history[k] for k in history}
-        path = curve.sample(
-            self.n_points, data, batch_size=self.batch_size, t=self._arc_length_t(curve, data)
-        )
+        t = arc_length_t(curve, data, self.n_points, batch_size=self.batch_size)
+        path = curve.sample(self.n_points, data, batch_size=self.batch_size, t=t)
         attributes = self._path_attributes(path, inputs, divergence)
         attributes.update(
             curve_=curve,
@@ -458,18 +456,6 @@ class GeodesicConnector(_BaseConnector):
             _fit_moments=_UNSET,
         )
         return attributes
-
-    def _arc_length_t(self, curve: Curve, data: TensorData | StreamData) -> np.ndarray:
-        """The ``t`` of ``n_points`` networks evenly spaced by Fisher–Rao arc length
-        along the curve: the measured arc length at ``t = j / CURVE_SEGMENTS``,
-        linear between them."""
-        knots = path_length(curve, data, batch_size=self.batch_size).positions
-        assert knots is not None
-        t = np.interp(
-            np.linspace(0.0, 1.0, self.n_points), knots, np.linspace(0.0, 1.0, knots.size)
-        )
-        t[0], t[-1] = 0.0, 1.0
-        return np.maximum.accumulate(t)
 
     def _check_curve(self) -> None:
         """Refuse, before any work, what the continuous geodesic does not do yet."""
