@@ -12,6 +12,11 @@ shorter of the two, with a test barrier at most the loss-trained curve's + 0.005
 
     python benchmarks/curve_settings.py --pairs mlp,wide --json F.json \\
         --setting '{"curve": "bezier", "n_bends": 1, "learning_rate_init": 0.03}'
+
+With ``--epochs 8,16,32`` each setting is fitted afresh at each of those budgets,
+early stopping off (its trajectory: how fast it gets where, and whether it then
+overfits its inputs); ``--chord-pieces`` sets the grid of ``energy="chord"``
+(``geoconnect.curves.CHORD_PIECES``) for the run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import warnings
 
 import torch
 
+import geoconnect.curves
 from geoconnect import CurveConnector, GeodesicConnector
 
 try:  # run as a script from the repository root or from benchmarks/
@@ -79,11 +85,21 @@ def main() -> None:
     )
     parser.add_argument("--setting", action="append", required=True, help="JSON parameters")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--epochs", help="budgets, e.g. 8,16,32: each setting's trajectory")
+    parser.add_argument("--chord-pieces", type=int, help="the chord grid (default 8)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.chord_pieces:
+        geoconnect.curves.CHORD_PIECES = args.chord_pieces
     settings = [json.loads(s) for s in args.setting]
+    if args.epochs:  # a trajectory: each budget run to its end
+        settings = [
+            {**s, "max_iter": int(e), "n_iter_no_change": int(e)}
+            for s in settings
+            for e in args.epochs.split(",")
+        ]
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
-    results = {}
+    results: dict = {"chord_pieces": geoconnect.curves.CHORD_PIECES}
     for pair in make_pairs(args.pairs.split(",")):
         rows = {}
         for name, make in BASELINES.items():

@@ -31,13 +31,14 @@ class SGD:
     [0.0, 0.0, 0.0]
     """
 
-    def __init__(self, params: list[Tensor], lr: float):
+    def __init__(self, params: list[Tensor], lr: float, scales: list[float] | None = None):
         self.params, self.lr = params, lr
+        self.scales = [1.0] * len(params) if scales is None else list(scales)
 
     @torch.no_grad()
     def step(self) -> None:
-        for p in self.params:
-            p.add_(p.grad, alpha=-self.lr)
+        for p, scale in zip(self.params, self.scales):
+            p.add_(p.grad, alpha=-self.lr * scale)
 
     def moments(self) -> dict[int, dict[str, Tensor]]:
         return {}
@@ -50,7 +51,9 @@ class Adam:
     """Adam (Kingma & Ba), with torch's defaults ``betas=(0.9, 0.999)``, ``eps=1e-8``.
 
     The state is created at the first step, as torch's is: per tensor ``exp_avg``,
-    ``exp_avg_sq`` and ``step``.
+    ``exp_avg_sq`` and ``step``. ``scales`` multiplies ``lr`` tensor by tensor (a
+    step size relative to each tensor's own scale); without it every tensor steps
+    by ``lr``, in one fused call.
 
     Examples
     --------
@@ -70,8 +73,10 @@ class Adam:
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        scales: list[float] | None = None,
     ):
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.scales = None if scales is None else list(scales)
         self.state: dict[int, dict[str, Tensor]] = {}
 
     def _begin(self) -> None:
@@ -94,35 +99,56 @@ class Adam:
         grads = [p.grad for p in self.params]
         if self.params and self.params[0].device.type in _FUSED_DEVICES:
             torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
-                self.params,
-                grads,
-                m,
-                v,
-                [],
-                steps,
-                amsgrad=False,
-                lr=self.lr,
-                beta1=self.betas[0],
-                beta2=self.betas[1],
-                weight_decay=0.0,
-                eps=self.eps,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
+            if self.scales is None:
+                self._fused(self.params, grads, m, v, steps, self.lr)
+                return
+            for i, scale in enumerate(self.scales):  # one fused call per step size
+                self._fused(
+                    [self.params[i]], [grads[i]], [m[i]], [v[i]], [steps[i]], self.lr * scale
+                )
             return
-        for p, g, mean, square, step in zip(self.params, grads, m, v, steps):
-            self._plain_step(p, g, mean, square, step)
+        scales = [1.0] * len(self.params) if self.scales is None else self.scales
+        for p, g, mean, square, step, scale in zip(self.params, grads, m, v, steps, scales):
+            self._plain_step(p, g, mean, square, step, self.lr * scale)
 
-    def _plain_step(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor) -> None:
+    def _fused(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        steps: list[Tensor],
+        lr: float,
+    ) -> None:
+        """torch's fused Adam kernel on these tensors, their steps already counted."""
+        torch._fused_adam_(
+            params,
+            grads,
+            m,
+            v,
+            [],
+            steps,
+            amsgrad=False,
+            lr=lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=0.0,
+            eps=self.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    def _plain_step(
+        self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float
+    ) -> None:
         """torch's single-tensor Adam, for devices without the fused kernel."""
         beta1, beta2 = self.betas
         step += 1
         t = float(step)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        size = self.lr / (1 - beta1**t)
+        size = lr / (1 - beta1**t)
         denominator = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
         p.addcdiv_(m, denominator, value=-size)
 

@@ -42,6 +42,7 @@ from .fitting import (
     _moments,
     diverged,
     progress_bar,
+    relative_scales,
     scheduled_rate,
     update_no_improvement_count,
     warn_diverged,
@@ -370,7 +371,10 @@ def fit_curve(
     control = curve.control
     bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
     make = SGD if settings.solver == "sgd" else Adam
-    optimizer = make([v.requires_grad_(True) for v in bends.values()], lr=settings.learning_rate)
+    scales = relative_scales(control, bends) if settings.relative_step else None
+    optimizer = make(
+        [v.requires_grad_(True) for v in bends.values()], lr=settings.learning_rate, scales=scales
+    )
     module = control.batch_statistics_module()
     keys = ("loss",) if objective == "loss" else ("energy", "length")
     history: dict[str, list] = {key: [] for key in (*keys, "seconds")}
@@ -813,6 +817,7 @@ class _CurveEpoch:
                 self.curve,
                 x,
                 generator,
+                n_pieces=CHORD_PIECES,  # read here: benchmarks/curve_settings.py varies it
                 divergence=self.divergence,
                 stacks=stacks,
                 module=self.module,

@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +87,9 @@ class FitSettings:
     #: ``"cosine"``: a curve's rate falls from ``learning_rate`` to 0 along half a
     #: cosine over ``max_iter`` epochs (:func:`scheduled_rate`); the chain's is constant.
     learning_rate_schedule: Literal["constant", "cosine"] = "constant"
+    #: A curve's step relative to each tensor's scale: ``learning_rate`` times the
+    #: RMS distance between the ends' values of the tensor (:func:`relative_scales`).
+    relative_step: bool = False
     max_iter: int = 100
     batch_size: int = 256
     tol: float = 1e-3
@@ -761,6 +764,36 @@ def _load_moments(optimizer: Optimizer, moments: dict[str, Tensor], solver: str)
             return  # another path's
         state.setdefault(int(index), {})[name] = value
     optimizer.load_moments(state)
+
+
+def relative_scales(path: ModelPath, names: Iterable[str]) -> list[float]:
+    """Each named tensor's scale: the RMS distance between its values at the path's
+    ends (the RMS of its values where the ends agree, 1 where both are zero).
+
+    A step ``learning_rate × scale`` is then the same fraction of the way between
+    the models for every tensor, whatever the architecture's parametrisation: a
+    fine-tune's weights, close to each other, move as little as it moved them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.fitting import relative_scales
+    >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    >>> with torch.no_grad():
+    ...     _ = a.weight.fill_(0.0), b.weight.fill_(3.0), a.bias.fill_(2.0), b.bias.fill_(2.0)
+    >>> relative_scales(ModelPath.linear(a, b, 3), ["weight", "bias"])
+    [3.0, 2.0]
+    """
+    scales = []
+    for name in names:
+        stack = path.params[name].detach().double()
+        for value in ((stack[-1] - stack[0]), stack[[0, -1]], None):
+            rms = 1.0 if value is None else float(value.pow(2).mean().sqrt())
+            if rms > 0.0 and math.isfinite(rms):
+                break
+        scales.append(rms)
+    return scales
 
 
 def scheduled_rate(settings: FitSettings, epoch: int) -> float:

@@ -723,3 +723,66 @@ def test_a_cosine_schedule_lowers_a_curves_rate_to_zero_and_is_refused_for_the_c
     with pytest.raises(ValueError, match="learning_rate='cosine' schedules a curve"):
         chain.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert not hasattr(chain, "path_")
+
+
+def _rescaled(model: torch.nn.Sequential, c: float) -> torch.nn.Sequential:
+    """The same function with the first layer's weight and bias times ``c`` and the
+    second's weight divided by it (a ReLU is positively homogeneous)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[0].weight.mul_(c), out[0].bias.mul_(c), out[2].weight.div_(c)
+    return out
+
+
+@settings(max_examples=4, deadline=None)
+@given(c=st.sampled_from([0.1, 0.5, 4.0, 20.0]))
+def test_a_relative_step_fits_the_same_curve_whatever_the_parametrisation(c):
+    # Adam's step is blind to a tensor's gradient scale; measured in units of each
+    # tensor's distance between the models, the step is blind to the tensor's own
+    # scale too: the pair reparametrised by c gives the same curve of functions.
+    pair = random_pair((5, 8, 3), n_samples=64, seed=3)
+    fits = []
+    for scale in (1.0, c):
+        a, b = _rescaled(pair.model_a, scale), _rescaled(pair.model_b, scale)
+        geo = GeodesicConnector(
+            curve="bezier",
+            relative_step=True,
+            learning_rate_init=0.05,
+            max_iter=4,
+            n_iter_no_change=4,
+            batch_size=16,
+            device="cpu",
+            random_state=0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits.append(geo.fit(pair.X, model_a=a, model_b=b))
+    x = torch.as_tensor(pair.X)
+    plain, scaled = (geo.curve_.sample(9).logits(x).numpy() for geo in fits)
+    line = Curve(ModelPath.linear(pair.model_a, pair.model_b, 5), "bezier").sample(9)
+    assert np.abs(plain - line.logits(x).numpy()).max() > 1e-2  # the fit moved the curve
+    np.testing.assert_allclose(scaled, plain, atol=2e-4)
+    # an absolute step of the same size moves the rescaled pair's curve elsewhere
+    absolute = []
+    for scale in (1.0, c):
+        a, b = _rescaled(pair.model_a, scale), _rescaled(pair.model_b, scale)
+        geo = GeodesicConnector(
+            curve="bezier",
+            learning_rate_init=0.05,
+            max_iter=4,
+            n_iter_no_change=4,
+            batch_size=16,
+            device="cpu",
+            random_state=0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            absolute.append(geo.fit(pair.X, model_a=a, model_b=b).curve_.sample(9).logits(x))
+    assert (absolute[0] - absolute[1]).abs().max() > 1e-2
+
+
+def test_a_relative_step_is_refused_for_the_chain(small_pair):
+    chain = GeodesicConnector(relative_step=True, device="cpu")
+    with pytest.raises(ValueError, match="relative_step=True scales a curve's step"):
+        chain.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
+    assert not hasattr(chain, "path_")

@@ -68,6 +68,31 @@ def test_sgd_takes_torchs_steps_bitwise(shapes, seed, n_steps):
         assert torch.equal(a, b)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=shapes,
+    seed=st.integers(0, 2**16),
+    n_steps=st.integers(1, 4),
+    fused=st.booleans(),
+    solver=st.sampled_from([Adam, SGD]),
+)
+def test_scales_step_each_tensor_as_its_own_optimiser_at_lr_times_scale(
+    shapes, seed, n_steps, fused, solver
+):
+    params, grads = _problem(shapes, seed, n_steps)
+    scales = [0.5 + i for i in range(len(params))]
+    with pytest.MonkeyPatch.context() as patch:
+        if not fused:
+            patch.setattr(optim, "_FUSED_DEVICES", ())
+        together = _run(lambda ps: solver(ps, lr=3e-3, scales=scales), params, grads)
+        apart = [
+            _run(lambda ps, s=s: solver(ps, lr=3e-3 * s), [p], [[step[i]] for step in grads])[0]
+            for i, (p, s) in enumerate(zip(params, scales))
+        ]
+    for a, b in zip(together, apart):
+        assert torch.equal(a, b)
+
+
 def test_adam_continues_from_its_moments_as_if_never_stopped():
     params, grads = _problem([(3, 4)], 0, 6)
     straight = _run(lambda ps: Adam(ps, lr=1e-2), params, grads)

@@ -60,6 +60,14 @@ class GeodesicConnector(_BaseConnector):
         constant, or falling from ``learning_rate_init`` to 0 along half a cosine
         over ``max_iter`` epochs (:func:`geoconnect.fitting.scheduled_rate`). The
         chain's rate is constant: ``"cosine"`` with ``curve="chain"`` is refused.
+    relative_step : bool, default=False
+        A curve's step relative to each tensor's scale: each parameter tensor
+        steps by ``learning_rate_init`` times the RMS distance between its values
+        in the two models (:func:`geoconnect.fitting.relative_scales`), so that
+        one rate means the same for every architecture's parametrisation (a
+        fine-tune's weights, close to each other, move as little as it moved
+        them). The chain's step is absolute: ``True`` with ``curve="chain"`` is
+        refused.
     max_iter : int, default=100
         Maximum number of epochs (passes over X), the coarse levels of
         ``coarse_to_fine`` included: ``n_iter_ ≤ max_iter`` always.
@@ -267,6 +275,7 @@ class GeodesicConnector(_BaseConnector):
         "n_bends": [Interval(Integral, 1, None, closed="left")],
         "energy": [StrOptions({"chord", "jvp"})],
         "learning_rate": [StrOptions({"constant", "cosine"})],
+        "relative_step": ["boolean"],
     }
 
     def __init__(
@@ -295,6 +304,7 @@ class GeodesicConnector(_BaseConnector):
         n_bends: int = 3,
         energy: str = "chord",
         learning_rate: str = "constant",
+        relative_step: bool = False,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -320,6 +330,7 @@ class GeodesicConnector(_BaseConnector):
         self.n_bends = n_bends
         self.energy = energy
         self.learning_rate = learning_rate
+        self.relative_step = relative_step
 
     def fit(
         self,
@@ -466,6 +477,12 @@ class GeodesicConnector(_BaseConnector):
                     "chain's coarse-to-fine levels keep a constant rate. Set "
                     "learning_rate='constant', or curve='bezier'."
                 )
+            if self.relative_step:
+                raise ValueError(
+                    "relative_step=True scales a curve's step by each tensor's distance "
+                    "between the models; the chain's step is absolute. Set "
+                    "relative_step=False, or curve='bezier'."
+                )
             return
         if callable(self.divergence):
             raise ValueError(
@@ -567,6 +584,7 @@ class GeodesicConnector(_BaseConnector):
             checkpoint=checkpoint,
             group=group,
             learning_rate_schedule=self.learning_rate,
+            relative_step=self.relative_step,
         )
 
     def _batch_order(self) -> torch.Generator:
