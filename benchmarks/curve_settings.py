@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--epochs", help="budgets, e.g. 8,16,32: each setting's trajectory")
     parser.add_argument("--chord-pieces", type=int, help="the chord grid (default 8)")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="the settings only (no bar to clear)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.chord_pieces:
@@ -102,10 +105,12 @@ def main() -> None:
     results: dict = {"chord_pieces": geoconnect.curves.CHORD_PIECES}
     for pair in make_pairs(args.pairs.split(",")):
         rows = {}
-        for name, make in BASELINES.items():
-            rows[name] = run(make(pair.align), pair, labels=name == "default CurveConnector")
-        bar = 0.9 * min(rows[name]["length"] for name in BASELINES)
-        barrier = rows["default CurveConnector"]["test_barrier"] + 0.005
+        bar = barrier = float("nan")
+        if not args.no_baselines:
+            for name, make in BASELINES.items():
+                rows[name] = run(make(pair.align), pair, labels=name == "default CurveConnector")
+            bar = 0.9 * min(rows[name]["length"] for name in BASELINES)
+            barrier = rows["default CurveConnector"]["test_barrier"] + 0.005
         for setting in settings:
             geo = GeodesicConnector(
                 n_points=N_POINTS, device="cpu", random_state=0, align=pair.align, **setting

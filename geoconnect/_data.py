@@ -83,6 +83,37 @@ class TensorData:
         return move(rows(self.x, slice(0, n)), self.device)
 
 
+def split_off(
+    data: TensorData, fraction: float, generator: torch.Generator
+) -> tuple[TensorData, TensorData]:
+    """``data`` split at random into the rest and a held-out ``fraction`` of its rows
+    (at least two of each, so BatchNorm has batch statistics on both).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._data import TensorData, split_off
+    >>> data = TensorData(torch.arange(20.0).reshape(10, 2), None, torch.device("cpu"))
+    >>> kept, held = split_off(data, 0.2, torch.Generator().manual_seed(0))
+    >>> kept.n_samples, held.n_samples
+    (8, 2)
+    """
+    n = data.n_samples
+    held = min(max(2, round(fraction * n)), n - 2)
+    if held < 2:
+        raise ValueError(
+            f"X has {n} samples: too few to hold out a validation fraction of "
+            f"{fraction} (at least two samples each side). Pass more samples, or "
+            "validation_fraction=None."
+        )
+    order = torch.randperm(n, generator=generator).to(data.home)
+    parts = []
+    for index in (order[held:].sort().values, order[:held].sort().values):
+        y = None if data.y is None else data.y[index]
+        parts.append(TensorData(rows(data.x, index), y, data.device))
+    return parts[0], parts[1]
+
+
 _EMPTY_STREAM = (
     "X is empty: the Dataset/DataLoader yielded no batch. If X is an iterable that was "
     "already consumed (e.g. by an earlier fit), make its __iter__ return a fresh "

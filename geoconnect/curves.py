@@ -347,6 +347,7 @@ def fit_curve(
     *,
     energy: EnergyEstimate = "chord",
     divergence: Divergence = jensen_shannon,
+    validation: TensorData | None = None,
 ) -> tuple[dict[str, list], bool]:
     """Train the bends along the curve; returns the history and convergence.
 
@@ -366,7 +367,12 @@ def fit_curve(
       chord sum, or the mean speed at the drawn ``t``).
 
     Early stopping on the epoch's mean objective, as the geodesic chain's on its
-    energy; the history's ``seconds`` are each epoch's wall-clock time.
+    energy; the history's ``seconds`` are each epoch's wall-clock time. With
+    ``validation`` (held-out inputs, no labels needed; the energy only), early
+    stopping watches the energy on them instead, measured after every epoch at
+    fixed draws of ``t`` (history: ``validation_energy``), and the curve of the
+    epoch with the lowest is returned: the descent's own inputs can be fitted
+    past the point where the curve stops improving on others.
     """
     control = curve.control
     bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
@@ -383,6 +389,10 @@ def fit_curve(
     best = start  # replaced, never written into
     if objective == "energy" and energy not in ENERGY_ESTIMATES:
         raise ValueError(f"energy must be one of {list(ENERGY_ESTIMATES)}; got {energy!r}.")
+    if validation is not None:
+        if objective != "energy":
+            raise ValueError("validation inputs stop a descent of the energy, not the loss.")
+        history["validation_energy"] = []
     epoch = _CurveEpoch(
         curve, data, settings, generator, module, bends, optimizer, objective, energy, divergence
     )
@@ -408,6 +418,9 @@ def fit_curve(
                     )
                 for key in keys:
                     history[key].append(record[key])
+                if validation is not None:  # early stopping watches the held-out energy
+                    value = epoch.measure(validation, max_rows=None)[0]
+                    history["validation_energy"].append(value)
                 history["seconds"].append(time.perf_counter() - tic)
                 if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
@@ -433,7 +446,12 @@ def fit_curve(
             v.grad = None
             v.requires_grad_(False)
     if objective == "energy":
-        _never_worse(epoch, history["energy"], stopping.best, best, start, initial)
+        if validation is not None:  # the curve of the best epoch on the held-out inputs
+            with torch.no_grad():
+                for name, value in best.items():
+                    bends[name].copy_(value)
+        watched = history["energy" if validation is None else "validation_energy"]
+        _never_worse(epoch, watched, stopping.best, best, start, initial)
     return history, converged
 
 
@@ -773,16 +791,22 @@ class _CurveEpoch:
         return {"energy": total / seen, "length": root / seen}
 
     @torch.no_grad()
-    def measure(self) -> tuple[float, float]:
+    def measure(
+        self,
+        data: TensorData | StreamData | None = None,
+        max_rows: int | None = -1,
+    ) -> tuple[float, float]:
         """The curve's energy and length as the fit estimates them, on the first
-        ``_CHECK_BATCHES`` batches at fixed draws of ``t`` (``_CHECK_T`` stratified
-        ones for ``"jvp"``): the same every time, so that two curves compare without
-        the draws' noise."""
+        ``_CHECK_BATCHES`` batches (of ``data``, default the fit's; ``max_rows=None``:
+        all of them) at fixed draws of ``t`` (``_CHECK_T`` stratified ones for
+        ``"jvp"``): the same every time, so that two curves compare without the
+        draws' noise."""
         generator = torch.Generator().manual_seed(0)
         stacks = self._stacks()
         energy = length = 0.0
         seen = 0
-        for batch in self.data.batches(self.settings.batch_size):
+        limit = _CHECK_BATCHES * self.settings.batch_size if max_rows == -1 else max_rows
+        for batch in (self.data if data is None else data).batches(self.settings.batch_size):
             if self.curve.control.has_batchnorm and n_rows(batch.x) < 2:
                 continue
             rows = n_rows(batch.x)
@@ -790,7 +814,7 @@ class _CurveEpoch:
             energy += float(value.detach()) * rows
             length += speed * rows
             seen += rows
-            if seen >= _CHECK_BATCHES * self.settings.batch_size:
+            if limit is not None and seen >= limit:
                 break
         return (energy / seen, length / seen) if seen else (math.nan, math.nan)
 

@@ -786,3 +786,73 @@ def test_a_relative_step_is_refused_for_the_chain(small_pair):
     with pytest.raises(ValueError, match="relative_step=True scales a curve's step"):
         chain.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(chain, "path_")
+
+
+def _validated(pair, **kwargs) -> GeodesicConnector:
+    geo = GeodesicConnector(
+        curve="bezier",
+        validation_fraction=0.25,
+        learning_rate_init=0.05,
+        batch_size=16,
+        device="cpu",
+        random_state=0,
+        **kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # a descent may climb at this rate
+        return geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+
+
+def test_with_a_validation_fraction_the_curve_of_the_best_held_out_epoch_is_returned():
+    # The held-out energy is measured after every epoch; the fit returns the curve
+    # of the epoch where it was lowest: the very curve a fit stopped at that epoch
+    # ends with (the measurements draw nothing from the batch order).
+    pair = random_pair((5, 8, 3), n_samples=96, seed=5)
+    full = _validated(pair, max_iter=12, n_iter_no_change=12)
+    held_out = full.history_["validation_energy"]
+    assert len(held_out) == len(full.history_["energy"]) == 12
+    best = int(np.argmin(held_out))
+    stopped = _validated(pair, max_iter=best + 1, n_iter_no_change=12)
+    for name, stack in full.curve_.control.params.items():
+        torch.testing.assert_close(stack, stopped.curve_.control.params[name], rtol=0, atol=0)
+    # the descent saw three quarters of X, the length and statistics all of it
+    assert sum(full.history_["seconds"]) > 0 and np.isfinite(full.length_)
+    x = torch.as_tensor(pair.X)
+    assert full.path_.logits(x).shape[1] == len(pair.X)
+
+
+def test_early_stopping_on_held_out_inputs_stops_a_fit_that_overfits_its_own():
+    # 16 inputs to descend and 16 held out: the descended energy keeps falling while
+    # the held-out one turns, and the fit stops n_iter_no_change epochs after.
+    pair = random_pair((5, 32, 3), n_samples=32, seed=1)
+    geo = _validated(pair, max_iter=200, n_iter_no_change=5)
+    held_out, descended = geo.history_["validation_energy"], geo.history_["energy"]
+    assert geo.n_iter_ < 200
+    # the last five epochs did not lower the held-out energy by the fraction tol
+    assert min(held_out[-5:]) >= min(held_out[:-5]) * (1 - geo.tol)
+    assert descended[-1] < descended[int(np.argmin(held_out))]  # its own kept falling
+
+
+@pytest.mark.parametrize(
+    ("settings_", "X", "message"),
+    [
+        ({"curve": "chain"}, None, "validation_fraction=0.25 stops a curve's fit"),
+        ({"curve": "bezier"}, "loader", "a Dataset or DataLoader does not allow"),
+        ({"curve": "bezier"}, "three", "too few to hold out"),
+    ],
+    ids=["chain", "dataloader", "too-few"],
+)
+def test_a_validation_fraction_is_refused_where_it_cannot_hold_out(
+    small_pair, settings_, X, message
+):
+    pair = small_pair
+    data = {
+        None: pair.X,
+        "loader": torch.utils.data.DataLoader(TensorDataset(torch.as_tensor(pair.X)), 8),
+        "three": pair.X[:3],
+    }[X]
+    geo = GeodesicConnector(validation_fraction=0.25, device="cpu", **settings_)
+    with pytest.raises(ValueError, match=message):
+        geo.fit(data, model_a=pair.model_a, model_b=pair.model_b)
+    assert not hasattr(geo, "path_")

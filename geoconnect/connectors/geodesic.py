@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from .._data import StreamData, TensorData
+from .._data import StreamData, TensorData, split_off
 from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
 from ..curves import Curve, arc_length_t, fit_curve
@@ -68,6 +68,16 @@ class GeodesicConnector(_BaseConnector):
         fine-tune's weights, close to each other, move as little as it moved
         them). The chain's step is absolute: ``True`` with ``curve="chain"`` is
         refused.
+    validation_fraction : float or None, default=None
+        A curve's early stopping on held-out inputs: this fraction of X (at
+        random, by ``random_state``; no labels needed) is set aside, the curve's
+        energy on it is measured after every epoch, the fit stops when it has not
+        improved for ``n_iter_no_change`` epochs, and the curve of the epoch where
+        it was lowest is returned (``history_["validation_energy"]``). The rest of
+        X is descended; the path's statistics and ``length_`` use all of X. None:
+        early stopping watches the descended inputs' energy. Needs array or
+        mapping X (not a Dataset or DataLoader); the chain's early stopping watches
+        its energy: a fraction with ``curve="chain"`` is refused.
     max_iter : int, default=100
         Maximum number of epochs (passes over X), the coarse levels of
         ``coarse_to_fine`` included: ``n_iter_ ≤ max_iter`` always.
@@ -276,6 +286,7 @@ class GeodesicConnector(_BaseConnector):
         "energy": [StrOptions({"chord", "jvp"})],
         "learning_rate": [StrOptions({"constant", "cosine"})],
         "relative_step": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
     }
 
     def __init__(
@@ -305,6 +316,7 @@ class GeodesicConnector(_BaseConnector):
         energy: str = "chord",
         learning_rate: str = "constant",
         relative_step: bool = False,
+        validation_fraction: float | None = None,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -331,6 +343,7 @@ class GeodesicConnector(_BaseConnector):
         self.energy = energy
         self.learning_rate = learning_rate
         self.relative_step = relative_step
+        self.validation_fraction = validation_fraction
 
     def fit(
         self,
@@ -442,14 +455,16 @@ class GeodesicConnector(_BaseConnector):
         curve = Curve(control, self.curve)
         fingerprint = {} if self.checkpoint is None else self._fingerprint(control, data)
         settings = self._settings(continuing, self._open_checkpoint(fingerprint, None))
+        descended, validation = self._validation_split(data)
         history, converged = fit_curve(
             curve,
-            data,
+            descended,
             settings,
             self._batch_order(),
             "energy",
             energy=self.energy,  # type: ignore[arg-type]
             divergence=divergence,
+            validation=validation,
         )
         if not converged:
             warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
@@ -468,6 +483,21 @@ class GeodesicConnector(_BaseConnector):
         )
         return attributes
 
+    def _validation_split(
+        self, data: TensorData | StreamData
+    ) -> tuple[TensorData | StreamData, TensorData | None]:
+        """The inputs a curve descends and those its early stopping watches."""
+        if self.validation_fraction is None:
+            return data, None
+        if not isinstance(data, TensorData):
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction!r} sets aside part of "
+                "X, which a Dataset or DataLoader does not allow: pass X as an array, "
+                "tensor or mapping of them, or set validation_fraction=None."
+            )
+        draw = torch.randint(2**62, (1,), generator=self._batch_order())
+        return split_off(data, self.validation_fraction, torch.Generator().manual_seed(int(draw)))
+
     def _check_curve(self) -> None:
         """Refuse, before any work, what the continuous geodesic does not do yet."""
         if self.curve == "chain":
@@ -482,6 +512,12 @@ class GeodesicConnector(_BaseConnector):
                     "relative_step=True scales a curve's step by each tensor's distance "
                     "between the models; the chain's step is absolute. Set "
                     "relative_step=False, or curve='bezier'."
+                )
+            if self.validation_fraction is not None:
+                raise ValueError(
+                    f"validation_fraction={self.validation_fraction!r} stops a curve's "
+                    "fit on held-out inputs; the chain's early stopping watches its "
+                    "energy. Set validation_fraction=None, or curve='bezier'."
                 )
             return
         if callable(self.divergence):
