@@ -231,8 +231,9 @@ def evaluations(estimator: object, n_samples: int) -> int:
     if "loss" in history:  # a curve on the loss: one network per sample
         return int(n_samples * len(history["loss"]))
     # a curve on the energy: its grid's inner networks per sample (the chords; the
-    # ends are forward only), or a forward-mode pass per sample at each of its t
-    per_sample = CHORD_PIECES if estimator.energy == "chord" else ENERGY_T_PER_BATCH
+    # ends are forward only; split, the two whose chord holds the sample), or a
+    # forward-mode pass per sample at each of its t
+    per_sample = {"chord": CHORD_PIECES, "split": 2}.get(estimator.energy, ENERGY_T_PER_BATCH)
     return int(n_samples * len(history["energy"]) * per_sample)
 
 

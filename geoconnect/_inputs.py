@@ -71,6 +71,13 @@ def concat(blocks: list[Inputs]) -> Inputs:
     return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}  # type: ignore[index]
 
 
+def stack_inputs(blocks: list[Inputs]) -> Inputs:
+    """Batches of equal size stacked along a new leading axis (a mapping: key by key)."""
+    if isinstance(blocks[0], Tensor):
+        return torch.stack(blocks)  # type: ignore[arg-type]
+    return {k: torch.stack([b[k] for b in blocks]) for k in blocks[0]}  # type: ignore[index]
+
+
 def repeat_rows(x: Inputs, times: int) -> Inputs:
     """Each tensor of the batch repeated ``times`` along the samples."""
     if isinstance(x, Tensor):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._data import Batch, StreamData, TensorData, as_data
-from ._inputs import Inputs, n_rows
+from ._inputs import Inputs, concat, n_rows, rows, stack_inputs
 from ._optim import SGD, Adam
 from .divergences import Divergence, fisher_form, fisher_rao, jensen_shannon, spec_of
 from .evaluation import arc_length_positions, segment_divergences
@@ -56,8 +56,8 @@ CurveKind = Literal["bezier", "polychain"]
 Objective = Literal["loss", "energy"]
 #: How a batch estimates a curve's energy: the chords of a random grid of ``t``
 #: (:func:`curve_chord_energy`), or the speed at random ``t`` (:func:`curve_energy`).
-EnergyEstimate = Literal["chord", "jvp"]
-ENERGY_ESTIMATES: tuple[str, ...] = ("chord", "jvp")
+EnergyEstimate = Literal["chord", "split", "jvp"]
+ENERGY_ESTIMATES: tuple[str, ...] = ("chord", "split", "jvp")
 
 #: A fit whose last epoch's objective is this many times its best has blown up.
 _CLIMBED = 2.0
@@ -363,16 +363,19 @@ def fit_curve(
       steps in ``t``, each chord measured by ``divergence``
       (:func:`curve_chord_energy`); ``"jvp"``, the squared speed
       :func:`curve_fisher_form` at ``ENERGY_T_PER_BATCH`` stratified ``t``
-      (:func:`curve_energy`). History: ``energy`` and ``length`` (the grid's
-      chord sum, or the mean speed at the drawn ``t``).
+      (:func:`curve_energy`); ``"split"``, the chords with each on its own part
+      of the batch (``curve_chord_energy(split=True)``): a step's networks see
+      two batches' worth of inputs in all, not one each. History: ``energy`` and
+      ``length`` (the grid's chord sum, or the mean speed at the drawn ``t``).
 
     Early stopping on the epoch's mean objective, as the geodesic chain's on its
     energy; the history's ``seconds`` are each epoch's wall-clock time. With
     ``validation`` (held-out inputs, no labels needed; the energy only), early
-    stopping watches the energy on them instead, measured after every epoch at
-    fixed draws of ``t`` (history: ``validation_energy``), and the curve of the
-    epoch with the lowest is returned: the descent's own inputs can be fitted
-    past the point where the curve stops improving on others.
+    stopping watches the curve's length on them instead, measured after every
+    epoch at fixed draws of ``t`` (history: ``validation_energy`` and
+    ``validation_length``), and the curve of the epoch with the shortest is
+    returned: the descent's own inputs can be fitted past the point where the
+    curve stops improving on others.
     """
     control = curve.control
     bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
@@ -392,7 +395,7 @@ def fit_curve(
     if validation is not None:
         if objective != "energy":
             raise ValueError("validation inputs stop a descent of the energy, not the loss.")
-        history["validation_energy"] = []
+        history["validation_energy"], history["validation_length"] = [], []
     epoch = _CurveEpoch(
         curve, data, settings, generator, module, bends, optimizer, objective, energy, divergence
     )
@@ -419,8 +422,10 @@ def fit_curve(
                 for key in keys:
                     history[key].append(record[key])
                 if validation is not None:  # early stopping watches the held-out energy
-                    value = epoch.measure(validation, max_rows=None)[0]
-                    history["validation_energy"].append(value)
+                    held_out = epoch.measure(validation, max_rows=None)
+                    history["validation_energy"].append(held_out[0])
+                    history["validation_length"].append(held_out[1])
+                    value = held_out[1]  # its length, the number the path reports
                 history["seconds"].append(time.perf_counter() - tic)
                 if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
@@ -614,6 +619,12 @@ def curve_energy(
         The values of ``t``.
     stacks, module
         As for :func:`curve_fisher_form`.
+    split : bool, default=False
+        Measure each chord on its own ``1 / (n_pieces + 1)`` of the batch (chord
+        ``j`` on rows ``j · c`` to ``(j + 1) · c``), so that each network sees
+        two such parts and a step costs two networks' worth of the batch instead
+        of ``n_pieces + 2``: each chord's estimate is noisier, the energy's is
+        unbiased. Whole batches when a part would have fewer than two rows.
 
     Returns
     -------
@@ -654,6 +665,7 @@ def curve_chord_energy(
     divergence: Divergence = jensen_shannon,
     stacks: dict[str, Tensor] | None = None,
     module: torch.nn.Module | None = None,
+    split: bool = False,
 ) -> tuple[Tensor, float]:
     """The energy of the polygon through the curve's networks on a random grid of ``t``.
 
@@ -691,6 +703,12 @@ def curve_chord_energy(
         turns it into ``d_FR²``.
     stacks, module
         As for :func:`curve_fisher_form`.
+    split : bool, default=False
+        Measure each chord on its own ``1 / (n_pieces + 1)`` of the batch (chord
+        ``j`` on rows ``j · c`` to ``(j + 1) · c``), so that each network sees
+        two such parts and a step costs two networks' worth of the batch instead
+        of ``n_pieces + 2``: each chord's estimate is noisier, the energy's is
+        unbiased. Whole batches when a part would have fewer than two rows.
 
     Returns
     -------
@@ -724,21 +742,56 @@ def curve_chord_energy(
     inner = (torch.arange(n_pieces, dtype=torch.float64) + u) / n_pieces
     t = torch.cat([inner.new_zeros(1), inner, inner.new_ones(1)])
     control = curve.control
-    strategy = control.strategy
     points = control.params if stacks is None else stacks
-    with torch.no_grad():  # the ends are fixed: no gradient to carry
-        ends = control.functional_forward(
-            {k: v[[0, -1]] for k, v in points.items()}, x, module=module, strategy=strategy
-        )
-    middle = control.functional_forward(
-        curve.params_at(inner, stacks), x, module=module, strategy=strategy
-    )
-    logits = torch.cat([ends[:1], middle, ends[1:]])
-    pieces = segment_divergences(logits, divergence).double()  # (n_pieces + 1, batch)
+    ends_params = {k: v[[0, -1]] for k, v in points.items()}
+    inner_params = curve.params_at(inner, stacks)
+    chunk = n_rows(x) // (n_pieces + 1)
+    if split and chunk >= 2:
+        pieces = _split_chords(control, ends_params, inner_params, x, chunk, divergence, module)
+    else:
+        strategy = control.strategy
+        with torch.no_grad():  # the ends are fixed: no gradient to carry
+            ends = control.functional_forward(ends_params, x, module=module, strategy=strategy)
+        middle = control.functional_forward(inner_params, x, module=module, strategy=strategy)
+        logits = torch.cat([ends[:1], middle, ends[1:]])
+        pieces = segment_divergences(logits, divergence).double()  # (n_pieces + 1, batch)
     squared = (pieces.clamp_min(0.0) ** (2.0 / spec.power)).mean(1) / spec.local_constant
     steps = t.diff()
     energy = torch.where(steps > 0, squared / steps.clamp_min(1e-300), 0.0).sum()
     return energy, float(squared.detach().sqrt().sum())
+
+
+def _split_chords(
+    control: ModelPath,
+    ends_params: dict[str, Tensor],
+    inner_params: dict[str, Tensor],
+    x: Inputs,
+    chunk: int,
+    divergence: Divergence,
+    module: torch.nn.Module | None,
+) -> Tensor:
+    """Each chord's divergences on its own ``chunk`` rows of the batch: shape
+    ``(n_chords, chunk)``. Chord ``j`` joins grid points ``j`` and ``j + 1`` on rows
+    ``j · chunk`` onwards, so an inner point is evaluated on two chunks (its chords'),
+    an end on one: two networks' worth of the batch in all, not one per point."""
+    n_chords = next(iter(inner_params.values())).shape[0] + 1
+    chunks = [rows(x, slice(j * chunk, (j + 1) * chunk)) for j in range(n_chords)]
+    pairs = [concat([chunks[k], chunks[k + 1]]) for k in range(n_chords - 1)]
+    stacked = stack_inputs(pairs)
+    strategy = control.strategy
+    with torch.no_grad():  # the ends are fixed: no gradient to carry
+        first, last = (
+            control.functional_forward(
+                {k: v[[i]] for k, v in ends_params.items()}, c, module=module, strategy=strategy
+            )[0]
+            for i, c in ((0, chunks[0]), (1, chunks[-1]))
+        )
+    middle = control.functional_forward(
+        inner_params, stacked, module=module, strategy=strategy, stacked_x=True
+    )  # (n_chords - 1, 2 chunk, classes): point k + 1 on chunks k and k + 1
+    left = torch.cat([first[None], middle[:, chunk:]])
+    right = torch.cat([middle[:, :chunk], last[None]])
+    return divergence(left, right).double()
 
 
 class _CurveEpoch:
@@ -833,10 +886,11 @@ class _CurveEpoch:
         generator: torch.Generator,
         stacks: dict[str, Tensor],
         n_t: int = ENERGY_T_PER_BATCH,
+        split: bool = False,
     ) -> tuple[Tensor, float]:
         """The energy's estimate on ``x`` and its length: the chords of a random grid
         (``"chord"``), or the speed at ``n_t`` stratified ``t`` (``"jvp"``)."""
-        if self.estimate == "chord":
+        if self.estimate in ("chord", "split"):  # measured on whole batches either way
             return curve_chord_energy(
                 self.curve,
                 x,
@@ -845,6 +899,7 @@ class _CurveEpoch:
                 divergence=self.divergence,
                 stacks=stacks,
                 module=self.module,
+                split=split,
             )
         return curve_energy(self.curve, x, generator, n_t=n_t, stacks=stacks, module=self.module)
 
@@ -857,7 +912,7 @@ class _CurveEpoch:
         control = self.curve.control
         stacks = self._stacks()
         if self.objective == "energy":
-            return self._energy(batch.x, self.generator, stacks)
+            return self._energy(batch.x, self.generator, stacks, split=self.estimate == "split")
         t = torch.rand(1, generator=self.generator, dtype=torch.float64)
         params = self.curve.params_at(t, stacks)
         logits = control.functional_forward(params, batch.x, module=self.module, strategy="loop")

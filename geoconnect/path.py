@@ -676,34 +676,43 @@ class ModelPath:
         *,
         module: nn.Module | None = None,
         strategy: Strategy | None = None,
+        stacked_x: bool = False,
     ) -> Tensor:
         """Logits of a stack of K points on one batch: shape (K, batch, n_classes).
 
         ``params`` holds tensors ``(K, *shape)``; ``batchnorm_buffers`` likewise, or
         ``None`` with a ``module`` whose BatchNorm layers use batch statistics. ``x``
-        is a tensor or a mapping of keyword tensors. The stack is evaluated with
-        ``torch.func.vmap`` or a Python loop, by ``strategy`` (default
-        :attr:`strategy`); the logits are read off each output by :attr:`output`.
+        is a tensor or a mapping of keyword tensors; with ``stacked_x`` each of its
+        tensors has a leading axis of K, and point k sees its k-th batch. The stack
+        is evaluated with ``torch.func.vmap`` or a Python loop, by ``strategy``
+        (default :attr:`strategy`); the logits are read off each output by
+        :attr:`output`.
         """
         module = self.template if module is None else module
         bn = batchnorm_buffers or {}
         args, kwargs = arguments(x)
 
-        def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        def one(
+            p: dict[str, Tensor], b: dict[str, Tensor], a: tuple, kw: dict[str, Tensor]
+        ) -> Tensor:
             out = functional_call(
-                module, (p, b, self.shared_buffers), args, kwargs, tie_weights=self._tied
+                module, (p, b, self.shared_buffers), a, kw, tie_weights=self._tied
             )
             return extract_logits(out, self.output)
 
+        x_dim = 0 if stacked_x else None
         if (strategy or self.strategy) == "vmap":
-            return vmap(one, in_dims=(0, 0), randomness="same")(params, bn)
+            dims = (0, 0, x_dim, x_dim)
+            return vmap(one, in_dims=dims, randomness="same")(params, bn, args, kwargs)
         names, stacks = list(params), [params[n].unbind(0) for n in params]
         bn_names, bn_stacks = list(bn), [bn[n].unbind(0) for n in bn]
         outputs = []
         for k in range(len(stacks[0])):
             p = {n: s[k] for n, s in zip(names, stacks)}
             b = {n: s[k] for n, s in zip(bn_names, bn_stacks)}
-            outputs.append(one(p, b))
+            a = tuple(v[k] for v in args) if stacked_x else args
+            kw = {n: v[k] for n, v in kwargs.items()} if stacked_x else kwargs
+            outputs.append(one(p, b, a, kw))
         return torch.stack(outputs)
 
     @torch.no_grad()

@@ -488,6 +488,40 @@ def test_law_the_chord_energy_bounds_its_chord_sum_squared_and_vanishes_on_one_f
     assert abs(float(energy)) < 1e-9 and length < 1e-6
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    n_pieces=st.integers(1, 6),
+    rows=st.integers(4, 40),
+    strategy=st.sampled_from(["vmap", "loop"]),
+)
+def test_law_a_split_chord_is_measured_on_its_own_rows_only(seed, n_pieces, rows, strategy):
+    # split=True: chord j joins its grid points on rows j·c .. (j + 1)·c, c = rows //
+    # (n_pieces + 1): the energy of that is the mean over chords of each chord's
+    # energy measured on its rows alone, point by point.
+    curve = _mlp_curve(seed, "bezier", 2)
+    curve.control.strategy = strategy
+    x = torch.randn(rows, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    draw = torch.Generator().manual_seed(seed)
+    u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    with torch.no_grad():
+        energy, length = curve_chord_energy(curve, x, draw, n_pieces=n_pieces, split=True)
+    t = [0.0, *((j + u) / n_pieces for j in range(n_pieces)), 1.0]
+    c = rows // (n_pieces + 1)
+    if c < 2:  # too few rows to split: the whole batch, as without split
+        again = curve_chord_energy(curve, x, torch.Generator().manual_seed(seed), n_pieces=n_pieces)
+        assert float(energy) == pytest.approx(float(again[0]), rel=1e-12)
+        return
+    expected = 0.0
+    for j in range(n_pieces + 1):
+        part = x[j * c : (j + 1) * c]
+        ends = curve.params_at(torch.tensor([t[j], t[j + 1]], dtype=torch.float64))
+        logits = curve.control.functional_forward(ends, part, strategy="loop")
+        squared = float(jensen_shannon(logits[0], logits[1]).mean()) * 8.0
+        expected += squared / (t[j + 1] - t[j])
+    assert float(energy) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_the_chord_energy_is_the_energy_on_a_fine_grid():
     # Below the continuous energy on a coarse grid, and equal to it on a fine one,
     # for every built-in divergence (each turned into d_FR² by its local constant).
@@ -805,13 +839,13 @@ def _validated(pair, **kwargs) -> GeodesicConnector:
 
 
 def test_with_a_validation_fraction_the_curve_of_the_best_held_out_epoch_is_returned():
-    # The held-out energy is measured after every epoch; the fit returns the curve
-    # of the epoch where it was lowest: the very curve a fit stopped at that epoch
+    # The held-out length is measured after every epoch; the fit returns the curve
+    # of the epoch where it was shortest: the very curve a fit stopped at that epoch
     # ends with (the measurements draw nothing from the batch order).
     pair = random_pair((5, 8, 3), n_samples=96, seed=5)
     full = _validated(pair, max_iter=12, n_iter_no_change=12)
-    held_out = full.history_["validation_energy"]
-    assert len(held_out) == len(full.history_["energy"]) == 12
+    held_out = full.history_["validation_length"]
+    assert len(held_out) == len(full.history_["validation_energy"]) == 12
     best = int(np.argmin(held_out))
     stopped = _validated(pair, max_iter=best + 1, n_iter_no_change=12)
     for name, stack in full.curve_.control.params.items():
@@ -824,12 +858,12 @@ def test_with_a_validation_fraction_the_curve_of_the_best_held_out_epoch_is_retu
 
 def test_early_stopping_on_held_out_inputs_stops_a_fit_that_overfits_its_own():
     # 16 inputs to descend and 16 held out: the descended energy keeps falling while
-    # the held-out one turns, and the fit stops n_iter_no_change epochs after.
+    # the held-out length turns, and the fit stops n_iter_no_change epochs after.
     pair = random_pair((5, 32, 3), n_samples=32, seed=1)
     geo = _validated(pair, max_iter=200, n_iter_no_change=5)
-    held_out, descended = geo.history_["validation_energy"], geo.history_["energy"]
+    held_out, descended = geo.history_["validation_length"], geo.history_["energy"]
     assert geo.n_iter_ < 200
-    # the last five epochs did not lower the held-out energy by the fraction tol
+    # the last five epochs did not shorten the held-out length by the fraction tol
     assert min(held_out[-5:]) >= min(held_out[:-5]) * (1 - geo.tol)
     assert descended[-1] < descended[int(np.argmin(held_out))]  # its own kept falling
 
