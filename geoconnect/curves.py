@@ -455,8 +455,8 @@ def fit_curve(
             with torch.no_grad():
                 for name, value in best.items():
                     bends[name].copy_(value)
-        watched = history["energy" if validation is None else "validation_energy"]
-        _never_worse(epoch, watched, stopping.best, best, start, initial)
+        key = "energy" if validation is None else "validation_length"
+        _never_worse(epoch, history[key], stopping.best, best, start, initial, key)
     return history, converged
 
 
@@ -512,20 +512,23 @@ def _never_worse(
     best: dict[str, Tensor],
     start: dict[str, Tensor],
     initial: tuple[float, float],
+    watched: str = "energy",
 ) -> None:
     """After an energy descent: a descent that blew up keeps its best epoch's curve,
     and one whose energy or length ends above where it began (measured the same
     way: a curve can lower its energy by evening out its speed while it lengthens)
     its start, each with a warning. (Not on the loss: a curve's mean loss at random
     t, once near zero, can double from one epoch to the next without anything
-    going wrong.)"""
+    going wrong.) ``energies`` are what early stopping watched, named by
+    ``watched`` (``"validation_length"``: the held-out length)."""
     bends, settings = epoch.bends, epoch.settings
     last = energies[-1] if energies else math.nan
     if last > _CLIMBED * lowest:
         for name, value in best.items():
             bends[name].copy_(value)
+        what = "energy along the curve" if watched == "energy" else "curve's held-out length"
         warnings.warn(
-            f"The energy along the curve rose from {lowest:.4g} to {last:.4g} by epoch "
+            f"The {what} rose from {lowest:.4g} to {last:.4g} by epoch "
             f"{len(energies)}: the descent is unstable, and the curve of its best epoch "
             f"is kept. Lower learning_rate_init (now {settings.learning_rate}).",
             RuntimeWarning,

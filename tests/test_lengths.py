@@ -890,3 +890,25 @@ def test_a_validation_fraction_is_refused_where_it_cannot_hold_out(
     with pytest.raises(ValueError, match=message):
         geo.fit(data, model_a=pair.model_a, model_b=pair.model_b)
     assert not hasattr(geo, "path_")
+
+
+def test_a_steady_validated_fit_is_not_called_unstable():
+    # The climb check compares the watched held-out lengths with one another (it
+    # once compared the held-out energy with the best length, and warned of
+    # climbs that never were whenever the length was above 2).
+    pair = random_pair((5, 8, 3), n_samples=96, seed=5, scale=4.0)
+    geo = GeodesicConnector(
+        curve="bezier",
+        validation_fraction=0.25,
+        learning_rate_init=1e-3,
+        max_iter=4,
+        batch_size=16,
+        device="cpu",
+        random_state=0,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    held_out = geo.history_["validation_length"]
+    assert max(held_out) > 2.0 and max(held_out) < 2 * min(held_out)  # the telling case
+    assert not [w for w in caught if "rose from" in str(w.message)]
