@@ -152,6 +152,18 @@ METHODS = [
                 3,
                 {**SPLIT, "learning_rate_init": 0.01},
             ),
+            (
+                "Bezier, 3 bends, split, adaptive",
+                "bezier",
+                3,
+                {**SPLIT, "learning_rate": "adaptive"},
+            ),
+            (
+                "Bezier, 3 bends, split, adaptive, patience 5",
+                "bezier",
+                3,
+                {**SPLIT, "learning_rate": "adaptive", "n_iter_no_change": 5},
+            ),
         )
     ),
 ]

@@ -37,6 +37,7 @@ from ._optim import SGD, Adam
 from .divergences import Divergence, fisher_form, fisher_rao, jensen_shannon, spec_of
 from .evaluation import arc_length_positions, segment_divergences
 from .fitting import (
+    ADAPTIVE_CUTS,
     FitSettings,
     _load_moments,
     _moments,
@@ -336,6 +337,19 @@ class _Stopping:
     settings: FitSettings
     best: float = math.inf
     stale: int = 0
+    #: The plateaus at which ``learning_rate="adaptive"`` divided the rate.
+    cuts: int = 0
+
+    def plateaued(self, value: float) -> bool:
+        """Count ``value`` in; True when the fit stops here. An adaptive rate is
+        divided at a plateau instead, up to ``ADAPTIVE_CUTS`` times."""
+        if not update_no_improvement_count(self, value):  # type: ignore[arg-type]
+            return False
+        adaptive = self.settings.learning_rate_schedule == "adaptive"
+        if adaptive and self.cuts < ADAPTIVE_CUTS:
+            self.cuts, self.stale = self.cuts + 1, 0
+            return False
+        return True
 
 
 def fit_curve(
@@ -410,7 +424,7 @@ def fit_curve(
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
                 tic = time.perf_counter()
-                optimizer.lr = scheduled_rate(settings, len(history["seconds"]))
+                optimizer.lr = scheduled_rate(settings, len(history["seconds"]), stopping.cuts)
                 record = epoch.run()
                 value = record[keys[0]]
                 if not math.isfinite(value):
@@ -429,7 +443,7 @@ def fit_curve(
                 history["seconds"].append(time.perf_counter() - tic)
                 if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
-                converged = update_no_improvement_count(stopping, value)  # type: ignore[arg-type]
+                converged = stopping.plateaued(value)
                 if settings.checkpoint is not None:
                     settings.checkpoint.write(
                         _snapshot(bends, best, start, optimizer, settings, generator),
@@ -437,6 +451,7 @@ def fit_curve(
                             "history": history,
                             "best": stopping.best,
                             "stale": stopping.stale,
+                            "cuts": stopping.cuts,
                             "initial": list(initial),
                             "converged": converged,
                         },
@@ -498,6 +513,7 @@ def _resume(
     generator.set_state(tensors["rng/generator"])
     torch.set_rng_state(tensors["rng/torch"])
     stopping.best, stopping.stale = record["best"], record["stale"]
+    stopping.cuts = int(record.get("cuts", 0))
     best = {k: tensors[f"best/{k}"].clone() for k in bends}
     start = {k: tensors[f"start/{k}"].clone() for k in bends}
     initial = (float(record["initial"][0]), float(record["initial"][1]))

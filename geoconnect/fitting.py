@@ -85,8 +85,11 @@ class FitSettings:
     solver: Literal["adam", "sgd"] = "adam"
     learning_rate: float = 3e-3
     #: ``"cosine"``: a curve's rate falls from ``learning_rate`` to 0 along half a
-    #: cosine over ``max_iter`` epochs (:func:`scheduled_rate`); the chain's is constant.
-    learning_rate_schedule: Literal["constant", "cosine"] = "constant"
+    #: cosine over ``max_iter`` epochs (:func:`scheduled_rate`); ``"adaptive"``: it is
+    #: divided by ``ADAPTIVE_DIVISOR`` where early stopping would stop, up to
+    #: ``ADAPTIVE_CUTS`` times, and the fit stops at the plateau after. The chain's
+    #: is constant.
+    learning_rate_schedule: Literal["constant", "cosine", "adaptive"] = "constant"
     #: A curve's step relative to each tensor's scale: ``learning_rate`` times the
     #: RMS distance between the ends' values of the tensor (:func:`relative_scales`).
     relative_step: bool = False
@@ -796,8 +799,15 @@ def relative_scales(path: ModelPath, names: Iterable[str]) -> list[float]:
     return scales
 
 
-def scheduled_rate(settings: FitSettings, epoch: int) -> float:
-    """The learning rate of epoch ``epoch`` (0-based) under the settings' schedule.
+#: ``learning_rate="adaptive"`` divides a curve's rate by this at each plateau ...
+ADAPTIVE_DIVISOR = 5.0
+#: ... this many times before a plateau stops the fit.
+ADAPTIVE_CUTS = 2
+
+
+def scheduled_rate(settings: FitSettings, epoch: int, cuts: int = 0) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under the settings' schedule,
+    after ``cuts`` plateaus of an ``"adaptive"`` one.
 
     Examples
     --------
@@ -808,6 +818,8 @@ def scheduled_rate(settings: FitSettings, epoch: int) -> float:
     """
     if settings.learning_rate_schedule == "constant":
         return settings.learning_rate
+    if settings.learning_rate_schedule == "adaptive":
+        return settings.learning_rate / ADAPTIVE_DIVISOR**cuts
     return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.max_iter))
 
 

@@ -360,7 +360,7 @@ def test_info_summarises_a_checkpoint(tmp_path, small_pair, capsys):
 # -- the continuous geodesic ------------------------------------------------------------------
 
 
-def _curve_fit(models, X, checkpoint, *, crash_after=None, monkeypatch=None):
+def _curve_fit(models, X, checkpoint, *, crash_after=None, monkeypatch=None, **params):
     """A Bezier geodesic's fit; ``crash_after`` epochs of it, then Crash."""
     import geoconnect.curves as curves
 
@@ -384,6 +384,7 @@ def _curve_fit(models, X, checkpoint, *, crash_after=None, monkeypatch=None):
                 device="cpu",
                 random_state=0,
                 checkpoint=checkpoint,
+                **params,
             ).fit(X, model_a=models[0], model_b=models[1])
     finally:
         if crash_after is not None:
@@ -408,6 +409,22 @@ def test_a_curve_fit_that_dies_resumes_to_the_same_curve(
         assert torch.equal(resumed.curve_.control.params[name], stack)
     again = _curve_fit(models, X, tmp_path / "ckpt")  # a finished fit resumes at its end
     assert identical(again, reference) and again.n_iter_ == reference.n_iter_
+
+
+def test_an_adaptive_curve_fit_resumes_at_its_divided_rate(tmp_path, monkeypatch, mlp_pair):
+    # tol=0.5 and n_iter_no_change=1: the rate is divided after epochs 2 and 3 and the
+    # fit stops after 4; killed after 3, the checkpoint carries the divisions made.
+    models, X = mlp_pair
+    X = X[:400]
+    adaptive = {"learning_rate": "adaptive", "tol": 0.5, "n_iter_no_change": 1}
+    reference = _curve_fit(models, X, tmp_path / "uninterrupted", **adaptive)
+    assert reference.n_iter_ == 4
+    with pytest.raises(Crash):
+        _curve_fit(models, X, tmp_path / "ckpt", crash_after=3, monkeypatch=monkeypatch, **adaptive)
+    assert file_info(tmp_path / "ckpt" / FILE)["state"]["cuts"] == 2
+    resumed = _curve_fit(models, X, tmp_path / "ckpt", **adaptive)
+    for name, stack in reference.curve_.control.params.items():
+        assert torch.equal(resumed.curve_.control.params[name], stack)
 
 
 def test_a_curve_checkpoint_is_refused_by_a_chain_fit(tmp_path, monkeypatch, mlp_pair):

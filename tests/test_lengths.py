@@ -505,7 +505,7 @@ def test_law_a_split_chord_is_measured_on_its_own_rows_only(seed, n_pieces, rows
     draw = torch.Generator().manual_seed(seed)
     u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     with torch.no_grad():
-        energy, length = curve_chord_energy(curve, x, draw, n_pieces=n_pieces, split=True)
+        energy, _ = curve_chord_energy(curve, x, draw, n_pieces=n_pieces, split=True)
     t = [0.0, *((j + u) / n_pieces for j in range(n_pieces)), 1.0]
     c = rows // (n_pieces + 1)
     if c < 2:  # too few rows to split: the whole batch, as without split
@@ -912,3 +912,38 @@ def test_a_steady_validated_fit_is_not_called_unstable():
     held_out = geo.history_["validation_length"]
     assert max(held_out) > 2.0 and max(held_out) < 2 * min(held_out)  # the telling case
     assert not [w for w in caught if "rose from" in str(w.message)]
+
+
+def test_an_adaptive_rate_is_divided_at_each_plateau_and_the_third_stops(small_pair, monkeypatch):
+    # tol=0.5: no epoch after the first lowers the energy by half, so each is a
+    # plateau of n_iter_no_change=1: the rate is divided by 5 twice, then the fit
+    # stops, without a ConvergenceWarning.
+    import geoconnect.curves as curves
+
+    rates = []
+    run = curves._CurveEpoch.run
+
+    def recording(self):
+        rates.append(self.optimizer.lr)
+        return run(self)
+
+    monkeypatch.setattr(curves._CurveEpoch, "run", recording)
+    pair = small_pair
+    geo = GeodesicConnector(
+        curve="bezier",
+        learning_rate="adaptive",
+        learning_rate_init=1e-3,
+        tol=0.5,
+        n_iter_no_change=1,
+        max_iter=50,
+        device="cpu",
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+    assert rates == pytest.approx([1e-3, 1e-3, 2e-4, 4e-5])
+    assert geo.n_iter_ == 4
+    chain = GeodesicConnector(learning_rate="adaptive", device="cpu")
+    with pytest.raises(ValueError, match="learning_rate='adaptive' schedules a curve"):
+        chain.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)

@@ -55,11 +55,14 @@ class GeodesicConnector(_BaseConnector):
         Optimiser of the interior points. ``"sgd"`` is plain SGD, the paper's.
     learning_rate_init : float, default=3e-3
         Step size.
-    learning_rate : {"constant", "cosine"}, default="constant"
+    learning_rate : {"constant", "cosine", "adaptive"}, default="constant"
         A curve's learning-rate schedule (``curve="bezier"`` or ``"polychain"``):
-        constant, or falling from ``learning_rate_init`` to 0 along half a cosine
-        over ``max_iter`` epochs (:func:`geoconnect.fitting.scheduled_rate`). The
-        chain's rate is constant: ``"cosine"`` with ``curve="chain"`` is refused.
+        constant; falling from ``learning_rate_init`` to 0 along half a cosine
+        over ``max_iter`` epochs; or ``"adaptive"`` (as scikit-learn's
+        ``MLPClassifier``): divided by 5 where early stopping would stop, twice,
+        the fit stopping at the third plateau
+        (:func:`geoconnect.fitting.scheduled_rate`). The chain's rate is constant:
+        another schedule with ``curve="chain"`` is refused.
     relative_step : bool, default=False
         A curve's step relative to each tensor's scale: each parameter tensor
         steps by ``learning_rate_init`` times the RMS distance between its values
@@ -288,7 +291,7 @@ class GeodesicConnector(_BaseConnector):
         "curve": [StrOptions({"chain", "bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
         "energy": [StrOptions({"chord", "split", "jvp"})],
-        "learning_rate": [StrOptions({"constant", "cosine"})],
+        "learning_rate": [StrOptions({"constant", "cosine", "adaptive"})],
         "relative_step": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
     }
