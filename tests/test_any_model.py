@@ -417,10 +417,9 @@ def test_a_model_that_fails_on_the_mapping_says_what_it_was_given():
 # -- Hugging Face models built from configs ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bert_pair():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
+def tiny_bert_config(transformers: object) -> object:
+    """A one-layer BERT of width 16 over 20 tokens, for two labels."""
+    return transformers.BertConfig(  # type: ignore[attr-defined]
         vocab_size=20,
         hidden_size=16,
         num_hidden_layers=1,
@@ -429,6 +428,12 @@ def bert_pair():
         max_position_embeddings=16,
         num_labels=2,
     )
+
+
+@pytest.fixture(scope="module")
+def bert_pair():
+    transformers = pytest.importorskip("transformers")
+    config = tiny_bert_config(transformers)
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -540,15 +545,7 @@ def fine_tuned_berts():
     """Two fine-tunes (100 steps, two data orders) of one tiny BERT trained 200 steps
     on the token task: 500 fit inputs; 500 held out."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=20,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = tiny_bert_config(transformers)
     X, y = token_task(500, seed=0)
     with torch.random.fork_rng():
         torch.manual_seed(0)

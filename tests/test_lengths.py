@@ -775,29 +775,20 @@ def test_a_relative_step_fits_the_same_curve_whatever_the_parametrisation(c):
     # tensor's distance between the models, the step is blind to the tensor's own
     # scale too: the pair reparametrised by c gives the same curve of functions.
     pair = random_pair((5, 8, 3), n_samples=64, seed=3)
-    fits = []
-    for scale in (1.0, c):
-        a, b = _rescaled(pair.model_a, scale), _rescaled(pair.model_b, scale)
-        geo = GeodesicConnector(
-            curve="bezier",
-            relative_step=True,
-            learning_rate_init=0.05,
-            max_iter=4,
-            n_iter_no_change=4,
-            batch_size=16,
-            device="cpu",
-            random_state=0,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fits.append(geo.fit(pair.X, model_a=a, model_b=b))
     x = torch.as_tensor(pair.X)
-    plain, scaled = (geo.curve_.sample(9).logits(x).numpy() for geo in fits)
+    plain, scaled = _curves_of_rescaled_pairs(pair, c, relative_step=True)
     line = Curve(ModelPath.linear(pair.model_a, pair.model_b, 5), "bezier").sample(9)
-    assert np.abs(plain - line.logits(x).numpy()).max() > 1e-2  # the fit moved the curve
-    np.testing.assert_allclose(scaled, plain, atol=2e-4)
+    assert (plain - line.logits(x)).abs().max() > 1e-2  # the fit moved the curve
+    np.testing.assert_allclose(scaled.numpy(), plain.numpy(), atol=2e-4)
     # an absolute step of the same size moves the rescaled pair's curve elsewhere
-    absolute = []
+    plain, scaled = _curves_of_rescaled_pairs(pair, c)
+    assert (plain - scaled).abs().max() > 1e-2
+
+
+def _curves_of_rescaled_pairs(pair, c: float, **params) -> list[torch.Tensor]:
+    """The logits along the Bezier geodesic of the pair and of the pair rescaled by
+    ``c``, at nine points evenly spaced in t."""
+    logits = []
     for scale in (1.0, c):
         a, b = _rescaled(pair.model_a, scale), _rescaled(pair.model_b, scale)
         geo = GeodesicConnector(
@@ -808,11 +799,13 @@ def test_a_relative_step_fits_the_same_curve_whatever_the_parametrisation(c):
             batch_size=16,
             device="cpu",
             random_state=0,
+            **params,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            absolute.append(geo.fit(pair.X, model_a=a, model_b=b).curve_.sample(9).logits(x))
-    assert (absolute[0] - absolute[1]).abs().max() > 1e-2
+            geo.fit(pair.X, model_a=a, model_b=b)
+        logits.append(geo.curve_.sample(9).logits(torch.as_tensor(pair.X)))
+    return logits
 
 
 def test_a_relative_step_is_refused_for_the_chain(small_pair):
