@@ -435,7 +435,7 @@ def fit_curve(
                     )
                 for key in keys:
                     history[key].append(record[key])
-                if validation is not None:  # early stopping watches the held-out energy
+                if validation is not None:  # early stopping watches the held-out length
                     held_out = epoch.measure(validation, max_rows=None)
                     history["validation_energy"].append(held_out[0])
                     history["validation_length"].append(held_out[1])
