@@ -436,7 +436,7 @@ def fit_curve(
                 for key in keys:
                     history[key].append(record[key])
                 if validation is not None:  # early stopping watches the held-out length
-                    held_out = epoch.measure(validation, max_rows=None)
+                    held_out = epoch.measure(validation)
                     history["validation_energy"].append(held_out[0])
                     history["validation_length"].append(held_out[1])
                     value = held_out[1]  # its length, the number the path reports
@@ -863,21 +863,16 @@ class _CurveEpoch:
         return {"energy": total / seen, "length": root / seen}
 
     @torch.no_grad()
-    def measure(
-        self,
-        data: TensorData | StreamData | None = None,
-        max_rows: int | None = -1,
-    ) -> tuple[float, float]:
+    def measure(self, data: TensorData | None = None) -> tuple[float, float]:
         """The curve's energy and length as the fit estimates them, on the first
-        ``_CHECK_BATCHES`` batches (of ``data``, default the fit's; ``max_rows=None``:
-        all of them) at fixed draws of ``t`` (``_CHECK_T`` stratified ones for
-        ``"jvp"``): the same every time, so that two curves compare without the
-        draws' noise."""
+        ``_CHECK_BATCHES`` batches of the fit's inputs, or on all of ``data``, at
+        fixed draws of ``t`` (``_CHECK_T`` stratified ones for ``"jvp"``): the same
+        every time, so that two curves compare without the draws' noise."""
         generator = torch.Generator().manual_seed(0)
         stacks = self._stacks()
         energy = length = 0.0
         seen = 0
-        limit = _CHECK_BATCHES * self.settings.batch_size if max_rows == -1 else max_rows
+        limit = _CHECK_BATCHES * self.settings.batch_size if data is None else None
         for batch in (self.data if data is None else data).batches(self.settings.batch_size):
             if self.curve.control.has_batchnorm and n_rows(batch.x) < 2:
                 continue

@@ -587,7 +587,7 @@ def test_a_curve_geodesics_points_are_evenly_spaced_by_arc_length(digits_pair, b
     # measured on the polygon, is then near i / (N - 1)). A descent of the chord
     # energy leaves the curve near constant speed in t already (0.020 from even, with
     # arc-length sampling 0.013); one of the speed at random t did not (0.099 and
-    # 0.030), so both are checked.
+    # 0.044), so both are checked.
     pair = digits_pair
     jvp = GeodesicConnector(
         curve="bezier", energy="jvp", learning_rate_init=1e-2, device="cpu", random_state=0
