@@ -638,12 +638,6 @@ def curve_energy(
         The values of ``t``.
     stacks, module
         As for :func:`curve_fisher_form`.
-    split : bool, default=False
-        Measure each chord on its own ``1 / (n_pieces + 1)`` of the batch (chord
-        ``j`` on rows ``j · c`` to ``(j + 1) · c``), so that each network sees
-        two such parts and a step costs two networks' worth of the batch instead
-        of ``n_pieces + 2``: each chord's estimate is noisier, the energy's is
-        unbiased. Whole batches when a part would have fewer than two rows.
 
     Returns
     -------
