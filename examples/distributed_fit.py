@@ -2,7 +2,7 @@
 Fitting one path on several processes with torchrun
 ===================================================
 
-``GeodesicConnector(distributed=True)`` splits the path's points across the
+``GeodesicConnector(curve="chain", distributed=True)`` splits the path's points across the
 processes of a ``torch.distributed`` group: each rank optimises a block of the
 interior, the ranks swap only their boundary points' logits at each step, and every
 rank ends with the whole path — the single-process fit's. This script is not run by
@@ -31,7 +31,7 @@ model_a, model_b = (
     for s in (1, 2)
 )
 
-geo = GeodesicConnector(max_iter=30, random_state=0, distributed=True)
+geo = GeodesicConnector(curve="chain", max_iter=30, random_state=0, distributed=True)
 geo.fit(data.images_train, model_a=model_a, model_b=model_b)
 
 if dist.get_rank() == 0:

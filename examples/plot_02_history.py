@@ -2,12 +2,16 @@
 The optimisation, epoch by epoch
 ================================
 
-A [`GeodesicConnector`][geoconnect.GeodesicConnector] starts from the straight line and moves the
-interior networks to lower the *energy*, the sum of the divergences between
-neighbouring networks' predictions. Its ``history_`` records, per epoch, the energy,
-the path's Fisher–Rao length (in the space of predictive distributions) and its
-Euclidean length (in parameter space). The first falls while the second rises: the
-path bends away from the line in parameter space to stay short between predictions.
+A [`GeodesicConnector`][geoconnect.GeodesicConnector] starts from the straight line and moves
+its free networks to lower the *energy*. This page follows the chain of points
+(``curve="chain"``), whose energy is the sum of the divergences between neighbouring
+networks' predictions and whose fit refines a coarse path; the default continuous
+curve records the same three quantities (its energy in Fisher–Rao units, its length
+as the chord sums on each batch's grid of ``t``), and ``plot_history`` draws either.
+Its ``history_`` records, per epoch, the energy, the path's Fisher–Rao length (in the
+space of predictive distributions) and its Euclidean length (in parameter space).
+The first falls while the second rises: the path bends away from the line in
+parameter space to stay short between predictions.
 """
 
 # %%
@@ -21,7 +25,7 @@ model_a = train_classifier(make_mlp(seed=3), data.X_train, data.y_train, seed=3)
 model_b = train_classifier(make_mlp(seed=4), data.X_train, data.y_train, seed=4)
 
 line = LinearConnector(device="cpu").fit(data.X_train, model_a=model_a, model_b=model_b)
-geodesic = GeodesicConnector(device="cpu", random_state=0)
+geodesic = GeodesicConnector(curve="chain", device="cpu", random_state=0)
 geodesic.fit(data.X_train, model_a=model_a, model_b=model_b)
 
 # %%

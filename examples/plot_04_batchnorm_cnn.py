@@ -32,7 +32,7 @@ print(model_a)
 # statistics are recomputed on ``images_train``.
 line = LinearConnector(n_points=9, device="cpu")
 line.fit(images_train, model_a=model_a, model_b=model_b)
-geodesic = GeodesicConnector(n_points=9, max_iter=20, device="cpu", random_state=0)
+geodesic = GeodesicConnector(n_points=9, device="cpu", random_state=0)
 geodesic.fit(images_train, model_a=model_a, model_b=model_b)
 
 test = {

@@ -28,7 +28,7 @@ model_b = train_classifier(make_mlp(seed=2), data.X_train, data.y_train, epochs=
 from sklearn.model_selection import GridSearchCV
 
 search = GridSearchCV(
-    GeodesicConnector(max_iter=15, device="cpu", random_state=0),
+    GeodesicConnector(device="cpu", random_state=0),
     param_grid={"divergence": ["jsd", "fisher_rao"], "n_points": [5, 13]},
     cv=3,
 )
@@ -63,7 +63,7 @@ from sklearn.pipeline import Pipeline
 
 pipe = Pipeline(
     [
-        ("path", GeodesicConnector(n_points=5, max_iter=15, device="cpu", random_state=0)),
+        ("path", GeodesicConnector(n_points=5, device="cpu", random_state=0)),
         ("stack", LogisticRegression(max_iter=1000)),
     ]
 )

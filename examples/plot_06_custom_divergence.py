@@ -2,8 +2,11 @@
 A divergence of your own
 ========================
 
-The energy a [`GeodesicConnector`][geoconnect.GeodesicConnector] minimises is a sum of divergences
-between neighbouring networks' predictions. Besides the built-in ones (``"jsd"``,
+The energy of the chain of points a [`GeodesicConnector`][geoconnect.GeodesicConnector]
+fits with ``curve="chain"`` is a sum of divergences between neighbouring networks'
+predictions. (The default continuous curve descends the Fisher–Rao energy itself,
+which every built-in divergence has as its local form; a callable has none, so it
+takes the chain.) Besides the built-in ones (``"jsd"``,
 ``"fisher_rao"``, ``"hellinger"``, ``"kl"``), ``divergence`` accepts any callable
 ``(logits_p, logits_q) -> tensor`` returning one value per sample: it receives logits
 of shape ``(..., n_classes)`` and reduces over the last dimension only.
@@ -47,9 +50,9 @@ model_b = train_classifier(make_mlp(seed=6), data.X_train, data.y_train, seed=6)
 
 paths = {
     "linear": LinearConnector(device="cpu"),
-    "jsd": GeodesicConnector(max_iter=50, device="cpu", random_state=0),
+    "jsd": GeodesicConnector(curve="chain", max_iter=50, device="cpu", random_state=0),
     "bhattacharyya": GeodesicConnector(
-        divergence=bhattacharyya, max_iter=50, device="cpu", random_state=0
+        curve="chain", divergence=bhattacharyya, max_iter=50, device="cpu", random_state=0
     ),
 }
 test = {}
@@ -78,7 +81,7 @@ def mean_only(logits_p, logits_q):
 
 
 try:
-    GeodesicConnector(divergence=mean_only, max_iter=1, device="cpu").fit(
+    GeodesicConnector(curve="chain", divergence=mean_only, max_iter=1, device="cpu").fit(
         data.X_train, model_a=model_a, model_b=model_b
     )
 except ValueError as error:

@@ -71,12 +71,7 @@ paths = {
         n_points=9, device="cpu", align="weight_matching", random_state=0
     ),
     "geodesic, aligned": GeodesicConnector(
-        n_points=9,
-        max_iter=15,
-        learning_rate_init=1e-2,
-        device="cpu",
-        align="weight_matching",
-        random_state=0,
+        n_points=9, device="cpu", align="weight_matching", random_state=0
     ),
 }
 for connector in paths.values():

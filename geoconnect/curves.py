@@ -35,23 +35,33 @@ from ._data import Batch, StreamData, TensorData, as_data
 from ._inputs import Inputs, concat, n_rows, rows, stack_inputs
 from ._optim import SGD, Adam
 from .divergences import Divergence, fisher_form, fisher_rao, jensen_shannon, spec_of
-from .evaluation import arc_length_positions, segment_divergences
+from .evaluation import arc_length_positions, euclidean_length, segment_divergences
 from .fitting import (
     ADAPTIVE_CUTS,
     FitSettings,
     _load_moments,
     _moments,
+    check_finite_start,
+    check_fittable,
     diverged,
     progress_bar,
     relative_scales,
     scheduled_rate,
     update_no_improvement_count,
+    warn_batch_of_one,
     warn_diverged,
 )
 from .path import ModelPath, recompute_module_batchnorm
 from .persistence import prefixed
 
-__all__ = ["Curve", "curve_chord_energy", "curve_energy", "curve_fisher_form", "fit_curve"]
+__all__ = [
+    "Curve",
+    "curve_chord_energy",
+    "curve_energy",
+    "curve_euclidean_length",
+    "curve_fisher_form",
+    "fit_curve",
+]
 
 CurveKind = Literal["bezier", "polychain"]
 Objective = Literal["loss", "energy"]
@@ -153,12 +163,18 @@ class Curve:
         """The networks' parameters at ``t``: a stack ``(len(t), *shape)`` per name.
 
         ``stacks`` replaces the control points' (the differentiable bends while
-        training); ``velocity=True`` gives the velocity ``θ̇(t)`` instead.
+        training); ``velocity=True`` gives the velocity ``θ̇(t)`` instead. A
+        parameter frozen in both models (the control path's ``frozen``) is its
+        common value at every ``t``, exactly.
         """
         stacks = self.control.params if stacks is None else stacks
         w = self.tangent_weights(t) if velocity else self.weights(t)
         out = {}
         for name, stack in stacks.items():
+            if name in self.control.frozen:  # one value along the curve, exactly
+                value = torch.zeros_like(stack[0]) if velocity else stack[0]
+                out[name] = value.expand(len(w), *stack.shape[1:])
+                continue
             weights = w.to(device=stack.device, dtype=stack.dtype)
             out[name] = torch.tensordot(weights, stack, dims=([1], [0]))
         return out
@@ -392,6 +408,7 @@ def fit_curve(
     curve stops improving on others.
     """
     control = curve.control
+    check_fittable(control, settings)
     bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
     make = SGD if settings.solver == "sgd" else Adam
     scales = relative_scales(control, bends) if settings.relative_step else None
@@ -400,7 +417,8 @@ def fit_curve(
     )
     module = control.batch_statistics_module()
     keys = ("loss",) if objective == "loss" else ("energy", "length")
-    history: dict[str, list] = {key: [] for key in (*keys, "seconds")}
+    extra = () if objective == "loss" else ("euclidean_length",)
+    history: dict[str, list] = {key: [] for key in (*keys, *extra, "seconds")}
     stopping, converged = _Stopping(settings), False
     start = {k: v.detach().clone() for k, v in bends.items()}
     best = start  # replaced, never written into
@@ -416,10 +434,12 @@ def fit_curve(
     saved = None if settings.checkpoint is None else settings.checkpoint.saved
     if saved is not None:  # resume where the checkpointed fit stopped
         history, initial, converged, best, start = _resume(
-            saved, bends, optimizer, stopping, settings, generator
+            saved, bends, optimizer, stopping, settings, generator, epoch.draws
         )
     else:
         initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
+        if objective == "energy":
+            check_finite_start(initial[0])  # NaN logits: named, not descended
     try:
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
@@ -435,6 +455,8 @@ def fit_curve(
                     )
                 for key in keys:
                     history[key].append(record[key])
+                if extra:
+                    history["euclidean_length"].append(curve_euclidean_length(curve))
                 if validation is not None:  # early stopping watches the held-out length
                     held_out = epoch.measure(validation)
                     history["validation_energy"].append(held_out[0])
@@ -446,7 +468,7 @@ def fit_curve(
                 converged = stopping.plateaued(value)
                 if settings.checkpoint is not None:
                     settings.checkpoint.write(
-                        _snapshot(bends, best, start, optimizer, settings, generator),
+                        _snapshot(bends, best, start, optimizer, settings, generator, epoch.draws),
                         {
                             "history": history,
                             "best": stopping.best,
@@ -475,6 +497,31 @@ def fit_curve(
     return history, converged
 
 
+#: The pieces of ``t`` on which :func:`curve_euclidean_length` measures a curve.
+_EUCLIDEAN_PIECES = 16
+
+
+@torch.no_grad()
+def curve_euclidean_length(curve: Curve, n_pieces: int = _EUCLIDEAN_PIECES) -> float:
+    """The curve's length in parameter space, ``∫₀¹ ‖θ̇(t)‖₂ dt``, as the length of
+    the polygon through it at ``n_pieces`` even steps of ``t`` (a lower bound, exact
+    for the polygonal chain when the steps meet its bends).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect import ModelPath
+    >>> from geoconnect.curves import Curve, curve_euclidean_length
+    >>> from geoconnect.evaluation import euclidean_length
+    >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> line = ModelPath.linear(a, b, 5)
+    >>> bool(abs(curve_euclidean_length(Curve(line, "bezier")) - euclidean_length(line)) < 1e-5)
+    True
+    """
+    grid = torch.linspace(0.0, 1.0, n_pieces + 1, dtype=torch.float64)
+    return euclidean_length(curve.params_at(grid), curve.control.frozen)
+
+
 def _snapshot(
     bends: dict[str, Tensor],
     best: dict[str, Tensor],
@@ -482,14 +529,17 @@ def _snapshot(
     optimizer: Adam | SGD,
     settings: FitSettings,
     generator: torch.Generator,
+    draws: torch.Generator,
 ) -> dict[str, Tensor]:
     """A curve fit's tensors after an epoch: the bends, the best epoch's and the
-    start's, the optimiser's moments and the random generators' states."""
+    start's, the optimiser's moments and the random generators' states (the batch
+    order's, the draws of t's, torch's)."""
     tensors = {f"bends/{k}": v.detach() for k, v in bends.items()}
     tensors.update({f"best/{k}": v for k, v in best.items()})
     tensors.update({f"start/{k}": v for k, v in start.items()})
     tensors.update({f"moments/{k}": v for k, v in _moments(optimizer, settings.solver).items()})
     tensors["rng/generator"] = generator.get_state()
+    tensors["rng/draws"] = draws.get_state()
     tensors["rng/torch"] = torch.get_rng_state()
     return tensors
 
@@ -501,6 +551,7 @@ def _resume(
     stopping: _Stopping,
     settings: FitSettings,
     generator: torch.Generator,
+    draws: torch.Generator,
 ) -> tuple[dict[str, list], tuple[float, float], bool, dict[str, Tensor], dict[str, Tensor]]:
     """Load a :func:`_snapshot` and its record into a fit; returns its history, the
     start's energy and length, whether it had converged, and the best epoch's and
@@ -511,6 +562,7 @@ def _resume(
             value.copy_(tensors[f"bends/{name}"])
     _load_moments(optimizer, prefixed(tensors, "moments/"), settings.solver)
     generator.set_state(tensors["rng/generator"])
+    draws.set_state(tensors["rng/draws"])
     torch.set_rng_state(tensors["rng/torch"])
     stopping.best, stopping.stale = record["best"], record["stale"]
     stopping.cuts = int(record.get("cuts", 0))
@@ -831,6 +883,12 @@ class _CurveEpoch:
             objective,
         )
         self.estimate, self.divergence = estimate, divergence
+        self.warned_single = False
+        # The draws of t on a generator of their own, seeded from the batch order's:
+        # a stream and the same inputs in memory, whose batch orders consume the
+        # batch-order generator differently, draw the same t.
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        self.draws = torch.Generator().manual_seed(seed)
 
     def run(self) -> dict[str, float]:
         """The epoch's means: ``loss``, or ``energy`` and ``length``."""
@@ -840,7 +898,10 @@ class _CurveEpoch:
             if self.objective == "loss" and batch.y is None:
                 raise ValueError("A curve is trained on labels: X yielded a batch without y.")
             if control.has_batchnorm and n_rows(batch.x) < 2:
-                continue  # no batch statistics from one sample
+                if not self.warned_single:  # no batch statistics from one sample
+                    self.warned_single = True
+                    warn_batch_of_one(stacklevel=5)  # run, fit_curve, _fit_curve, _fit
+                continue
             value, speed = self._value(batch)
             for v in self.bends.values():
                 v.grad = None
@@ -920,8 +981,8 @@ class _CurveEpoch:
         control = self.curve.control
         stacks = self._stacks()
         if self.objective == "energy":
-            return self._energy(batch.x, self.generator, stacks, split=self.estimate == "split")
-        t = torch.rand(1, generator=self.generator, dtype=torch.float64)
+            return self._energy(batch.x, self.draws, stacks, split=self.estimate == "split")
+        t = torch.rand(1, generator=self.draws, dtype=torch.float64)
         params = self.curve.params_at(t, stacks)
         logits = control.functional_forward(params, batch.x, module=self.module, strategy="loop")
         return F.cross_entropy(logits[0], batch.y), math.nan

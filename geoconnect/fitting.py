@@ -225,7 +225,7 @@ class FitState:
         >>> FitState.start(path, data, jensen_shannon, FitSettings()).n_iter
         0
         """
-        _check_fittable(path, settings)
+        check_fittable(path, settings)
         module = path.batch_statistics_module()
         path.strategy = _resolve_strategy(path, data, module, settings)
         state = cls(
@@ -241,7 +241,7 @@ class FitState:
             moments=None if previous is None else previous.moments,
         )
         state.initial_energy = path_energy(state)
-        _check_finite_start(state.initial_energy)
+        check_finite_start(state.initial_energy)
         state.initial_interior = {name: view.clone() for name, view in path.interior().items()}
         return state
 
@@ -251,13 +251,7 @@ class FitState:
             return True
         if "single" not in self.warned:
             self.warned.add("single")
-            warnings.warn(
-                "X yielded a batch of one sample; BatchNorm's batch statistics need at "
-                "least two, so the fit skips such batches. Give the DataLoader a "
-                "batch_size that does not leave one sample over (or drop_last=True).",
-                UserWarning,
-                stacklevel=5,
-            )
+            warn_batch_of_one(stacklevel=5)
         return False
 
     def begin_level(self) -> None:
@@ -353,7 +347,19 @@ class FitState:
         self.level_epochs = record["level_epochs"]
 
 
-def _check_fittable(path: ModelPath, settings: FitSettings) -> None:
+def warn_batch_of_one(stacklevel: int) -> None:
+    """Say that a BatchNorm batch of one sample is skipped (``stacklevel`` as
+    :func:`warnings.warn`'s, from the caller)."""
+    warnings.warn(
+        "X yielded a batch of one sample; BatchNorm's batch statistics need at "
+        "least two, so the fit skips such batches. Give the DataLoader a "
+        "batch_size that does not leave one sample over (or drop_last=True).",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def check_fittable(path: ModelPath, settings: FitSettings) -> None:
     """Refuse what no step can fit: nothing trainable, BatchNorm batches of one."""
     if path.frozen.issuperset(path.params):
         raise ValueError(
@@ -378,7 +384,7 @@ def _resolve_strategy(
     return choose_strategy(path, first.x, module)
 
 
-def _check_finite_start(energy: float) -> None:
+def check_finite_start(energy: float) -> None:
     if not math.isfinite(energy):
         raise ValueError(
             f"The energy of the initial path on X is {energy}: some of its points give "

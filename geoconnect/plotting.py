@@ -181,10 +181,14 @@ def _history(source: object) -> tuple[dict[str, list[float]], object]:
             "GeodesicConnector. Call fit(X, model_a=..., model_b=...) first."
         )
     keys = ("energy", "chord_length", "euclidean_length")
-    if not isinstance(history, Mapping) or any(k not in history for k in keys):
+    curve_keys = ("energy", "length", "euclidean_length")  # a curve's
+    if not isinstance(history, Mapping) or not (
+        all(k in history for k in keys) or all(k in history for k in curve_keys)
+    ):
         raise TypeError(
             "plot_history needs a fitted GeodesicConnector or its history_, a dict with "
-            f"the per-epoch lists {list(keys)}; got {type(source).__name__}."
+            f"the per-epoch lists {list(keys)} (a chain's) or {list(curve_keys)} (a "
+            f"curve's); got {type(source).__name__}."
         )
     if len(history["energy"]) == 0:
         raise ValueError(
@@ -220,8 +224,11 @@ def plot_history(
     space of predictive distributions (Fisher–Rao) falls while its length in
     parameter space (Euclidean) rises — the path bends away from the straight line.
     The Fisher–Rao panel is the chord sum at the points per epoch
-    (``history_["chord_length"]``); a fitted connector's continuous ``length_``, the
-    networks between the points included, is marked at the last epoch. When the
+    (``history_["chord_length"]``), or for a curve (``curve="bezier"``, the
+    default) the epoch's mean of the chord sums on each batch's grid of ``t``
+    (``history_["length"]``), whose energy is the Fisher–Rao energy in rad²; a
+    fitted connector's continuous ``length_``, the networks between the points
+    included, is marked at the last epoch. When the
     history records a coarse-to-fine fit (``history_["n_points"]`` changes),
     the coarse levels are shaded, dotted lines mark each refinement and the x label
     lists the levels' numbers of points; a coarse level's numbers are those of its
@@ -232,7 +239,7 @@ def plot_history(
     ----------
     connector : GeodesicConnector or dict
         A fitted connector, or its ``history_`` (per-epoch lists ``energy``,
-        ``chord_length``, ``euclidean_length``).
+        ``chord_length`` — ``length`` for a curve — and ``euclidean_length``).
     baseline : LinearConnector, optional
         A straight line between the same models, fitted on the same X: its
         ``length_``, ``euclidean_length_`` (and ``energy_``, for the JSD) are drawn as
@@ -271,17 +278,23 @@ def plot_history(
         axes = list(ax)
         fig = axes[0].figure
     epochs = np.arange(1, len(history["energy"]) + 1)
+    curve = "chord_length" not in history  # a curve's record: its Fisher–Rao energy
     # The energy's units for a built-in divergence (history_ and energy_ sum its values).
-    spec = SPECS.get(divergence) if isinstance(divergence, str) else None
-    units = None if spec is None else f"{spec.label}, {spec.units}"
-    panels = [
-        ("energy", "energy", "energy (Σ segment divergences)", "energy_"),
-        (
+    spec = SPECS.get(divergence) if isinstance(divergence, str) and not curve else None
+    units = "Fisher–Rao, rad²" if curve else None if spec is None else f"{spec.label}, {spec.units}"
+    chords = (
+        ("length", "Fisher–Rao length (rad)", "chord sums on the batches' grids of t", "length_")
+        if curve
+        else (
             "chord_length",
             "Fisher–Rao chord length (rad)",
             "chord sum at the points",
             "chord_length_",
-        ),
+        )
+    )
+    panels = [
+        ("energy", "energy", "energy (Σ segment divergences)", "energy_"),
+        chords,
         (
             "euclidean_length",
             "Euclidean length (‖Δθ‖₂)",
@@ -297,13 +310,13 @@ def plot_history(
             axis.axvspan(0.5, levels[-1][0] + 0.5, color="0.92", zorder=0)
             for first, _, _ in levels[1:]:
                 axis.axvline(first + 0.5, color="0.6", linestyle=":", linewidth=1)
-        reference = getattr(baseline, attr, None) if baseline is not None else None
-        if key == "energy" and divergence not in (None, "jsd"):
+        reference = getattr(baseline, attr, None) if baseline is not None and attr else None
+        if key == "energy" and (curve or divergence not in (None, "jsd")):
             reference = None  # the line's energy_ is a JSD sum: not comparable
         if reference is not None:
             axis.axhline(reference, color="0.35", linestyle="--", label="straight line")
         length = getattr(connector, "length_", None)
-        if key == "chord_length" and length is not None:
+        if key == chords[0] and length is not None:
             axis.plot(epochs[-1:], [length], "*", color="C3", ms=10, label="length_ (continuous)")
         if len(levels) > 1:
             coarse = ", ".join(str(n) for _, _, n in levels[:-1])
@@ -316,7 +329,7 @@ def plot_history(
             fontsize="medium",
         )
         axis.grid(alpha=0.3)
-        if reference is not None or (key == "chord_length" and length is not None):
+        if reference is not None or (key == chords[0] and length is not None):
             axis.legend(fontsize="small", loc="best")
     if title:
         fig.suptitle(title)

@@ -90,6 +90,7 @@ def fit(args: argparse.Namespace) -> dict:
         X = torch.as_tensor(data.images_train[:192], dtype=torch.float32)
         a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
     geo = GeodesicConnector(
+        curve="chain",
         n_points=args.n_points,
         solver=args.solver,
         learning_rate_init=args.learning_rate,

@@ -173,7 +173,7 @@ def test_a_group_geoconnect_initialised_is_taken_down_when_the_script_ends(tmp_p
         "from geoconnect import GeodesicConnector\n"
         "atexit.register(lambda: print('initialised at exit:', dist.is_initialized()))\n"
         "a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)\n"
-        "GeodesicConnector(n_points=5, max_iter=1, device='cpu', random_state=0,\n"
+        "GeodesicConnector(curve='chain', n_points=5, max_iter=1, device='cpu', random_state=0,\n"
         "                  distributed=True).fit(torch.randn(16, 4), model_a=a, model_b=b)\n"
         "print('initialised after the fit:', dist.is_initialized())\n"
     )
@@ -202,7 +202,9 @@ def _free_port() -> int:
 def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
-    geo = GeodesicConnector(n_points=5, max_iter=1, device="cpu", random_state=0, distributed=True)
+    geo = GeodesicConnector(
+        curve="chain", n_points=5, max_iter=1, device="cpu", random_state=0, distributed=True
+    )
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"torchrun --nproc_per_node=2"):
         geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
@@ -216,7 +218,9 @@ def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch):
     ],
 )
 def test_distributed_refuses_what_it_cannot_do(params, message):
-    geo = GeodesicConnector(n_points=5, max_iter=1, device="cpu", distributed=True, **params)
+    geo = GeodesicConnector(
+        curve="chain", n_points=5, max_iter=1, device="cpu", distributed=True, **params
+    )
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=message):
         geo.fit(torch.randn(16, 4), model_a=a, model_b=b)

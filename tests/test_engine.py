@@ -22,7 +22,10 @@ from geoconnect.models import load_digits_split, make_mobilenet, train_classifie
 
 
 def geodesic(**params) -> GeodesicConnector:
-    return GeodesicConnector(**{"n_points": 5, "device": "cpu", "random_state": 0, **params})
+    """The chain (this file tests its engine, fitting.py)."""
+    return GeodesicConnector(
+        **{"curve": "chain", "n_points": 5, "device": "cpu", "random_state": 0, **params}
+    )
 
 
 def fit(conn, pair, X=None):
@@ -253,7 +256,7 @@ _SCRIPT = textwrap.dedent(
             return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
 
     X = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
-    conn = GeodesicConnector(n_points=11, max_iter=6, batch_size=64, device="cpu",
+    conn = GeodesicConnector(curve="chain", n_points=11, max_iter=6, batch_size=64, device="cpu",
                              random_state=7)
     conn.fit(X, model_a=net(1).eval(), model_b=net(2).eval())
     digest = hashlib.sha256(conn.path_.parameters_vector().numpy().tobytes())
@@ -292,6 +295,7 @@ def test_a_diverging_fit_returns_the_path_it_started_from(digits_pair):
         digits_pair.X, model_a=digits_pair.model_a, model_b=digits_pair.model_b
     )
     geo = GeodesicConnector(
+        curve="chain",
         n_points=7,
         learning_rate_init=5.0,
         max_iter=3,
@@ -319,7 +323,7 @@ def test_a_batchnorm_heavy_depthwise_pair_ends_below_the_line_at_default_setting
     line = LinearConnector(n_points=9).fit(X, model_a=a, model_b=b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # 20 epochs: a budget
-        geo = GeodesicConnector(n_points=9, max_iter=20, random_state=0).fit(
+        geo = GeodesicConnector(curve="chain", n_points=9, max_iter=20, random_state=0).fit(
             X, model_a=a, model_b=b
         )
     assert geo.energy_ < line.energy_

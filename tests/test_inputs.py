@@ -150,7 +150,7 @@ def test_a_custom_divergence_of_the_wrong_shape_is_rejected(small_pair):
         return (p - q).square().sum()
 
     with pytest.raises(ValueError, match=r"divergence must return one value per sample"):
-        fit(CONNECTORS[0].values[0], small_pair, divergence=total)
+        fit(CONNECTORS[0].values[0], small_pair, curve="chain", divergence=total)
 
 
 def test_a_custom_divergence_without_a_gradient_is_rejected(small_pair):
@@ -158,7 +158,7 @@ def test_a_custom_divergence_without_a_gradient_is_rejected(small_pair):
         return (p.softmax(-1) - q.softmax(-1)).abs().sum(-1).detach()
 
     with pytest.raises(ValueError, match=r"divergence returned values without a gradient"):
-        fit(CONNECTORS[0].values[0], small_pair, divergence=detached)
+        fit(CONNECTORS[0].values[0], small_pair, curve="chain", divergence=detached)
 
 
 # -- the data ----------------------------------------------------------------------------
@@ -274,7 +274,8 @@ def test_geodesic_needs_x():
 
 
 def test_warm_start_with_another_number_of_points_is_rejected(small_pair):
-    conn = fit(CONNECTORS[0].values[0], small_pair, n_points=4, warm_start=True)
+    # the chain's points are what it continues (a curve resamples its path_ at any n_points)
+    conn = fit(CONNECTORS[0].values[0], small_pair, curve="chain", n_points=4, warm_start=True)
     conn.set_params(n_points=5)
     with pytest.raises(
         ValueError, match=r"warm_start=True .* 4 points.*n_points=5.*Set n_points=4"
@@ -282,15 +283,19 @@ def test_warm_start_with_another_number_of_points_is_rejected(small_pair):
         conn.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
 
 
-def test_a_learning_rate_that_diverges_is_reported_not_returned():
+@pytest.mark.parametrize(
+    ("curve", "message"),
+    [
+        ("chain", r"energy became nan in epoch \d+, from a finite .* Lower learning_rate_init"),
+        ("bezier", r"energy along the curve became nan in epoch \d+: lower learning_rate_init"),
+    ],
+)
+def test_a_learning_rate_that_diverges_is_reported_not_returned(curve, message):
     pair = random_pair(scale=3.0)
     conn = GeodesicConnector(
-        n_points=4, solver="sgd", learning_rate_init=1e30, max_iter=5, device="cpu"
+        curve=curve, n_points=4, solver="sgd", learning_rate_init=1e30, max_iter=5, device="cpu"
     )
-    with pytest.raises(
-        ValueError,
-        match=r"energy became nan in epoch \d+, from a finite .* Lower learning_rate_init",
-    ):
+    with pytest.raises(ValueError, match=message):
         conn.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert not hasattr(conn, "path_")
 

@@ -34,6 +34,7 @@ from geoconnect import (
     NEBConnector,
 )
 from geoconnect._data import TensorData, as_data
+from geoconnect.connectors.geodesic import ABSOLUTE_RATE, CURVE_EPOCHS, CURVE_RELATIVE_RATE
 from geoconnect.curves import (
     Curve,
     arc_length_t,
@@ -575,7 +576,7 @@ def test_the_curve_geodesic_is_shorter_than_the_line_and_than_the_loss_curve(
     assert geo.length_ < 0.5 * line.length_
     assert geo.length_ < loss_curve.length_
     assert isinstance(geo.curve_, Curve) and geo.curve_.n_bends == 3
-    assert set(geo.history_) == {"energy", "length", "seconds"}
+    assert set(geo.history_) == {"energy", "length", "euclidean_length", "seconds"}
     assert geo.history_["energy"][-1] < geo.history_["energy"][0]
     with torch.no_grad():  # the curve's ends are the models
         x = torch.as_tensor(pair.X[:16])
@@ -660,7 +661,9 @@ def test_the_chain_is_unchanged_against_a_stored_reference():
     with safe_open(REFERENCE, "pt") as handle:
         made = handle.metadata()
     pair = random_pair((5, 16, 16, 3), n_samples=200, seed=3)
-    geo = GeodesicConnector(n_points=7, max_iter=6, device="cpu", random_state=0, strategy="loop")
+    geo = GeodesicConnector(
+        curve="chain", n_points=7, max_iter=6, device="cpu", random_state=0, strategy="loop"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
@@ -683,7 +686,8 @@ def test_a_curve_fit_that_ends_above_its_start_returns_its_start_and_says_so():
     geo = GeodesicConnector(
         curve="bezier",
         n_bends=1,
-        learning_rate_init=0.3,
+        learning_rate_init=0.3,  # an absolute step this large diverges
+        relative_step=False,
         max_iter=3,
         device="cpu",
         random_state=0,  # the batches' order and the t drawn: not the suite's RNG state
@@ -753,7 +757,7 @@ def test_a_cosine_schedule_lowers_a_curves_rate_to_zero_and_is_refused_for_the_c
             random_state=0,
         ).fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert rates == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)])
-    chain = GeodesicConnector(learning_rate="cosine", device="cpu")
+    chain = GeodesicConnector(curve="chain", learning_rate="cosine", device="cpu")
     with pytest.raises(ValueError, match="learning_rate='cosine' schedules a curve"):
         chain.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert not hasattr(chain, "path_")
@@ -779,10 +783,12 @@ def test_a_relative_step_fits_the_same_curve_whatever_the_parametrisation(c):
     plain, scaled = _curves_of_rescaled_pairs(pair, c, relative_step=True)
     line = Curve(ModelPath.linear(pair.model_a, pair.model_b, 5), "bezier").sample(9)
     assert (plain - line.logits(x)).abs().max() > 1e-2  # the fit moved the curve
-    np.testing.assert_allclose(scaled.numpy(), plain.numpy(), atol=2e-4)
+    # (float32 rounding of the rescaled weights moves it by up to 2e-3 at c = 20)
+    np.testing.assert_allclose(scaled.numpy(), plain.numpy(), atol=5e-3)
     # an absolute step of the same size moves the rescaled pair's curve elsewhere
-    plain, scaled = _curves_of_rescaled_pairs(pair, c)
-    assert (plain - scaled).abs().max() > 1e-2
+    # (by 0.2 on this pair)
+    plain, scaled = _curves_of_rescaled_pairs(pair, c, relative_step=False)
+    assert (plain - scaled).abs().max() > 5e-2
 
 
 def _curves_of_rescaled_pairs(pair, c: float, **params) -> list[torch.Tensor]:
@@ -809,10 +815,40 @@ def _curves_of_rescaled_pairs(pair, c: float, **params) -> list[torch.Tensor]:
 
 
 def test_a_relative_step_is_refused_for_the_chain(small_pair):
-    chain = GeodesicConnector(relative_step=True, device="cpu")
+    chain = GeodesicConnector(curve="chain", relative_step=True, device="cpu")
     with pytest.raises(ValueError, match="relative_step=True scales a curve's step"):
         chain.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(chain, "path_")
+
+
+def test_a_curves_auto_settings_are_a_relative_step_and_a_budget_that_does_not_warn(small_pair):
+    ends = {"model_a": small_pair.model_a, "model_b": small_pair.model_b}
+    common = {"curve": "bezier", "n_iter_no_change": 100, "device": "cpu", "random_state": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # a budget, not a failure
+        auto = GeodesicConnector(**common).fit(small_pair.X, **ends)
+    assert auto.n_iter_ == CURVE_EPOCHS == 16
+    explicit = GeodesicConnector(
+        relative_step=True, learning_rate_init=CURVE_RELATIVE_RATE, max_iter=16, **common
+    )
+    with pytest.warns(ConvergenceWarning, match="max_iter=16"):  # a limit the user set
+        explicit.fit(small_pair.X, **ends)
+    for name, stack in auto.curve_.control.params.items():
+        assert torch.equal(explicit.curve_.control.params[name], stack)
+
+
+def test_the_chains_auto_settings_are_an_absolute_step_of_3e_3(small_pair):
+    ends = {"model_a": small_pair.model_a, "model_b": small_pair.model_b}
+    common = {"curve": "chain", "max_iter": 3, "device": "cpu", "random_state": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        auto = GeodesicConnector(**common).fit(small_pair.X, **ends)
+        explicit = GeodesicConnector(
+            relative_step=False, learning_rate_init=ABSOLUTE_RATE, **common
+        ).fit(small_pair.X, **ends)
+    assert ABSOLUTE_RATE == 3e-3
+    for name, stack in auto.path_.params.items():
+        assert torch.equal(explicit.path_.params[name], stack)
 
 
 def _validated(pair, **kwargs) -> GeodesicConnector:
@@ -937,6 +973,6 @@ def test_an_adaptive_rate_is_divided_at_each_plateau_and_the_third_stops(small_p
         geo.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
     assert rates == pytest.approx([1e-3, 1e-3, 2e-4, 4e-5])
     assert geo.n_iter_ == 4
-    chain = GeodesicConnector(learning_rate="adaptive", device="cpu")
+    chain = GeodesicConnector(curve="chain", learning_rate="adaptive", device="cpu")
     with pytest.raises(ValueError, match="learning_rate='adaptive' schedules a curve"):
         chain.fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)

@@ -377,9 +377,9 @@ def test_a_pickled_connector_predicts_the_same_and_holds_cpu_tensors(small_pair)
     a, b = small_pair.copies()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        geo = GeodesicConnector(n_points=5, max_iter=3, device="cpu", random_state=0)
+        geo = GeodesicConnector(curve="chain", n_points=5, max_iter=3, device="cpu", random_state=0)
         geo.fit(small_pair.X, model_a=a, model_b=b)
-    state = geo.__getstate__()
+    state = geo.__getstate__()  # the chain keeps its optimiser's moments for warm_start
     tensors = [v for v in state["_fit_moments"].values()]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     path_state = state["path_"].__getstate__()

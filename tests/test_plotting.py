@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 
 import matplotlib
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath, PathEvaluation
@@ -53,7 +55,7 @@ def _pair(batchnorm: bool = False, seed: int = 0):
 def fitted():
     a, b, X, y = _pair()
     line = LinearConnector(n_points=5, device="cpu").fit(X, model_a=a, model_b=b)
-    geo = GeodesicConnector(n_points=5, max_iter=8, device="cpu", random_state=0)
+    geo = GeodesicConnector(curve="chain", n_points=5, max_iter=8, device="cpu", random_state=0)
     geo.fit(X, model_a=a, model_b=b)
     return line, geo, X, y
 
@@ -172,12 +174,34 @@ def test_history_draws_the_fits_record_per_epoch(fitted):
 def test_history_omits_the_lines_energy_for_another_divergence(fitted):
     line = fitted[0]
     a, b, X, _ = _pair()
-    other = GeodesicConnector(n_points=4, max_iter=2, divergence="hellinger", device="cpu")
+    other = GeodesicConnector(
+        curve="chain", n_points=4, max_iter=2, divergence="hellinger", device="cpu"
+    )
     other.fit(X, model_a=a, model_b=b)
     axes = plot_history(other, baseline=line)
     assert len(axes[0].lines) == 1  # a JSD energy is not comparable with a Hellinger one
     assert len(axes[1].lines) == 3  # its chords, the line's, and its continuous length_
     assert "squared Hellinger" in axes[0].get_title()
+
+
+def test_history_draws_a_curves_record_with_its_energy_in_fisher_rao_units(fitted):
+    line = fitted[0]
+    a, b, X, _ = _pair()
+    curve = GeodesicConnector(curve="bezier", n_points=5, max_iter=3, device="cpu", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        curve.fit(X, model_a=a, model_b=b)
+    axes = plot_history(curve, baseline=line)
+    for ax, key in zip(axes, ["energy", "length", "euclidean_length"]):
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), curve.history_[key])
+    assert axes[0].get_title() == "energy (Fisher–Rao, rad²)"
+    assert len(axes[0].lines) == 1  # the line's energy_ is a JSD sum: not drawn
+    # the line's continuous length, against the curve's, marked at the last epoch
+    assert axes[1].lines[1].get_ydata()[0] == pytest.approx(line.length_)
+    assert axes[1].lines[2].get_ydata()[0] == pytest.approx(curve.length_)
+    # the parameter-space length rises from the line's as the bends move off it
+    assert curve.history_["euclidean_length"][-1] > line.euclidean_length_
+    assert axes[2].lines[1].get_ydata()[0] == pytest.approx(line.euclidean_length_)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

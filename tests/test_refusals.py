@@ -149,7 +149,7 @@ def test_a_custom_divergence_with_negative_values_is_refused(small_pair):
         return -((p - q) ** 2).sum(-1)
 
     with pytest.raises(ValueError, match=r"negative value .* must be ≥ 0"):
-        geodesic(divergence=negative, max_iter=2).fit(
+        geodesic(curve="chain", divergence=negative, max_iter=2).fit(  # a callable: the chain
             small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b
         )
 

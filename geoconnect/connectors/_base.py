@@ -712,16 +712,17 @@ OPTIMISATION_CONSTRAINTS: dict = {
 
 
 def optimisation_settings(estimator: Any, **more: Any) -> FitSettings:
-    """The engine's settings from a trained connector's optimisation parameters."""
-    return FitSettings(
-        solver=estimator.solver,
-        learning_rate=estimator.learning_rate_init,
-        max_iter=estimator.max_iter,
-        batch_size=estimator.batch_size,
-        tol=estimator.tol,
-        n_iter_no_change=estimator.n_iter_no_change,
-        **more,
-    )
+    """The engine's settings from a trained connector's optimisation parameters;
+    ``more`` adds settings, or replaces them (a resolved ``"auto"``)."""
+    values = {
+        "solver": estimator.solver,
+        "learning_rate": estimator.learning_rate_init,
+        "max_iter": estimator.max_iter,
+        "batch_size": estimator.batch_size,
+        "tol": estimator.tol,
+        "n_iter_no_change": estimator.n_iter_no_change,
+    }
+    return FitSettings(**{**values, **more})
 
 
 class _LossConnector(_BaseConnector):
