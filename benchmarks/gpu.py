@@ -2,9 +2,10 @@
 
 One prepared script for a session that is lent a GPU: trains two ResNet-20×4
 networks from two seeds on synthetic 32×32 RGB images (10 classes, each a smooth
-random template plus noise — nothing downloaded), then runs GeodesicConnector over
-a ladder of epoch budgets (float32, then ``mixed_precision=True``: bf16 autocast;
-each until it connects) and the seed algorithm (``benchmarks/seed.py``, one run
+random template plus noise — nothing downloaded), then runs GeodesicConnector's
+chain (``curve="chain"``) over a ladder of epoch budgets (float32, then
+``mixed_precision=True``: bf16 autocast; each until it connects), the default
+continuous geodesic likewise, and the seed algorithm (``benchmarks/seed.py``, one run
 scored at 1, 2, 4, … epochs until it connects or passes ``--seed-cap`` seconds), and
 prints time-to-connect, seconds per epoch and peak GPU memory, with ratios, and
 whether bf16 keeps the path's quality. Sized
@@ -151,8 +152,9 @@ def main() -> None:
         f"endpoint accuracy {ev_line.accuracy[0]:.3f} / {ev_line.accuracy[-1]:.3f}"
     )
 
-    def ours(epochs: int, mixed_precision: bool = False) -> GeodesicConnector:
+    def ours(epochs: int, mixed_precision: bool = False, curve: str = "chain") -> GeodesicConnector:
         conn = GeodesicConnector(
+            curve=curve,
             n_points=25,
             max_iter=epochs,
             n_iter_no_change=epochs,
@@ -172,15 +174,15 @@ def main() -> None:
             flush=True,
         )
 
-    def ladder(label: str, mixed_precision: bool) -> dict:
+    def ladder(label: str, mixed_precision: bool, curve: str = "chain") -> dict:
         """Fresh fits at each budget until one connects; seconds per epoch of the last."""
-        ours(1, mixed_precision)  # warm-up: kernels, cuDNN autotuning, strategy choice
+        ours(1, mixed_precision, curve)  # warm-up: kernels, cuDNN autotuning, strategy choice
         rows, fitted = [], None
         for epochs in ours_budgets:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             tic = time.perf_counter()
-            fitted = ours(epochs, mixed_precision)
+            fitted = ours(epochs, mixed_precision, curve)
             seconds = time.perf_counter() - tic
             barrier = evaluate_path(fitted.path_, X_test, y_test).barrier
             rows.append({"epochs": epochs, "seconds": seconds, "barrier": barrier})
@@ -188,12 +190,14 @@ def main() -> None:
             if barrier <= target:
                 break
         history = fitted.history_
-        per_epoch = [s for s, n in zip(history["seconds"], history["n_points"]) if n == 25]
+        levels = history.get("n_points", [25] * len(history["seconds"]))  # a curve: one
+        per_epoch = [s for s, n in zip(history["seconds"], levels) if n == 25]
         return {"ladder": rows, "seconds_per_epoch": float(np.median(per_epoch))}
 
     report: dict = {"device": name, "n_params": n_params, "linear_barrier": ev_line.barrier}
     report["geoconnect"] = ladder("geoconnect", mixed_precision=False)
     report["bf16"] = ladder("bf16", mixed_precision=True)
+    report["curve"] = ladder("curve", mixed_precision=False, curve="bezier")  # the default
     rows, epoch_seconds = [], [float("nan")]
     for epochs, path, timing in seed_run(seed_budgets):
         barrier = evaluate_path(path, X_test, y_test).barrier
@@ -206,7 +210,8 @@ def main() -> None:
     report["geoconnect"]["peak_bytes"] = peak_bytes(lambda: ours(1), device)
     report["bf16"]["peak_bytes"] = peak_bytes(lambda: ours(1, True), device)
     report["seed"]["peak_bytes"] = peak_bytes(lambda: list(seed_run([1])), device)
-    for method in ("geoconnect", "bf16", "seed"):
+    report["curve"]["peak_bytes"] = peak_bytes(lambda: ours(1, curve="bezier"), device)
+    for method in ("geoconnect", "bf16", "seed", "curve"):
         reached = [r["seconds"] for r in report[method]["ladder"] if r["barrier"] <= target]
         report[method]["time_to_connect"] = min(reached, default=None)
 
@@ -244,6 +249,13 @@ def main() -> None:
         f"(float32 {min(r['barrier'] for r in o['ladder']):.4f}); seconds per epoch "
         f"{m['seconds_per_epoch']:.3f}, {o['seconds_per_epoch'] / m['seconds_per_epoch']:.2f}x "
         f"float32's; peak {m['peak_bytes'] / 2**30:.2f} GiB"
+    )
+    c = report["curve"]
+    ttc = "not reached" if c["time_to_connect"] is None else f"{c['time_to_connect']:.1f} s"
+    print(
+        f"the default continuous geodesic (curve='bezier'): time-to-connect {ttc}; seconds "
+        f"per epoch {c['seconds_per_epoch']:.3f}; peak {c['peak_bytes'] / 2**30:.2f} GiB "
+        "(the lines above: the chain, curve='chain')"
     )
     if args.json:
         with open(args.json, "w") as fh:

@@ -103,11 +103,10 @@ class GeodesicConnector(_BaseConnector):
         ``coarse_to_fine`` included: ``n_iter_ ≤ max_iter`` always. ``"auto"``:
         100 for the chain; 16 for a curve, which then stops there without a
         ``ConvergenceWarning``: a curve's length on the fit inputs goes on
-        falling long after its length and loss barrier on other inputs have
-        stopped improving (on the benchmark's digits MLPs, the test barrier rose
-        from 0.007 after 16 epochs to 0.021 after 32), so its fit is a budget,
-        not a descent to convergence (the user guide's "How the geodesic is
-        fitted").
+        falling long after its loss barrier on other inputs has stopped
+        improving (on the benchmark's narrow digits MLPs, the test barrier was
+        0.004 after 16 epochs and 0.034 after 64), so its fit is a budget, not a
+        descent to convergence (the user guide's "How the geodesic is fitted").
     batch_size : int, default=256
         Samples per optimisation step.
     tol : float, default=1e-3
