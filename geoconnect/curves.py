@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from math import comb
 from typing import Literal
@@ -519,7 +520,27 @@ def curve_euclidean_length(curve: Curve, n_pieces: int = _EUCLIDEAN_PIECES) -> f
     True
     """
     grid = torch.linspace(0.0, 1.0, n_pieces + 1, dtype=torch.float64)
-    return euclidean_length(curve.params_at(grid), curve.control.frozen)
+    return euclidean_length(_StacksAt(curve, grid), curve.control.frozen)
+
+
+class _StacksAt(Mapping):
+    """A curve's parameters at ``t``, by name, each computed when it is read: a
+    reader that goes through them one by one holds one name's stack at a time, not
+    ``len(t)`` copies of the whole model."""
+
+    def __init__(self, curve: Curve, t: Tensor):
+        self.stacks, self.w = curve.control.params, curve.weights(t)
+
+    def __getitem__(self, name: str) -> Tensor:
+        stack = self.stacks[name]
+        weights = self.w.to(device=stack.device, dtype=stack.dtype)
+        return torch.tensordot(weights, stack, dims=([1], [0]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stacks)
+
+    def __len__(self) -> int:
+        return len(self.stacks)
 
 
 def _snapshot(
