@@ -529,12 +529,10 @@ class _StacksAt(Mapping):
     ``len(t)`` copies of the whole model."""
 
     def __init__(self, curve: Curve, t: Tensor):
-        self.stacks, self.w = curve.control.params, curve.weights(t)
+        self.curve, self.t, self.stacks = curve, t, curve.control.params
 
     def __getitem__(self, name: str) -> Tensor:
-        stack = self.stacks[name]
-        weights = self.w.to(device=stack.device, dtype=stack.dtype)
-        return torch.tensordot(weights, stack, dims=([1], [0]))
+        return self.curve.params_at(self.t, {name: self.stacks[name]})[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stacks)

@@ -279,9 +279,12 @@ def plot_history(
         fig = axes[0].figure
     epochs = np.arange(1, len(history["energy"]) + 1)
     curve = "chord_length" not in history  # a curve's record: its Fisher–Rao energy
-    # The energy's units for a built-in divergence (history_ and energy_ sum its values).
-    spec = SPECS.get(divergence) if isinstance(divergence, str) and not curve else None
-    units = "Fisher–Rao, rad²" if curve else None if spec is None else f"{spec.label}, {spec.units}"
+    # The chain's energy sums a built-in divergence's values: its units, if known.
+    spec = SPECS.get(divergence) if isinstance(divergence, str) else None
+    if curve:
+        units = "Fisher–Rao, rad²"
+    else:
+        units = None if spec is None else f"{spec.label}, {spec.units}"
     chords = (
         ("length", "Fisher–Rao length (rad)", "chord sums on the batches' grids of t", "length_")
         if curve
