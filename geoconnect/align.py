@@ -1369,6 +1369,8 @@ def _direct_rule(
         return error if error is not None else features[0]
     if target is F.layer_norm and features and first is features[0]:
         return _functional_layer_norm(state, node, values, first, directs, where)
+    if target in _CHANNEL_NORMS and features and first is features[0]:
+        return _functional_channel_norm(state, node, values, first, directs, where)
     if target in _CONCATENATIONS:
         return _cat_rule(state, node, values, where)
     return _direct_error(directs[0], where)
@@ -1408,6 +1410,44 @@ def _functional_layer_norm(
             return _direct_error(direct, where)
         if axis is not None:
             state.assign(direct.name, direct.tensor, axis, x.group)
+    return x
+
+
+#: The functional per-channel normalisations, and their arguments after the input.
+_CHANNEL_NORMS = {
+    F.batch_norm: ("running_mean", "running_var", "weight", "bias"),
+    F.instance_norm: ("running_mean", "running_var", "weight", "bias"),
+    F.group_norm: ("num_groups", "weight", "bias"),
+}
+
+
+def _functional_channel_norm(
+    state: _Derivation,
+    node: fx.Node,
+    values: Mapping[fx.Node, object],
+    x: _Features,
+    directs: list[_Direct],
+    where: str,
+) -> object:
+    """``F.batch_norm`` / ``F.instance_norm`` / ``F.group_norm`` (x, …), as timm's
+    ``BatchNormAct2d`` calls the first on its own buffers: statistics and affine
+    parameters per channel of ``x`` (axis 1), as ``nn.BatchNorm2d`` is followed. A
+    group norm of other than 1 or one group per channel keeps the channels in place."""
+    args, kwargs = list(node.args[1:]), dict(node.kwargs)
+    names = _CHANNEL_NORMS[node.target]
+    bound = {n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)}
+    per_channel = [values.get(a) for n, a in bound.items() if isinstance(a, fx.Node)]
+    for direct in directs:
+        whole = direct.tensor is not None and direct.axes == tuple(range(direct.tensor.ndim))
+        if not any(direct is p for p in per_channel) or not whole or direct.tensor.ndim != 1:
+            return _direct_error(direct, where)
+    groups = bound.get("num_groups", 1)
+    channels = {d.tensor.shape[0] for d in directs if d.tensor is not None}
+    if groups != 1 and channels != {groups}:
+        state.fix(x.group)  # permuting across groups would change them
+        return x
+    for direct in directs:
+        state.assign(direct.name, direct.tensor, 0, x.group)
     return x
 
 
@@ -1530,6 +1570,8 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
         return _cat_rule(state, node, values, where)
     if target is F.layer_norm:
         return _functional_layer_norm(state, node, values, first, [], where)
+    if target in _CHANNEL_NORMS:
+        return _functional_channel_norm(state, node, values, first, [], where)
     if target in (torch.flatten, "flatten"):
         start = kwargs.get("start_dim", args[0] if args else 0)
         end = kwargs.get("end_dim", args[1] if len(args) > 1 else -1)

@@ -336,7 +336,8 @@ def path_statistics(
     ``keep_logits``, the logits too, when they fit in ``_CACHE_BYTES``.
     """
     n = 0
-    fr_sum = costs_sum = loss_sum = correct = nonfinite = None
+    totals: dict[str, Tensor] = {}
+    nonfinite: Tensor | None = None
     kept: list[Tensor] | None = [] if keep_logits else None
     for batch in data.batches(batch_size):
         logits = path.logits(batch.x)  # (N, B, C)
@@ -347,52 +348,59 @@ def path_statistics(
             )
         bad = ~torch.isfinite(logits).flatten(1).all(1)
         nonfinite = bad if nonfinite is None else nonfinite | bad
-        n_points, b, n_classes = logits.shape
         if kept is not None:
             kept.append(logits)
             if sum(k.element_size() * k.nelement() for k in kept) > _CACHE_BYTES:
                 kept = None
         if batch.y is not None:
-            check_labels(batch.y, n_classes)
-        # In float64, a few points at a time: the temporaries of the divergences
-        # scale with points × batch × classes, and all N at once set the peak memory.
-        fr, costs, loss, hits = [], [], [], []
-        for start in range(0, n_points, _POINTS_PER_BLOCK):
-            block = logits[start : start + _POINTS_PER_BLOCK + 1].double()
-            own = block[:_POINTS_PER_BLOCK]  # this block's points; block adds the next
-            if len(block) > 1:
-                fr.append(segment_divergences(block, fisher_rao_squared).sum(1))
-                if divergence is not None:
-                    costs.append(segment_divergences(block, divergence).double().sum(1))
-            if batch.y is not None:
-                k = len(own)
-                ce = F.cross_entropy(
-                    own.reshape(k * b, n_classes), batch.y.repeat(k), reduction="none"
-                ).reshape(k, b)
-                loss.append(ce.sum(1))
-                hits.append((own.argmax(-1) == batch.y).double().sum(1))
-        fr_sum = _add(fr_sum, torch.cat(fr))
-        if divergence is not None:
-            costs_sum = _add(costs_sum, torch.cat(costs))
-        if batch.y is not None:
-            loss_sum = _add(loss_sum, torch.cat(loss))
-            correct = _add(correct, torch.cat(hits))
+            check_labels(batch.y, logits.shape[-1])
+        for key, part in _batch_sums(logits, batch.y, divergence).items():
+            totals[key] = _add(totals.get(key), part)
         n += n_rows(batch.x)
-    if n == 0:
+    if n == 0 or nonfinite is None:
         raise ValueError("X is empty: no samples to evaluate the path on.")
 
-    def mean(total: Tensor | None) -> np.ndarray | None:
-        return None if total is None else (total / n).cpu().numpy()
+    def mean(key: str) -> np.ndarray | None:
+        return (totals[key] / n).cpu().numpy() if key in totals else None
 
     return PathStatistics(
         n_samples=n,
-        segment_fisher_rao_sq=mean(fr_sum),  # type: ignore[arg-type]
-        segment_costs=mean(costs_sum),
-        loss=mean(loss_sum),
-        accuracy=mean(correct),
+        segment_fisher_rao_sq=mean("fisher_rao_sq"),  # type: ignore[arg-type]
+        segment_costs=mean("costs"),
+        loss=mean("loss"),
+        accuracy=mean("correct"),
         nonfinite_points=np.flatnonzero(nonfinite.cpu().numpy()),
         logits=None if kept is None else torch.cat(kept, 1),
     )
+
+
+def _batch_sums(
+    logits: Tensor, y: Tensor | None, divergence: Divergence | None
+) -> dict[str, Tensor]:
+    """One batch's sums over its samples: per segment ``fisher_rao_sq`` (and
+    ``costs`` with a divergence), per point ``loss`` and ``correct`` (with labels).
+
+    In float64, a few points at a time: the temporaries of the divergences scale with
+    points × batch × classes, and all N at once set the peak memory."""
+    n_points, b, n_classes = logits.shape
+    parts: dict[str, list[Tensor]] = {"fisher_rao_sq": []}
+    if divergence is not None:
+        parts["costs"] = []
+    if y is not None:
+        parts["loss"], parts["correct"] = [], []
+    for start in range(0, n_points, _POINTS_PER_BLOCK):
+        block = logits[start : start + _POINTS_PER_BLOCK + 1].double()
+        own = block[:_POINTS_PER_BLOCK]  # this block's points; block adds the next
+        if len(block) > 1:
+            parts["fisher_rao_sq"].append(segment_divergences(block, fisher_rao_squared).sum(1))
+            if divergence is not None:
+                parts["costs"].append(segment_divergences(block, divergence).double().sum(1))
+        if y is not None:
+            k = len(own)
+            ce = F.cross_entropy(own.reshape(k * b, n_classes), y.repeat(k), reduction="none")
+            parts["loss"].append(ce.reshape(k, b).sum(1))
+            parts["correct"].append((own.argmax(-1) == y).double().sum(1))
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 #: The length's estimated relative error that counts as measured.

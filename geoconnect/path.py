@@ -826,8 +826,30 @@ class ModelPath:
         One vmapped forward per batch through a copy whose BatchNorm layers use batch
         statistics; pre-hooks record each layer's batch mean and unbiased variance, and
         the cumulative average over batches (``momentum=None``) is their plain mean.
+        None where that would not be the loop's result (the loop then runs).
         """
         module = self.batch_statistics_module()
+        layers = self._tracked_batchnorm_layers(module)
+        if layers is None:
+            return None
+        moments = self._batch_moments(module, layers, data, points, batch_size)
+        if moments is None:
+            return None
+        sums, n_batches = moments
+        statistics: dict[str, Tensor] = {}
+        for k, name in enumerate(layers):
+            statistics[f"{name}.running_mean"] = sums[2 * k] / n_batches
+            statistics[f"{name}.running_var"] = sums[2 * k + 1] / n_batches
+            counter = f"{name}.num_batches_tracked"
+            if counter in self.batchnorm_buffers:
+                statistics[counter] = torch.full(
+                    (len(points),), n_batches, dtype=torch.long, device=self.device
+                )
+        return statistics
+
+    def _tracked_batchnorm_layers(self, module: nn.Module) -> dict[str, _BatchNorm] | None:
+        """``module``'s BatchNorm layers whose statistics the path holds, by name; None
+        unless they are all of them and each averages cumulatively or by momentum."""
         layers = {
             name: m
             for name, m in module.named_modules()
@@ -842,18 +864,26 @@ class ModelPath:
         }
         if set(layers) != tracked or any(m.momentum == 0 for m in layers.values()):
             return None
+        return layers
+
+    def _batch_moments(
+        self,
+        module: nn.Module,
+        layers: dict[str, _BatchNorm],
+        data: object,
+        points: list[int],
+        batch_size: int,
+    ) -> tuple[list[Tensor], int] | None:
+        """Each layer's batch mean and unbiased variance at every point, summed over
+        the batches (float64, ``[mean, var]`` per layer in ``layers``' order), and
+        the number of batches; None on a batch of one sample, which the loop skips."""
         recorded: list[tuple[Tensor, Tensor]] = []
 
         def record(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = inputs[0]
-            dims = [0, *range(2, x.ndim)]
             n = x.numel() // x.shape[1]
-            mean = x.mean(dim=dims)
-            var = x.var(dim=dims, unbiased=n > 1)
-            recorded.append((mean, var))
-
-        handles = [m.register_forward_pre_hook(record) for m in layers.values()]
-        params = {k: v[points] for k, v in self.params.items()}
+            dims = [0, *range(2, x.ndim)]
+            recorded.append((x.mean(dim=dims), x.var(dim=dims, unbiased=n > 1)))
 
         def one(p: dict[str, Tensor], x: Inputs) -> tuple[Tensor, ...]:
             recorded.clear()
@@ -861,34 +891,24 @@ class ModelPath:
             functional_call(module, (p, self.shared_buffers), args, kwargs)
             return tuple(t for pair in recorded for t in pair)
 
+        params = {k: v[points] for k, v in self.params.items()}
+        handles = [m.register_forward_pre_hook(record) for m in layers.values()]
+        sums: list[Tensor] | None = None
+        n_batches = 0
         try:
-            sums: list[Tensor] | None = None
-            n_batches = 0
             for batch in data.batches(batch_size):  # type: ignore[attr-defined]
                 if n_rows(batch.x) < 2:
                     return None  # the loop skips it, and says so
                 out = vmap(one, in_dims=(0, None), randomness="same")(params, batch.x)
-                sums = (
-                    [o.double() for o in out]
-                    if sums is None
-                    else [s + o.double() for s, o in zip(sums, out)]
-                )
+                parts = [o.double() for o in out]
+                sums = parts if sums is None else [s + o for s, o in zip(sums, parts)]
                 n_batches += 1
         finally:
             for handle in handles:
                 handle.remove()
         if sums is None or len(sums) != 2 * len(layers):
             return None
-        statistics: dict[str, Tensor] = {}
-        for k, name in enumerate(layers):
-            statistics[f"{name}.running_mean"] = sums[2 * k] / n_batches
-            statistics[f"{name}.running_var"] = sums[2 * k + 1] / n_batches
-            counter = f"{name}.num_batches_tracked"
-            if counter in self.batchnorm_buffers:
-                statistics[counter] = torch.full(
-                    (len(points),), n_batches, dtype=torch.long, device=self.device
-                )
-        return statistics
+        return sums, n_batches
 
 
 def _check_frozen(name: str, a: Tensor, b: Tensor, stack: Tensor) -> None:

@@ -31,6 +31,7 @@ layers whose weight is frozen.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from torch.nn.modules.conv import _ConvNd
 from ._data import Batch, StreamData, TensorData, as_data
 from ._inputs import call, n_rows
 from ._model_checks import float_dtype
+from .evaluation import loss_barrier
 from .path import ModelPath, recompute_module_batchnorm
 
 __all__ = ["repair"]
@@ -69,8 +71,19 @@ class _Site:
 
 
 @torch.no_grad()
-def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
+def repair(path: ModelPath, X: object, *, batch_size: int = 256, guard: bool = True) -> ModelPath:
     """A copy of ``path`` whose interior points have the ends' interpolated statistics.
+
+    REPAIR can make a path worse: on a narrow MLP, or on a pair whose line has no
+    barrier, it raises the loss barrier. With ``guard`` (the default) it never does
+    so silently: the repaired and the plain path are compared by their loss barrier
+    on ``X`` with the ends' predicted classes as the labels — at the point of weight
+    ``w``, the mean of ``(1 − w) · CE(p_w, ŷ_a) + w · CE(p_w, ŷ_b)``, and its largest
+    excess over the chord between the ends' (:func:`~geoconnect.evaluation.loss_barrier`):
+    label-free, and the loss barrier itself on inputs both ends classify correctly.
+    Where the repaired path's is higher, a ``UserWarning`` says so and the plain path
+    is returned (metadata ``repair=False``); both values are in the metadata's
+    ``"repair_barrier"``.
 
     Parameters
     ----------
@@ -80,14 +93,22 @@ def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
         The inputs the statistics are measured on (labels are not needed).
     batch_size : int, default=256
         Batch size of the measuring passes.
+    guard : bool, default=True
+        Keep the plain path, with a warning, where REPAIR raises the loss barrier
+        against the ends' predictions (above). False: the repaired path whatever
+        it does (both barriers still measured).
 
     Returns
     -------
     ModelPath
         The repaired path: the same ends, positions, alignment and output convention;
         BatchNorm statistics of the interior recomputed on ``X``. Its metadata says
-        ``repair=True``, lists the rescaled layers (``"repair_sites"``) and counts
-        the network evaluations of one sample that REPAIR made (``"repair_forwards"``).
+        ``repair=True``, lists the rescaled layers (``"repair_sites"``), gives the
+        label-free barrier of the plain and the repaired path (``"repair_barrier"``,
+        nats) and counts
+        the network evaluations of one sample that REPAIR made, the comparison's
+        included (``"repair_forwards"``). With ``guard``, where REPAIR made the
+        path worse: a copy of ``path`` with ``repair=False`` and the same keys.
 
     Examples
     --------
@@ -128,26 +149,63 @@ def repair(path: ModelPath, X: object, *, batch_size: int = 256) -> ModelPath:
         }
         module = _repaired_point(path[i], data, sites, target, batch_size)
         _write_point(repaired, i, module)
+    barrier = {"plain": _agreement_barrier(path, data, batch_size)}
+    barrier["repaired"] = _agreement_barrier(repaired, data, batch_size)
+    worse = not barrier["repaired"] <= barrier["plain"]  # NaN counts as worse
+    if guard and worse:
+        warnings.warn(
+            "REPAIR made the path worse on X: its loss barrier against the ends' "
+            f"predicted classes is {barrier['repaired']:.4g} nats, the plain path's "
+            f"{barrier['plain']:.4g}. The plain path is kept (metadata 'repair': False); "
+            "geoconnect.repair.repair(path, X, guard=False) returns the repaired one.",
+            UserWarning,
+            stacklevel=3,  # repair's caller, through torch.no_grad's wrapper
+        )
+        repaired = copy.deepcopy(path)
     repaired.metadata = {
         **path.metadata,
-        "repair": True,
+        "repair": not (guard and worse),
         "repair_sites": [site.name for site in sites],
+        "repair_barrier": barrier,
         "repair_forwards": data.rows,
     }
     return repaired
 
 
+@torch.no_grad()
+def _agreement_barrier(path: ModelPath, data: _Counted, batch_size: int) -> float:
+    """The loss barrier of ``path`` on ``data`` with the ends' predicted classes as
+    labels: at point ``i`` (``w = i / (N − 1)``), the mean of
+    ``(1 − w) · CE(p_i, ŷ_a) + w · CE(p_i, ŷ_b)``, through :func:`loss_barrier`."""
+    n_points, rows = path.n_points, 0
+    w = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)[:, None]
+    total: Tensor | None = None
+    for batch in data.batches(batch_size, networks=n_points):
+        log_p = path.logits(batch.x).double().log_softmax(-1)  # (N, batch, classes)
+        picked = [
+            log_p.gather(-1, log_p[end].argmax(-1).expand(n_points, -1)[..., None])[..., 0]
+            for end in (0, -1)
+        ]
+        loss = -((1 - w.to(log_p.device)) * picked[0] + w.to(log_p.device) * picked[1]).sum(1)
+        total = loss if total is None else total + loss
+        rows += n_rows(batch.x)
+    if total is None or rows == 0:
+        return math.nan
+    return loss_barrier((total / rows).cpu().numpy())
+
+
 class _Counted:
-    """The data, counting the rows its passes yield: one network evaluation each."""
+    """The data, counting the network evaluations of one sample its passes feed: a
+    row each, or ``networks`` per row for a pass of several networks."""
 
     def __init__(self, data: TensorData | StreamData):
         self.data, self.rows = data, 0
 
     def batches(
-        self, batch_size: int, *, generator: torch.Generator | None = None
+        self, batch_size: int, *, generator: torch.Generator | None = None, networks: int = 1
     ) -> Iterator[Batch]:
         for batch in self.data.batches(batch_size, generator=generator):
-            self.rows += n_rows(batch.x)
+            self.rows += networks * n_rows(batch.x)
             yield batch
 
 

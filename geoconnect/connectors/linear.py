@@ -49,6 +49,10 @@ class LinearConnector(_BaseConnector):
         2023; see :func:`geoconnect.repair.repair`, which repairs any connector's
         path). It undoes the variance collapse of averaged networks; for BatchNorm
         layers the statistics recomputation is that correction already. Needs X.
+        Where it would make the path worse — a higher loss barrier on X against
+        the ends' predicted classes, a label-free rule — the plain line is kept,
+        with a warning (``path_.metadata["repair"]`` is then False, and
+        ``"repair_barrier"`` holds both paths' values).
     output : None, str, int or callable, default=None
         Where the logits are in what the models return. None detects it: a tensor
         as it is, the first element of a tuple or list, the ``"logits"`` entry of a

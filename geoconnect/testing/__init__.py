@@ -17,7 +17,7 @@ Examples
 >>> from geoconnect.divergences import fisher_rao
 >>> from geoconnect.testing import check_divergence
 >>> checked = check_divergence(fisher_rao, triangle=True, upper_bound=math.pi,
-...                            local_constant=1.0, max_examples=10)  # power=1, inferred
+...                            local_constant=1.0, max_examples=10)  # a distance
 >>> "triangle" in checked
 True
 """

@@ -195,7 +195,8 @@ class _Declaration:
     """What the caller declared, with the tolerances that go with it."""
 
     power: float | None = None  # None: not declared, and not needed
-    power_inferred = False
+    #: False where a law was declared without ``power``: checked on fn itself (1).
+    power_given = True
 
     def __init__(self, fn: Callable, **kwargs: Any) -> None:
         self.fn = fn
@@ -375,7 +376,7 @@ def _check_local_constant(d: _Declaration, pair: tuple[Tensor, Tensor]) -> None:
         if values[i] > 0 and half > 0:
             expo = (
                 f" Near p, fn scales like ds^{math.log2(values[i].item() / half.item()):.2f}; "
-                f"power={d.power:g} {'(inferred) means' if d.power_inferred else 'declares'} "
+                f"power={d.power:g} {'declares' if d.power_given else '(fn itself) means'} "
                 f"ds^{d.power:g}."
             )
         law = "fn" if d.power == 2 else f"fn^(2/{d.power:g})"
@@ -599,11 +600,14 @@ def check_divergence(
     triangle is checked on ``fn``, the local law is ``fn² ≈ c·ds²``), ``power=2`` for a
     divergence that behaves like a squared distance (``jensen_shannon``,
     ``hellinger``, ``symmetric_kl``: the triangle is checked on ``√fn``, the local law
-    is ``fn ≈ c·ds²``). When ``triangle`` or ``local_constant`` is declared without
-    it, ``power`` is measured from ``fn`` by :func:`infer_power` (``fn(p, p + 2εv) / fn(p, p + εv) →
-    2^power``, rounded to the nearest half-integer), and a ``ValueError`` says what
-    was measured if that is not close to one. A failure message says of each broken
-    property whether it was checked by default or declared, and with which power.
+    is ``fn ≈ c·ds²``). A declaration means what it says: ``triangle`` or
+    ``local_constant`` declared without ``power`` is about ``fn`` itself (power 1,
+    a distance). Where such a law fails, the power of ``fn`` is measured
+    (:func:`infer_power`: ``fn(p, p + 2εv) / fn(p, p + εv) → 2^power``), and if the
+    law holds for it the message says so — "It holds for fn ** (1/2): pass power=2
+    if fn is a squared distance" — the check still failing. A failure message says
+    of each broken property whether it was checked by default or declared, and with
+    which power.
 
     Parameters
     ----------
@@ -612,7 +616,8 @@ def check_divergence(
     symmetric : bool, default=True
         Check ``fn(p, q) = fn(q, p)``; False for an asymmetric divergence.
     triangle : bool, default=False
-        Declare that ``fn ** (1 / power)`` obeys the triangle inequality.
+        Declare that ``fn ** (1 / power)`` obeys the triangle inequality (``fn``
+        itself without ``power``).
     upper_bound : float, optional
         Declare ``fn ≤ upper_bound`` (e.g. ``math.log(2)`` for the Jensen–Shannon
         divergence, ``math.pi`` for the Fisher–Rao distance).
@@ -622,8 +627,9 @@ def check_divergence(
         ``symmetric_kl``).
     power : float, optional
         ``fn`` is the ``power``-th power of a distance-like quantity (see above).
-        Used by ``triangle=True`` and ``local_constant``, and measured with
-        :func:`infer_power` when they are declared without it.
+        Used by ``triangle=True`` and ``local_constant``; without it they are
+        about ``fn`` itself (power 1), and a failure says whether they hold for
+        the power :func:`infer_power` measures.
     n_classes : int or strategy, default=integers(2, 8)
         Numbers of classes to draw.
     dtype : torch.dtype, default=torch.float64
@@ -664,8 +670,8 @@ def check_divergence(
     >>> import math
     >>> from geoconnect.divergences import jensen_shannon
     >>> from geoconnect.testing import check_divergence
-    >>> check_divergence(jensen_shannon, triangle=True, upper_bound=math.log(2),
-    ...                  local_constant=1 / 8, max_examples=10)  # power=2, inferred
+    >>> check_divergence(jensen_shannon, triangle=True, power=2, upper_bound=math.log(2),
+    ...                  local_constant=1 / 8, max_examples=10)  # a squared distance
     ... # doctest: +NORMALIZE_WHITESPACE
     ('finite', 'batch', 'non_negative', 'zero_on_equal', 'positive_on_distinct',
      'symmetric', 'upper_bound', 'triangle', 'local_constant')
@@ -674,17 +680,19 @@ def check_divergence(
     where ``p = q``:
 
     >>> "triangle" in check_divergence(lambda p, q: jensen_shannon(p, q).sqrt(),
-    ...                                triangle=True, max_examples=10)  # power=1
+    ...                                triangle=True, max_examples=10)  # fn itself
     True
 
-    A broken declaration is caught and named:
+    A broken declaration is caught and named, with the power it holds for:
 
     >>> from geoconnect.testing import DivergenceCheckError
     >>> try:
-    ...     check_divergence(jensen_shannon, triangle=True, power=1, max_examples=20)
+    ...     check_divergence(jensen_shannon, triangle=True, max_examples=20)
     ... except DivergenceCheckError as error:
     ...     print(str(error).splitlines()[0])
-    jensen_shannon breaks 1 property: triangle (declared, power=1).
+    ...     print(str(error).splitlines()[-1])
+    jensen_shannon breaks 1 property: triangle (declared, power=1, fn itself: no power given).
+    It holds for fn ** (1/2): pass power=2 if fn is a squared distance.
     """
     if not callable(fn):
         raise TypeError(
@@ -770,21 +778,14 @@ def check_divergence(
         plan.append(("local_constant", strategy, _check_local_constant))
 
     _check_returns_a_tensor(fn, dtype)
-    power_inferred = power is None and (triangle or local_constant is not None)
-    if power_inferred:
-        declared = "triangle=True" if triangle else f"local_constant={local_constant:g}"
-        try:
-            power = _measure_power(fn, _class_counts(n_classes))
-        except _PowerNotMeasured as error:
-            raise ValueError(
-                f"{_OWNER} was not given 'power' with {declared} and could not infer it: "
-                f"{error} Pass power=1 if fn is a distance (like fisher_rao), power=2 if "
-                "it behaves like a squared distance (like jensen_shannon)."
-            ) from None
+    # A law declared without a power is about fn itself: a distance (power 1).
+    power_given = power is not None or not (triangle or local_constant is not None)
+    if not power_given:
+        power = 1.0
     declaration = _Declaration(
         fn,
         power=power,
-        power_inferred=power_inferred,
+        power_given=power_given,
         upper_bound=upper_bound,
         local_constant=local_constant,
         local_rtol=0.02 if dtype == torch.float64 else 0.1,
@@ -817,16 +818,51 @@ def check_divergence(
             broken = _search(declaration, strategy, body, config, seed)
             if broken is not None and broken.prop not in failures:
                 failures[broken.prop] = str(broken)
+        if not power_given:
+            _hint_the_power(declaration, plan, failures, config, seed, n_classes)
     finally:
         torch.set_num_threads(threads)
     if failures:
         ordered = {prop: failures[prop] for prop in PROPERTIES if prop in failures}
         origins = {prop: _origin(prop) for prop in ordered}
         if power is not None:
-            how = f"power={power:g}" + (" inferred from fn" if power_inferred else "")
+            how = f"power={power:g}" + ("" if power_given else ", fn itself: no power given")
             origins.update({prop: f"declared, {how}" for prop in ("triangle", "local_constant")})
         raise DivergenceCheckError(getattr(fn, "__name__", repr(fn)), ordered, origins)
     return tuple(prop for prop, _, _ in plan)
+
+
+def _hint_the_power(
+    declaration: _Declaration,
+    plan: list[tuple[str, SearchStrategy, Callable[[_Declaration, Any], None]]],
+    failures: dict[str, str],
+    config: settings,
+    seed: int | None,
+    n_classes: Any,
+) -> None:
+    """Where a law declared without ``power`` fails on fn itself, whether it holds
+    for the power measured from fn (:func:`infer_power`): said in the failure's
+    message, the declaration left as it was."""
+    laws = [row for row in plan if row[0] in ("triangle", "local_constant") and row[0] in failures]
+    if not laws:
+        return
+    try:
+        measured = _measure_power(declaration.fn, _class_counts(n_classes))
+    except _PowerNotMeasured:
+        return
+    if measured == 1:
+        return
+    other = _Declaration(**{**vars(declaration), "power": measured})
+    kind = "a squared distance" if measured == 2 else f"a distance to the power {measured:g}"
+    for prop, strategy, body in laws:
+        if _search(other, strategy, body, config, seed) is not None:
+            continue  # broken for the measured power too: nothing to suggest
+        law = (
+            f"fn ** (1/{measured:g})"
+            if prop == "triangle"
+            else ("fn" if measured == 2 else f"fn ** (2/{measured:g})") + " ≈ local_constant · ds²"
+        )
+        failures[prop] += f"\nIt holds for {law}: pass power={measured:g} if fn is {kind}."
 
 
 def _check_returns_a_tensor(fn: Callable, dtype: torch.dtype) -> None:
