@@ -16,7 +16,8 @@ shorter of the two, with a test barrier at most the loss-trained curve's + 0.005
 With ``--epochs 8,16,32`` each setting is fitted afresh at each of those budgets,
 early stopping off (its trajectory: how fast it gets where, and whether it then
 overfits its inputs); ``--chord-pieces`` sets the grid of ``energy="chord"``
-(``geoconnect.curves.CHORD_PIECES``) for the run.
+(``geoconnect.curves.CHORD_PIECES``) for the run. A setting may name its own
+``random_state`` (the draws of ``t`` and the batch order; default 0).
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def main() -> None:
         if args.epochs:  # one-time costs out of the timings, as methods.py does
             run(GeodesicConnector(curve="bezier", max_iter=1, align=pair.align), pair, False)
         for setting in settings:
-            geo = GeodesicConnector(
-                n_points=N_POINTS, device="cpu", random_state=0, align=pair.align, **setting
+            geo = GeodesicConnector(  # a setting may name its own random_state
+                **{"n_points": N_POINTS, "device": "cpu", "random_state": 0, **setting},
+                align=pair.align,
             )
             rows[json.dumps(setting, sort_keys=True)] = run(geo, pair, labels=False)
         for name, row in rows.items():

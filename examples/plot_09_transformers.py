@@ -217,7 +217,7 @@ for name, ev in test.items():
 # --------------------------------------------------------
 # The [`GeodesicConnector`][geoconnect.GeodesicConnector] is fitted on the training
 # sentences, without their labels, with its defaults: the continuous curve, for its
-# budget of 16 epochs. Attention has no ``vmap`` batching rule, so the networks are
+# budget of 20 epochs. Attention has no ``vmap`` batching rule, so the networks are
 # evaluated in a loop (``strategy_``).
 geodesic = GeodesicConnector(n_points=N_POINTS, batch_size=64, device="cpu", random_state=0)
 geodesic.fit(X_train, model_a=bert_a, model_b=bert_c)

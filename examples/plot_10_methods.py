@@ -86,9 +86,9 @@ axes[0].set_yscale("log")
 # What it shows
 # -------------
 # On this pair weight matching alone removes the line's barrier, and so do the
-# geodesic (without labels) and the elastic band; the curves end a few thousandths
-# of a nat above their ends' interpolation and are the quickest of the trained
-# methods, but need ``y``. REPAIR would raise this narrow pair's line barrier: its
+# geodesic (without labels, and the shortest path with the line's ends), the curves and the
+# elastic band; the loss-trained curves are the quickest of the trained methods, but
+# need ``y``. REPAIR would raise this narrow pair's line barrier: its
 # guard sees that without labels (the loss barrier against the ends' predicted
 # classes rises), warns, and keeps the plain line, so its row is the line's; on the
 # wider MLPs of the benchmark REPAIR lowers the barrier and its path is returned.

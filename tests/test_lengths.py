@@ -827,11 +827,11 @@ def test_a_curves_auto_settings_are_a_relative_step_and_a_budget_that_does_not_w
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # a budget, not a failure
         auto = GeodesicConnector(**common).fit(small_pair.X, **ends)
-    assert auto.n_iter_ == CURVE_EPOCHS == 16
+    assert auto.n_iter_ == CURVE_EPOCHS == 20
     explicit = GeodesicConnector(
-        relative_step=True, learning_rate_init=CURVE_RELATIVE_RATE, max_iter=16, **common
+        relative_step=True, learning_rate_init=CURVE_RELATIVE_RATE, max_iter=20, **common
     )
-    with pytest.warns(ConvergenceWarning, match="max_iter=16"):  # a limit the user set
+    with pytest.warns(ConvergenceWarning, match="max_iter=20"):  # a limit the user set
         explicit.fit(small_pair.X, **ends)
     for name, stack in auto.curve_.control.params.items():
         assert torch.equal(explicit.curve_.control.params[name], stack)

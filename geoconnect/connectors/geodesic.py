@@ -32,11 +32,11 @@ from ._base import (
 )
 
 #: What ``learning_rate_init="auto"`` is with a relative step (a curve's default) ...
-CURVE_RELATIVE_RATE = 0.04
+CURVE_RELATIVE_RATE = 0.035
 #: ... and with an absolute one (the chain's).
 ABSOLUTE_RATE = 3e-3
 #: What ``max_iter="auto"`` is for a curve (a budget: see the parameter) ...
-CURVE_EPOCHS = 16
+CURVE_EPOCHS = 20
 #: ... and for the chain (a limit its early stopping usually comes before).
 CHAIN_EPOCHS = 100
 
@@ -68,7 +68,7 @@ class GeodesicConnector(_BaseConnector):
         Optimiser of the interior points. ``"sgd"`` is plain SGD, the paper's.
     learning_rate_init : float or "auto", default="auto"
         Step size: with ``relative_step``, in units of each tensor's distance
-        between the models. ``"auto"``: 0.04 with a relative step (a curve's
+        between the models. ``"auto"``: 0.035 with a relative step (a curve's
         default), 3e-3 without (the chain's); measured, see the user guide's "How
         the geodesic is fitted".
     learning_rate : {"constant", "cosine", "adaptive"}, default="constant"
@@ -101,11 +101,11 @@ class GeodesicConnector(_BaseConnector):
     max_iter : int or "auto", default="auto"
         Maximum number of epochs (passes over X), the coarse levels of
         ``coarse_to_fine`` included: ``n_iter_ ≤ max_iter`` always. ``"auto"``:
-        100 for the chain; 16 for a curve, which then stops there without a
+        100 for the chain; 20 for a curve, which then stops there without a
         ``ConvergenceWarning``: a curve's length on the fit inputs goes on
         falling long after its loss barrier on other inputs has stopped
         improving (on the benchmark's narrow digits MLPs, the test barrier was
-        0.004 after 16 epochs and 0.034 after 64), so its fit is a budget, not a
+        0.000 after 20 epochs and 0.031 after 80), so its fit is a budget, not a
         descent to convergence (the user guide's "How the geodesic is fitted").
     batch_size : int, default=256
         Samples per optimisation step.
