@@ -1044,41 +1044,9 @@ def _module_rule(
         state.assign(name, module.bias, 0, g)
         return _Features(g, "flat", x.ndim)
     if isinstance(module, _ConvNd):
-        if x.kind == "flat" and not state.fixed(x.group):
-            raise _cannot(where, "a convolution is applied to the output of a Linear layer")
-        ndim = len(module.kernel_size) + 2
-        transposed = bool(module.transposed)
-        in_axis, out_axis = (0, 1) if transposed else (1, 0)
-        if module.groups == 1:
-            g = state.new(name)
-            state.assign(name, module.weight, out_axis, g)
-            state.assign(name, module.weight, in_axis, x.group)
-        elif not transposed and module.groups == module.in_channels == module.out_channels:
-            g = x.group  # depthwise: each channel is filtered on its own
-            state.assign(name, module.weight, 0, g)
-        else:
-            state.fix(x.group)  # grouped: keep channels in place
-            g = _FIXED
-        state.assign(name, module.bias, 0, g)
-        return _Features(g, "channels", ndim)
-    if isinstance(module, (_BatchNorm, _InstanceNorm)):
-        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if tensor.ndim == 1:
-                state.assign(name, tensor, 0, x.group)
-        return x
-    if isinstance(module, nn.LayerNorm):
-        axis = _layer_norm_axis(state, x, len(module.normalized_shape), where)
-        if axis is not None:
-            for tensor in module.parameters(recurse=False):
-                state.assign(name, tensor, axis, x.group)
-        return x
-    if isinstance(module, nn.GroupNorm):
-        if module.num_groups in (1, module.num_channels):
-            for tensor in module.parameters(recurse=False):
-                state.assign(name, tensor, 0, x.group)
-        else:
-            state.fix(x.group)  # permuting across groups would change them
-        return x
+        return _conv_rule(state, name, module, x, where)
+    if isinstance(module, (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)):
+        return _norm_rule(state, name, module, x, where)
     if isinstance(module, nn.PReLU):
         if module.num_parameters > 1:
             state.assign(name, module.weight, 0, x.group)
@@ -1088,6 +1056,50 @@ def _module_rule(
     if isinstance(module, nn.Flatten):
         return _flatten(state, x, module.start_dim, module.end_dim, where)
     return _unknown(state, inputs, where, "its effect on the units is not known")
+
+
+def _conv_rule(state: _Derivation, name: str, module: _ConvNd, x: _Features, where: str) -> object:
+    """A convolution: its output channels a new group (ordinary), its input's
+    (depthwise), or fixed (grouped)."""
+    if x.kind == "flat" and not state.fixed(x.group):
+        raise _cannot(where, "a convolution is applied to the output of a Linear layer")
+    ndim = len(module.kernel_size) + 2
+    transposed = bool(module.transposed)
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    if module.groups == 1:
+        g = state.new(name)
+        state.assign(name, module.weight, out_axis, g)
+        state.assign(name, module.weight, in_axis, x.group)
+    elif not transposed and module.groups == module.in_channels == module.out_channels:
+        g = x.group  # depthwise: each channel is filtered on its own
+        state.assign(name, module.weight, 0, g)
+    else:
+        state.fix(x.group)  # grouped: keep channels in place
+        g = _FIXED
+    state.assign(name, module.bias, 0, g)
+    return _Features(g, "channels", ndim)
+
+
+def _norm_rule(
+    state: _Derivation, name: str, module: nn.Module, x: _Features, where: str
+) -> _Features:
+    """A normalisation layer: its per-unit tensors follow the units of ``x``; a group
+    norm of other than 1 or one group per channel keeps the channels in place."""
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor.ndim == 1:
+                state.assign(name, tensor, 0, x.group)
+    elif isinstance(module, nn.LayerNorm):
+        axis = _layer_norm_axis(state, x, len(module.normalized_shape), where)
+        if axis is not None:
+            for tensor in module.parameters(recurse=False):
+                state.assign(name, tensor, axis, x.group)
+    elif module.num_groups in (1, module.num_channels):  # GroupNorm
+        for tensor in module.parameters(recurse=False):
+            state.assign(name, tensor, 0, x.group)
+    else:
+        state.fix(x.group)  # permuting across groups would change them
+    return x
 
 
 def _transformer_rule(
@@ -1119,31 +1131,10 @@ def _transformer_rule(
             return _cannot(where, "its mask is computed from permuted units")
     if x.kind == "channels" and not state.fixed(x.group):
         return _cannot(where, "it is applied to a channels-first feature map")
-    name = str(node.target)
-    if isinstance(module, nn.TransformerEncoder):
-        layers = [(f"{name}.layers.{i}", layer) for i, layer in enumerate(module.layers)]
-        norms = [(f"{name}.norm", module.norm)] if module.norm is not None else []
-    else:
-        layers, norms = [(name, module)], []
-    for layer_name, layer in layers:  # check them all before assigning any axis
-        layer_where = f"module {layer_name!r} ({type(layer).__name__})"
-        # A subclass may compute something else with the same submodules.
-        if type(layer) is not nn.TransformerEncoderLayer:
-            return _cannot(layer_where, "its effect on the units is not known")
-        activation = layer.activation
-        if not (
-            isinstance(activation, _PASS_THROUGH_MODULES) or activation in _PASS_THROUGH_FUNCTIONS
-        ):
-            return _cannot(layer_where, f"its activation {activation!r} is not elementwise")
-        if not layer.self_attn._qkv_same_embed_dim or layer.self_attn.in_proj_weight is None:
-            return _cannot(layer_where, "its attention projects queries, keys and values apart")
-        norms += [(f"{layer_name}.norm1", layer.norm1), (f"{layer_name}.norm2", layer.norm2)]
-    for norm_name, norm in norms:
-        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
-            return _cannot(
-                f"module {norm_name!r} ({type(norm).__name__})",
-                "it is not a LayerNorm over the features",
-            )
+    layers, norms = _encoder_parts(module, str(node.target))
+    refused = _refused_encoder(layers, norms)  # checked whole before assigning any axis
+    if refused is not None:
+        return refused
     stream = x.group
     for layer_name, layer in layers:
         attn = layer.self_attn
@@ -1162,6 +1153,48 @@ def _transformer_rule(
             state.assign(norm_name, tensor, 0, stream)
     # Taken to act on batched input: (batch, sequence, features) or (sequence, batch, features).
     return _Features(stream, "flat", x.ndim if x.ndim is not None else 3)
+
+
+def _encoder_parts(
+    module: nn.TransformerEncoder | nn.TransformerEncoderLayer, name: str
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module | None]]]:
+    """The encoder's layers and its LayerNorms (the layers' and the final one), named."""
+    if isinstance(module, nn.TransformerEncoder):
+        layers = [(f"{name}.layers.{i}", layer) for i, layer in enumerate(module.layers)]
+        norms = [(f"{name}.norm", module.norm)] if module.norm is not None else []
+    else:
+        layers, norms = [(name, module)], []
+    for layer_name, layer in layers:
+        norms += [(f"{layer_name}.norm1", getattr(layer, "norm1", None))]
+        norms += [(f"{layer_name}.norm2", getattr(layer, "norm2", None))]
+    return layers, norms
+
+
+def _refused_encoder(
+    layers: list[tuple[str, nn.Module]], norms: list[tuple[str, nn.Module | None]]
+) -> _CannotDerive | None:
+    """Why the encoder's units cannot be followed, or None: each layer must be
+    torch's own, with an elementwise activation and one input projection, and each
+    norm a LayerNorm over the features."""
+    for layer_name, layer in layers:
+        layer_where = f"module {layer_name!r} ({type(layer).__name__})"
+        # A subclass may compute something else with the same submodules.
+        if type(layer) is not nn.TransformerEncoderLayer:
+            return _cannot(layer_where, "its effect on the units is not known")
+        activation = layer.activation
+        if not (
+            isinstance(activation, _PASS_THROUGH_MODULES) or activation in _PASS_THROUGH_FUNCTIONS
+        ):
+            return _cannot(layer_where, f"its activation {activation!r} is not elementwise")
+        if not layer.self_attn._qkv_same_embed_dim or layer.self_attn.in_proj_weight is None:
+            return _cannot(layer_where, "its attention projects queries, keys and values apart")
+    for norm_name, norm in norms:
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+            return _cannot(
+                f"module {norm_name!r} ({type(norm).__name__})",
+                "it is not a LayerNorm over the features",
+            )
+    return None
 
 
 def _layer_norm_axis(state: _Derivation, x: _Features, n_norm: int, where: str) -> int | None:
@@ -1512,25 +1545,10 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
     where = f"operation {label!r} (node {node.name!r})"
     if node.op == "call_method" and target in ("size", "dim"):
         return None
-    if node.op == "call_function" and target is getattr:
-        source = values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if node.args[1] in _METADATA:
-            return None  # x.shape and the like
-        if isinstance(source, _CannotDerive):
-            return source
-        if not isinstance(source, (_Features, _Direct)):
-            return None
-        if isinstance(source, _Features) and state.fixed(source.group):
-            return _Features(_FIXED, "flat", None)
-        if isinstance(source, _Direct):
-            return _direct_error(source, where)
-        return _cannot(where, f"its attribute {node.args[1]!r} of the units is not followed")
-    if node.op == "call_function" and target is operator.getitem:
-        source = values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if isinstance(source, _CannotDerive):
-            return source  # an element of an output we could not follow
-        if not isinstance(source, (_Features, _Direct)):
-            return None  # indexing a shape
+    if node.op == "call_function" and target in (getattr, operator.getitem):
+        early = _access_rule(state, node, values, where)
+        if early is not _FOLLOW:
+            return early
     arg_values = [values[a] for a in _flat_args((node.args, node.kwargs)) if isinstance(a, fx.Node)]
     for value in arg_values:
         if isinstance(value, _CannotDerive):
@@ -1560,6 +1578,48 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
             return group
         best = max(inputs, key=lambda x: (x.kind == "channels", x.ndim or 0))
         return _Features(group, best.kind, best.ndim)
+    return _shape_rule(state, node, values, inputs, where)
+
+
+#: What :func:`_access_rule` returns when the operation is to be followed as any other.
+_FOLLOW = object()
+
+
+def _access_rule(
+    state: _Derivation, node: fx.Node, values: Mapping[fx.Node, object], where: str
+) -> object:
+    """``getattr(x, name)`` and ``x[i]`` where ``x`` is not a tensor of units (shapes,
+    outputs that could not be followed): their value, or ``_FOLLOW``."""
+    source = values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if node.target is getattr:
+        if node.args[1] in _METADATA:
+            return None  # x.shape and the like
+        if isinstance(source, _CannotDerive):
+            return source
+        if not isinstance(source, (_Features, _Direct)):
+            return None
+        if isinstance(source, _Features) and state.fixed(source.group):
+            return _Features(_FIXED, "flat", None)
+        if isinstance(source, _Direct):
+            return _direct_error(source, where)
+        return _cannot(where, f"its attribute {node.args[1]!r} of the units is not followed")
+    if isinstance(source, _CannotDerive):
+        return source  # an element of an output we could not follow
+    if not isinstance(source, (_Features, _Direct)):
+        return None  # indexing a shape
+    return _FOLLOW
+
+
+def _shape_rule(
+    state: _Derivation,
+    node: fx.Node,
+    values: Mapping[fx.Node, object],
+    inputs: list[_Features],
+    where: str,
+) -> object:
+    """The operations that move, index, join, normalise or reduce the units' axes."""
+    target, first = node.target, inputs[0]
+    is_method = node.op == "call_method"
     args = list(node.args[1:])
     kwargs = dict(node.kwargs)
     if target in _LAYOUT:
@@ -1583,42 +1643,63 @@ def _function_rule(state: _Derivation, node: fx.Node, values: Mapping[fx.Node, o
         return _cannot(where, "a reshape other than (batch, -1) mixes the units")
     reduction = target if is_method else getattr(target, "__name__", None)
     if reduction in _REDUCTIONS and (is_method or target in (torch.mean, torch.sum, torch.amax)):
-        dims = kwargs.get("dim", args[0] if args else None)
-        keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 else False)
-        if dims is None or first.ndim is None:
-            return _cannot(where, "a reduction over unknown axes")
-        dims = {d % first.ndim for d in ((dims,) if isinstance(dims, int) else dims)}
-        unit_axis = 1 if first.kind == "channels" else first.ndim - 1
-        if unit_axis in dims or 0 in dims:
-            return _cannot(where, "a reduction over the units or the batch")
-        if keepdim:
-            return first
-        ndim = first.ndim - len(dims)
-        return _Features(first.group, "flat" if ndim == 2 else first.kind, ndim)
+        return _reduction_rule(first, args, kwargs, where)
     if is_method and target == "squeeze" and first.kind == "channels":
-        dims = kwargs.get("dim", args if args else None)
-        dims = (dims,) if isinstance(dims, int) else dims
-        if dims is None:
-            return _Features(first.group, "flat", 2)  # after global pooling
-        if first.ndim is not None:
-            dims = {d % first.ndim for d in dims}
-            if 1 not in dims and 0 not in dims:
-                ndim = first.ndim - len(dims)
-                return _Features(first.group, "flat" if ndim == 2 else "channels", ndim)
+        squeezed = _squeeze_rule(first, args, kwargs)
+        if squeezed is not None:
+            return squeezed
     if target is torch.stack:
-        dim = kwargs.get("dim", args[0] if args else 0)
-        if first.kind == "flat" and first.ndim is None and isinstance(dim, int) and dim == 0:
-            group = state.tie_all(inputs, where)
-            if isinstance(group, _CannotDerive):
-                return group
-            return _Features(group, "flat", None)  # the units stay last
-        located = _movable(first, where)
-        if isinstance(located, _CannotDerive) or not isinstance(dim, int):
-            return _cannot(where, "it stacks tensors whose axes are not known")
-        unit, ndim = located
+        return _stack_rule(state, inputs, args, kwargs, where)
+    return _cannot(where, "its effect on the units is not known")
+
+
+def _reduction_rule(first: _Features, args: list, kwargs: dict, where: str) -> object:
+    """A mean, sum or maximum over axes other than the units' and the batch's."""
+    dims = kwargs.get("dim", args[0] if args else None)
+    keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+    if dims is None or first.ndim is None:
+        return _cannot(where, "a reduction over unknown axes")
+    dims = {d % first.ndim for d in ((dims,) if isinstance(dims, int) else dims)}
+    unit_axis = 1 if first.kind == "channels" else first.ndim - 1
+    if unit_axis in dims or 0 in dims:
+        return _cannot(where, "a reduction over the units or the batch")
+    if keepdim:
+        return first
+    ndim = first.ndim - len(dims)
+    return _Features(first.group, "flat" if ndim == 2 else first.kind, ndim)
+
+
+def _squeeze_rule(first: _Features, args: list, kwargs: dict) -> _Features | None:
+    """``x.squeeze(...)`` of a channels-first map; None where it is not followed."""
+    dims = kwargs.get("dim", args if args else None)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if dims is None:
+        return _Features(first.group, "flat", 2)  # after global pooling
+    if first.ndim is not None:
+        dims = {d % first.ndim for d in dims}
+        if 1 not in dims and 0 not in dims:
+            ndim = first.ndim - len(dims)
+            return _Features(first.group, "flat" if ndim == 2 else "channels", ndim)
+    return None
+
+
+def _stack_rule(
+    state: _Derivation, inputs: list[_Features], args: list, kwargs: dict, where: str
+) -> object:
+    """``torch.stack``: the inputs' units tied, and their axis moved by the new one."""
+    first = inputs[0]
+    dim = kwargs.get("dim", args[0] if args else 0)
+    if first.kind == "flat" and first.ndim is None and isinstance(dim, int) and dim == 0:
         group = state.tie_all(inputs, where)
         if isinstance(group, _CannotDerive):
             return group
-        new_unit = unit + 1 if dim % (ndim + 1) <= unit else unit
-        return _moved(_Features(group, first.kind, ndim), new_unit, ndim + 1, where)
-    return _cannot(where, "its effect on the units is not known")
+        return _Features(group, "flat", None)  # the units stay last
+    located = _movable(first, where)
+    if isinstance(located, _CannotDerive) or not isinstance(dim, int):
+        return _cannot(where, "it stacks tensors whose axes are not known")
+    unit, ndim = located
+    group = state.tie_all(inputs, where)
+    if isinstance(group, _CannotDerive):
+        return group
+    new_unit = unit + 1 if dim % (ndim + 1) <= unit else unit
+    return _moved(_Features(group, first.kind, ndim), new_unit, ndim + 1, where)

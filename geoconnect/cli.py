@@ -6,6 +6,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .evaluation import PathEvaluation
+    from .models import DigitsSplit
 
 __all__ = ["main", "run_demo", "show_info"]
 
@@ -44,14 +51,7 @@ def run_demo(
     --------
     >>> rows = run_demo("/tmp/demo.png")  # doctest: +SKIP
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import GeodesicConnector, LinearConnector
     from .models import load_digits_split, make_mlp, train_classifier
-    from .plotting import plot_loss_profile
 
     split = load_digits_split()
     print(
@@ -61,6 +61,24 @@ def run_demo(
     )
     model_a = train_classifier(make_mlp(seed=seeds[0]), split.X_train, split.y_train, seed=seeds[0])
     model_b = train_classifier(make_mlp(seed=seeds[1]), split.X_train, split.y_train, seed=seeds[1])
+    rows, evaluations = _demo_fits(split, model_a, model_b, n_points, device, verbose)
+    _print_demo_table(rows, evaluations, n_points)
+    _write_demo_figure(evaluations, Path(output))
+    return rows
+
+
+def _demo_fits(
+    split: DigitsSplit,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    n_points: int,
+    device: str,
+    verbose: int,
+) -> tuple[dict[str, dict[str, float]], dict[str, PathEvaluation]]:
+    """The line and the geodesic between the two models: the table's numbers, and
+    the evaluations on the test digits, by path."""
+    from . import GeodesicConnector, LinearConnector
+
     connectors = {
         "linear": LinearConnector(n_points=n_points, device=device),
         "geodesic": GeodesicConnector(
@@ -82,6 +100,12 @@ def run_demo(
             "Euclidean length": ev.euclidean_length,
             "fit seconds": seconds,
         }
+    return rows, evaluations
+
+
+def _print_demo_table(
+    rows: dict[str, dict[str, float]], evaluations: dict[str, PathEvaluation], n_points: int
+) -> None:
     ends = evaluations["linear"].accuracy[[0, -1]]
     print(f"\nEndpoint test accuracy: model_a {ends[0]:.1%}, model_b {ends[1]:.1%}\n")
     header = f"{'path':<10}{'barrier':>10}{'min acc':>10}{'FR length':>12}{'FR chords':>11}"
@@ -95,23 +119,32 @@ def run_demo(
             f"{row['Euclidean length']:>13.2f}"
             f"{row['fit seconds']:>8.2f}"
         )
+    shortest = evaluations["linear"].min_length
     print(
         f"\nFR length: the Fisher-Rao length of the path, the networks between its points "
         f"included; FR chords: at its {n_points} points alone. No path between the two "
-        f"models is shorter than {evaluations['linear'].min_length:.3f} rad on the test "
+        f"models is shorter than {shortest:.3f} rad on the test "
         "inputs (the distance between their predictions)."
     )
+
+
+def _write_demo_figure(evaluations: dict[str, PathEvaluation], output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plotting import plot_loss_profile
+
     axes = plot_loss_profile(
         evaluations,
         accuracy=True,
         title="Test loss along the linear and geodesic paths (digits MLPs)",
     )
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     axes[0].figure.savefig(output, dpi=120)
     plt.close(axes[0].figure)
     print(f"\nFigure written to {output.resolve()}")
-    return rows
 
 
 def show_info(file: str | Path, *, as_json: bool = False) -> int:

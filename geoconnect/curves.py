@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from math import comb
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -410,80 +410,39 @@ def fit_curve(
     """
     control = curve.control
     check_fittable(control, settings)
-    bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
-    make = SGD if settings.solver == "sgd" else Adam
-    scales = relative_scales(control, bends) if settings.relative_step else None
-    optimizer = make(
-        [v.requires_grad_(True) for v in bends.values()], lr=settings.learning_rate, scales=scales
-    )
-    module = control.batch_statistics_module()
-    keys = ("loss",) if objective == "loss" else ("energy", "length")
-    extra = () if objective == "loss" else ("euclidean_length",)
-    history: dict[str, list] = {key: [] for key in (*keys, *extra, "seconds")}
-    stopping, converged = _Stopping(settings), False
-    start = {k: v.detach().clone() for k, v in bends.items()}
-    best = start  # replaced, never written into
     if objective == "energy" and energy not in ENERGY_ESTIMATES:
         raise ValueError(f"energy must be one of {list(ENERGY_ESTIMATES)}; got {energy!r}.")
-    if validation is not None:
-        if objective != "energy":
-            raise ValueError("validation inputs stop a descent of the energy, not the loss.")
-        history["validation_energy"], history["validation_length"] = [], []
+    if validation is not None and objective != "energy":
+        raise ValueError("validation inputs stop a descent of the energy, not the loss.")
+    bends = {n: v for n, v in control.interior().items() if n not in control.frozen}
+    optimizer = _optimizer(control, bends, settings)
+    module = control.batch_statistics_module()
+    keys = ("loss",) if objective == "loss" else ("energy", "length")
+    stopping = _Stopping(settings)
     epoch = _CurveEpoch(
         curve, data, settings, generator, module, bends, optimizer, objective, energy, divergence
     )
-    saved = None if settings.checkpoint is None else settings.checkpoint.saved
-    if saved is not None:  # resume where the checkpointed fit stopped
-        history, initial, converged, best, start = _resume(
-            saved, bends, optimizer, stopping, settings, generator, epoch.draws
-        )
-    else:
-        initial = epoch.measure() if objective == "energy" else (math.nan, math.nan)
-        if objective == "energy":
-            check_finite_start(initial[0])  # NaN logits: named, not descended
+    history, initial, converged, best, start = _begin(
+        epoch, _empty_history(keys, objective, validation), stopping
+    )
     try:
         with progress_bar(settings, settings.max_iter, "curve") as bar:
             while not converged and len(history["seconds"]) < settings.max_iter:
                 tic = time.perf_counter()
                 optimizer.lr = scheduled_rate(settings, len(history["seconds"]), stopping.cuts)
                 record = epoch.run()
-                value = record[keys[0]]
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"The {keys[0]} along the curve became {value} in epoch "
-                        f"{len(history['seconds']) + 1}: lower learning_rate_init (now "
-                        f"{settings.learning_rate})."
-                    )
-                for key in keys:
-                    history[key].append(record[key])
-                if extra:
-                    history["euclidean_length"].append(curve_euclidean_length(curve))
-                if validation is not None:  # early stopping watches the held-out length
-                    held_out = epoch.measure(validation)
-                    history["validation_energy"].append(held_out[0])
-                    history["validation_length"].append(held_out[1])
-                    value = held_out[1]  # its length, the number the path reports
+                value = _record_epoch(history, record, keys, epoch, validation)
                 history["seconds"].append(time.perf_counter() - tic)
                 if objective == "energy" and value < stopping.best:
                     best = {k: v.detach().clone() for k, v in bends.items()}
                 converged = stopping.plateaued(value)
                 if settings.checkpoint is not None:
+                    state = {"initial": list(initial), "converged": converged}
                     settings.checkpoint.write(
                         _snapshot(bends, best, start, optimizer, settings, generator, epoch.draws),
-                        {
-                            "history": history,
-                            "best": stopping.best,
-                            "stale": stopping.stale,
-                            "cuts": stopping.cuts,
-                            "initial": list(initial),
-                            "converged": converged,
-                        },
+                        {"history": history, **_stopping_state(stopping), **state},
                     )
-                bar.update(1)
-                bar.set_postfix({key: f"{record[key]:.4g}" for key in keys})
-                if settings.verbose >= 2:
-                    line = "  ".join(f"{key} {record[key]:.6g}" for key in keys)
-                    print(f"epoch {len(history['seconds']):4d}  {line}")
+                _report(bar, record, keys, settings, len(history["seconds"]))
     finally:
         for v in bends.values():
             v.grad = None
@@ -496,6 +455,92 @@ def fit_curve(
         key = "energy" if validation is None else "validation_length"
         _never_worse(epoch, history[key], stopping.best, best, start, initial, key)
     return history, converged
+
+
+def _optimizer(control: ModelPath, bends: dict[str, Tensor], settings: FitSettings) -> Adam | SGD:
+    """The settings' optimiser of the bends, which it makes trainable; steps relative
+    to each tensor's distance between the models with ``relative_step``."""
+    make = SGD if settings.solver == "sgd" else Adam
+    scales = relative_scales(control, bends) if settings.relative_step else None
+    return make(
+        [v.requires_grad_(True) for v in bends.values()], lr=settings.learning_rate, scales=scales
+    )
+
+
+def _begin(
+    epoch: _CurveEpoch, history: dict[str, list], stopping: _Stopping
+) -> tuple[dict[str, list], tuple[float, float], bool, dict[str, Tensor], dict[str, Tensor]]:
+    """Where the fit starts: the history, the start's energy and length, whether it
+    has converged, the best and the starting bends — a checkpoint's, where it left
+    one, or a fresh start's (whose NaN logits are named, not descended)."""
+    settings = epoch.settings
+    saved = None if settings.checkpoint is None else settings.checkpoint.saved
+    if saved is not None:  # resume where the checkpointed fit stopped
+        return _resume(
+            saved, epoch.bends, epoch.optimizer, stopping, settings, epoch.generator, epoch.draws
+        )
+    start = {k: v.detach().clone() for k, v in epoch.bends.items()}
+    if epoch.objective != "energy":
+        return history, (math.nan, math.nan), False, start, start
+    initial = epoch.measure()
+    check_finite_start(initial[0])
+    return history, initial, False, start, start  # best: replaced, never written into
+
+
+def _empty_history(
+    keys: tuple[str, ...], objective: Objective, validation: TensorData | None
+) -> dict[str, list]:
+    """The per-epoch record of a curve fit, before its first epoch."""
+    extra = () if objective == "loss" else ("euclidean_length",)
+    history: dict[str, list] = {key: [] for key in (*keys, *extra, "seconds")}
+    if validation is not None:
+        history["validation_energy"], history["validation_length"] = [], []
+    return history
+
+
+def _record_epoch(
+    history: dict[str, list],
+    record: dict[str, float],
+    keys: tuple[str, ...],
+    epoch: _CurveEpoch,
+    validation: TensorData | None,
+) -> float:
+    """Append an epoch's means (and the curve's Euclidean length, and its length on
+    the held-out inputs) to ``history``; return the number early stopping watches.
+    A non-finite objective is refused, with the epoch and the rate to lower."""
+    value = record[keys[0]]
+    if not math.isfinite(value):
+        raise ValueError(
+            f"The {keys[0]} along the curve became {value} in epoch "
+            f"{len(history['seconds']) + 1}: lower learning_rate_init (now "
+            f"{epoch.settings.learning_rate})."
+        )
+    for key in keys:
+        history[key].append(record[key])
+    if "euclidean_length" in history:
+        history["euclidean_length"].append(curve_euclidean_length(epoch.curve))
+    if validation is not None:  # early stopping watches the held-out length
+        held_out = epoch.measure(validation)
+        history["validation_energy"].append(held_out[0])
+        history["validation_length"].append(held_out[1])
+        value = held_out[1]  # its length, the number the path reports
+    return value
+
+
+def _stopping_state(stopping: _Stopping) -> dict[str, float | int]:
+    """Early stopping's counters, as a checkpoint records them."""
+    return {"best": stopping.best, "stale": stopping.stale, "cuts": stopping.cuts}
+
+
+def _report(
+    bar: Any, record: dict[str, float], keys: tuple[str, ...], settings: FitSettings, done: int
+) -> None:
+    """The progress bar's step, and with ``verbose >= 2`` a line per epoch."""
+    bar.update(1)
+    bar.set_postfix({key: f"{record[key]:.4g}" for key in keys})
+    if settings.verbose >= 2:
+        line = "  ".join(f"{key} {record[key]:.6g}" for key in keys)
+        print(f"epoch {done:4d}  {line}")
 
 
 #: The pieces of ``t`` on which :func:`curve_euclidean_length` measures a curve.

@@ -102,56 +102,16 @@ def plot_loss_profile(
     >>> acc_ax.get_ylabel()
     'accuracy (%)'
     """
-    import matplotlib.pyplot as plt
-
     first = _evaluations(evaluations, "evaluations")
     second = _evaluations(test, "test")
     if position not in ("index", "arc"):
         raise ValueError(f"position must be 'index' or 'arc'; got {position!r}.")
-    if ax is None:
-        if accuracy:
-            _, axes = plt.subplots(
-                2, 1, figsize=(6.4, 5.2), sharex=True, constrained_layout=True,
-                height_ratios=(3, 2),
-            )  # fmt: skip
-            loss_ax, acc_ax = axes
-        else:
-            _, loss_ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
-            acc_ax = None
-    elif accuracy:
-        if not (isinstance(ax, (Sequence, np.ndarray)) and len(ax) == 2):
-            raise ValueError(
-                "With accuracy=True, ax must be a pair of Axes (loss, accuracy), e.g. "
-                "plt.subplots(2, 1, sharex=True)[1]; got a single Axes."
-            )
-        loss_ax, acc_ax = ax[0], ax[1]
-    else:
-        if isinstance(ax, (Sequence, np.ndarray)):
-            raise ValueError("ax must be a single Axes unless accuracy=True.")
-        loss_ax, acc_ax = ax, None
-
-    two_sets = bool(second)
-    names = ("train", "test") if two_sets else ("", "")
+    loss_ax, acc_ax = _profile_axes(ax, accuracy)
+    names = ("train", "test") if second else ("", "")
     colors: dict[str, str] = {}
     for group, style, name in ((first, "-", names[0]), (second, "--", names[1])):
         for label, ev in group.items():
-            x = _positions(ev, position)
-            suffix = f", {name}" if name else ""
-            kwargs: dict[str, Any] = {"linestyle": style, "marker": "o", "markersize": 3}
-            if label in colors:
-                kwargs["color"] = colors[label]
-            (line,) = loss_ax.plot(
-                x, ev.loss, label=f"{label}{suffix} (barrier {ev.barrier:.3g} nats)", **kwargs
-            )
-            colors.setdefault(label, line.get_color())
-            if acc_ax is not None:
-                kwargs["color"] = colors[label]
-                acc_ax.plot(
-                    x,
-                    100 * np.asarray(ev.accuracy),
-                    label=f"{label}{suffix} (min {100 * ev.min_accuracy:.1f}%)",
-                    **kwargs,
-                )
+            _draw_profile(loss_ax, acc_ax, label, ev, style, name, position, colors)
     xlabel = (
         "position on the path, t = i / (N − 1)"
         if position == "index"
@@ -170,6 +130,62 @@ def plot_loss_profile(
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(loc="best", fontsize="small")
     return np.asarray([loss_ax, acc_ax], dtype=object)
+
+
+def _profile_axes(ax: Axes | Sequence[Axes] | None, accuracy: bool) -> tuple[Axes, Axes | None]:
+    """The loss axes and the accuracy axes (None without ``accuracy``): ``ax``'s,
+    checked, or a new figure's."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        if accuracy:
+            _, axes = plt.subplots(
+                2, 1, figsize=(6.4, 5.2), sharex=True, constrained_layout=True,
+                height_ratios=(3, 2),
+            )  # fmt: skip
+            return axes[0], axes[1]
+        _, loss_ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
+        return loss_ax, None
+    if accuracy:
+        if not (isinstance(ax, (Sequence, np.ndarray)) and len(ax) == 2):
+            raise ValueError(
+                "With accuracy=True, ax must be a pair of Axes (loss, accuracy), e.g. "
+                "plt.subplots(2, 1, sharex=True)[1]; got a single Axes."
+            )
+        return ax[0], ax[1]
+    if isinstance(ax, (Sequence, np.ndarray)):
+        raise ValueError("ax must be a single Axes unless accuracy=True.")
+    return ax, None
+
+
+def _draw_profile(
+    loss_ax: Axes,
+    acc_ax: Axes | None,
+    label: str,
+    ev: PathEvaluation,
+    style: str,
+    name: str,
+    position: str,
+    colors: dict[str, str],
+) -> None:
+    """One path's loss (and accuracy) curve, in the colour of its label so far."""
+    x = _positions(ev, position)
+    suffix = f", {name}" if name else ""
+    kwargs: dict[str, Any] = {"linestyle": style, "marker": "o", "markersize": 3}
+    if label in colors:
+        kwargs["color"] = colors[label]
+    (line,) = loss_ax.plot(
+        x, ev.loss, label=f"{label}{suffix} (barrier {ev.barrier:.3g} nats)", **kwargs
+    )
+    colors.setdefault(label, line.get_color())
+    if acc_ax is not None:
+        kwargs["color"] = colors[label]
+        acc_ax.plot(
+            x,
+            100 * np.asarray(ev.accuracy),
+            label=f"{label}{suffix} (min {100 * ev.min_accuracy:.1f}%)",
+            **kwargs,
+        )
 
 
 def _history(source: object) -> tuple[dict[str, list[float]], object]:
@@ -279,12 +295,35 @@ def plot_history(
         fig = axes[0].figure
     epochs = np.arange(1, len(history["energy"]) + 1)
     curve = "chord_length" not in history  # a curve's record: its Fisher–Rao energy
-    # The chain's energy sums a built-in divergence's values: its units, if known.
-    spec = SPECS.get(divergence) if isinstance(divergence, str) else None
-    if curve:
-        units = "Fisher–Rao, rad²"
-    else:
-        units = None if spec is None else f"{spec.label}, {spec.units}"
+    panels = _history_panels(curve)
+    levels = _levels(history.get("n_points"), len(epochs))
+    length = getattr(connector, "length_", None)
+    for axis, (key, ylabel, panel_title, attr) in zip(axes, panels):
+        axis.plot(epochs, history[key], marker="o", markersize=3, label="geodesic fit")
+        _shade_levels(axis, levels)
+        reference = getattr(baseline, attr, None) if baseline is not None and attr else None
+        if key == "energy" and (curve or divergence not in (None, "jsd")):
+            reference = None  # the line's energy_ is a JSD sum: not comparable
+        if reference is not None:
+            axis.axhline(reference, color="0.35", linestyle="--", label="straight line")
+        measured = key == panels[1][0] and length is not None
+        if measured:
+            axis.plot(epochs[-1:], [length], "*", color="C3", ms=10, label="length_ (continuous)")
+        axis.set_ylabel(ylabel)
+        if key == "energy":
+            panel_title = _energy_title(curve, divergence) or panel_title
+        axis.set_title(panel_title, fontsize="medium")
+        axis.grid(alpha=0.3)
+        if reference is not None or measured:
+            axis.legend(fontsize="small", loc="best")
+    if title:
+        fig.suptitle(title)
+    return np.asarray(axes, dtype=object)
+
+
+def _history_panels(curve: bool) -> list[tuple[str, str, str, str]]:
+    """Per panel: the history's key, the y label, the title and the attribute of
+    the baseline (the straight line) drawn as reference."""
     chords = (
         ("length", "Fisher–Rao length (rad)", "chord sums on the batches' grids of t", "length_")
         if curve
@@ -295,7 +334,7 @@ def plot_history(
             "chord_length_",
         )
     )
-    panels = [
+    return [
         ("energy", "energy", "energy (Σ segment divergences)", "energy_"),
         chords,
         (
@@ -305,38 +344,28 @@ def plot_history(
             "euclidean_length_",
         ),
     ]
-    levels = _levels(history.get("n_points"), len(epochs))
-    for axis, (key, ylabel, panel_title, attr) in zip(axes, panels):
-        axis.plot(epochs, history[key], marker="o", markersize=3, label="geodesic fit")
-        if len(levels) > 1:
-            # Shade the coarse levels; a dotted line at each refinement.
-            axis.axvspan(0.5, levels[-1][0] + 0.5, color="0.92", zorder=0)
-            for first, _, _ in levels[1:]:
-                axis.axvline(first + 0.5, color="0.6", linestyle=":", linewidth=1)
-        reference = getattr(baseline, attr, None) if baseline is not None and attr else None
-        if key == "energy" and (curve or divergence not in (None, "jsd")):
-            reference = None  # the line's energy_ is a JSD sum: not comparable
-        if reference is not None:
-            axis.axhline(reference, color="0.35", linestyle="--", label="straight line")
-        length = getattr(connector, "length_", None)
-        if key == chords[0] and length is not None:
-            axis.plot(epochs[-1:], [length], "*", color="C3", ms=10, label="length_ (continuous)")
-        if len(levels) > 1:
-            coarse = ", ".join(str(n) for _, _, n in levels[:-1])
-            axis.set_xlabel(f"epoch (shaded: coarse, N = {coarse})")
-        else:
-            axis.set_xlabel("epoch")
-        axis.set_ylabel(ylabel)
-        axis.set_title(
-            panel_title if key != "energy" or units is None else f"energy ({units})",
-            fontsize="medium",
-        )
-        axis.grid(alpha=0.3)
-        if reference is not None or (key == chords[0] and length is not None):
-            axis.legend(fontsize="small", loc="best")
-    if title:
-        fig.suptitle(title)
-    return np.asarray(axes, dtype=object)
+
+
+def _energy_title(curve: bool, divergence: object) -> str | None:
+    """The energy panel's title with its units, where they are known: a curve's is
+    Fisher–Rao; the chain's sums a built-in divergence's values."""
+    if curve:
+        return "energy (Fisher–Rao, rad²)"
+    spec = SPECS.get(divergence) if isinstance(divergence, str) else None
+    return None if spec is None else f"energy ({spec.label}, {spec.units})"
+
+
+def _shade_levels(axis: Axes, levels: list[tuple[int, int, int]]) -> None:
+    """Shade the coarse levels of a coarse-to-fine fit, a dotted line at each
+    refinement, and say so in the x label."""
+    if len(levels) <= 1:
+        axis.set_xlabel("epoch")
+        return
+    axis.axvspan(0.5, levels[-1][0] + 0.5, color="0.92", zorder=0)
+    for first, _, _ in levels[1:]:
+        axis.axvline(first + 0.5, color="0.6", linestyle=":", linewidth=1)
+    coarse = ", ".join(str(n) for _, _, n in levels[:-1])
+    axis.set_xlabel(f"epoch (shaded: coarse, N = {coarse})")
 
 
 # -- the loss plane ---------------------------------------------------------------------
@@ -467,19 +496,59 @@ def plot_loss_plane(
     'along θ_b − θ_a (parameter units, ‖·‖₂)'
     """
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
 
-    if isinstance(paths, Mapping):
-        if not paths:
-            raise ValueError("paths is an empty mapping: give at least one path.")
-        named = {str(k): _as_path(v, str(k)) for k, v in paths.items()}
-    else:
-        named = {"path": _as_path(paths, "path")}
+    named = _named_paths(paths)
     if not (isinstance(resolution, (int, np.integer)) and resolution >= 2):
         raise ValueError(f"resolution must be an int ≥ 2; got {resolution!r}.")
     if not margin >= 0:
         raise ValueError(f"margin must be ≥ 0; got {margin!r}.")
+    vectors = _shared_end_vectors(named)
+    theta_a, theta_b = next(iter(vectors.values()))[[0, -1]]
+    u, w, span = _plane_basis(vectors, theta_a, theta_b)
+    coords = {
+        k: torch.stack([(v - theta_a) @ u, (v - theta_a) @ w], 1).numpy()
+        for k, v in vectors.items()
+    }
+    everything = np.concatenate(list(coords.values()))
+    lo, hi = everything.min(0), everything.max(0)
+    room = margin * (hi - lo)
+    xs = np.linspace(lo[0] - room[0], hi[0] + room[0], resolution)
+    ys = np.linspace(lo[1] - room[1], hi[1] + room[1], resolution)
+    gx, gy = np.meshgrid(xs, ys)
+    grid = (
+        theta_a[None]
+        + torch.as_tensor(gx.ravel())[:, None] * u[None]
+        + torch.as_tensor(gy.ravel())[:, None] * w[None]
+    )
+    with torch.no_grad():
+        loss = _grid_losses(
+            next(iter(named.values())),
+            grid,
+            X,
+            y,
+            batchnorm_X=X if batchnorm_X is None else batchnorm_X,
+            batch_size=batch_size,
+        ).reshape(gx.shape)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    _draw_plane(ax, gx, gy, loss, coords, span)
+    if title:
+        ax.set_title(title)
+    return ax
 
+
+def _named_paths(paths: object) -> dict[str, ModelPath]:
+    """``paths`` as a non-empty mapping of names to ModelPaths."""
+    if isinstance(paths, Mapping):
+        if not paths:
+            raise ValueError("paths is an empty mapping: give at least one path.")
+        return {str(k): _as_path(v, str(k)) for k, v in paths.items()}
+    return {"path": _as_path(paths, "path")}
+
+
+def _shared_end_vectors(named: dict[str, ModelPath]) -> dict[str, torch.Tensor]:
+    """Each path's points as float64 parameter vectors, checked to share the first
+    path's architecture and ends."""
     vectors = {k: p.parameters_vector().detach().double().cpu() for k, p in named.items()}
     reference_name = next(iter(named))
     theta_a, theta_b = vectors[reference_name][0], vectors[reference_name][-1]
@@ -499,6 +568,14 @@ def plot_loss_plane(
                 f"paths[{name!r}] does not share its ends with paths[{reference_name!r}]: "
                 "the plane is defined by one pair of models θ_a, θ_b."
             )
+    return vectors
+
+
+def _plane_basis(
+    vectors: dict[str, torch.Tensor], theta_a: torch.Tensor, theta_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The plane's orthonormal directions — along θ_b − θ_a, and towards the point
+    of the paths farthest from that line — and the line's length."""
     chord = theta_b - theta_a
     span = float(chord.norm())
     if span == 0.0:
@@ -519,35 +596,21 @@ def plot_loss_plane(
             "defined: include a path with a point off the line, such as a fitted "
             "GeodesicConnector's."
         )
-    w = direction / best
-    coords = {
-        k: torch.stack([(v - theta_a) @ u, (v - theta_a) @ w], 1).numpy()
-        for k, v in vectors.items()
-    }
-    everything = np.concatenate(list(coords.values()))
-    lo, hi = everything.min(0), everything.max(0)
-    room = margin * (hi - lo)
-    xs = np.linspace(lo[0] - room[0], hi[0] + room[0], resolution)
-    ys = np.linspace(lo[1] - room[1], hi[1] + room[1], resolution)
-    gx, gy = np.meshgrid(xs, ys)
-    grid = (
-        theta_a[None]
-        + torch.as_tensor(gx.ravel())[:, None] * u[None]
-        + torch.as_tensor(gy.ravel())[:, None] * w[None]
-    )
-    template_path = named[reference_name]
-    with torch.no_grad():
-        loss = _grid_losses(
-            template_path,
-            grid,
-            X,
-            y,
-            batchnorm_X=X if batchnorm_X is None else batchnorm_X,
-            batch_size=batch_size,
-        ).reshape(gx.shape)
+    return u, direction / best, span
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+
+def _draw_plane(
+    ax: Axes,
+    gx: np.ndarray,
+    gy: np.ndarray,
+    loss: np.ndarray,
+    coords: dict[str, np.ndarray],
+    span: float,
+) -> None:
+    """The loss contours on a log scale, the paths, and the two ends."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
     floor = max(float(np.nanmin(loss)), 1e-4)
     top = max(float(np.nanmax(loss)), floor * 1.01)
     levels = np.geomspace(floor, top, 16)
@@ -570,6 +633,3 @@ def plot_loss_plane(
     ax.set_xlabel("along θ_b − θ_a (parameter units, ‖·‖₂)")
     ax.set_ylabel("orthogonal, towards the farthest point (‖·‖₂)")
     ax.legend(loc="upper right", fontsize="small", framealpha=0.8)
-    if title:
-        ax.set_title(title)
-    return ax

@@ -175,17 +175,30 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
                 classes_=_UNSET,
             )
             return attributes
+        attributes.update(self._measured_attributes(path, inputs, inputs.data, divergence))
+        return attributes
+
+    def _measured_attributes(
+        self,
+        path: ModelPath,
+        inputs: FitInputs,
+        data: TensorData | StreamData,
+        divergence: Divergence,
+    ) -> dict[str, object]:
+        """The attributes measured on the fit data: the lengths, the energy, the
+        classes; sets ``path.t_`` and records the numbers in the path's metadata."""
         stats = path_statistics(
             path,
-            inputs.data,
+            data,
             batch_size=self._eval_batch_size(),
             divergence=divergence,
             keep_logits=True,  # the length measurement's chords
         )
-        stats.warn_if_nonfinite(stacklevel=4)  # _path_attributes, _fit, fit, the caller
+        # _measured_attributes, _path_attributes, _fit, fit, the caller
+        stats.warn_if_nonfinite(stacklevel=5)
         measured = path_length(
             path,
-            inputs.data,
+            data,
             batch_size=self._eval_batch_size(),
             chord_squared=stats.segment_fisher_rao_sq,
             point_logits=stats.logits,
@@ -193,20 +206,20 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         path.t_ = measured.positions
         n_classes = inputs.n_classes
         classes = inputs.label_classes
-        attributes.update(
-            length_=measured.length,
-            chord_length_=measured.chord_length,
-            length_error_=measured.error,
-            min_length_=measured.min_length,
-            energy_=float(np.sum(stats.segment_costs)),
-            n_classes_=n_classes,
-            classes_=np.arange(n_classes) if classes is None else classes,
-        )
+        attributes: dict[str, object] = {
+            "length_": measured.length,
+            "chord_length_": measured.chord_length,
+            "length_error_": measured.error,
+            "min_length_": measured.min_length,
+            "energy_": float(np.sum(stats.segment_costs)),
+            "n_classes_": n_classes,
+            "classes_": np.arange(n_classes) if classes is None else classes,
+        }
         path.metadata.update(
             divergence=_divergence_name(getattr(self, "divergence", "jsd")),
-            length=attributes["length_"],
-            chord_length=attributes["chord_length_"],
-            min_length=attributes["min_length_"],
+            length=measured.length,
+            chord_length=measured.chord_length,
+            min_length=measured.min_length,
             energy=attributes["energy_"],
             n_classes=n_classes,
         )

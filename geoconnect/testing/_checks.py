@@ -694,6 +694,71 @@ def check_divergence(
     jensen_shannon breaks 1 property: triangle (declared, power=1, fn itself: no power given).
     It holds for fn ** (1/2): pass power=2 if fn is a squared distance.
     """
+    _check_arguments(fn, symmetric, triangle, dtype, max_examples, seed)
+    if upper_bound is not None:
+        upper_bound = _real("upper_bound", upper_bound, positive=True)
+    if local_constant is not None:
+        local_constant = _real("local_constant", local_constant, positive=True)
+    if power is not None:
+        power = _real("power", power, positive=True)
+    eps = torch.finfo(dtype).eps
+    rtol = math.sqrt(eps) if rtol is None else _real("rtol", rtol, positive=False)
+    atol = 10 * math.sqrt(eps) if atol is None else _real("atol", atol, positive=False)
+    plan = _plan(n_classes, dtype, symmetric, upper_bound, triangle, local_constant)
+    _check_returns_a_tensor(fn, dtype)
+    # A law declared without a power is about fn itself: a distance (power 1).
+    power_given = power is not None or not (triangle or local_constant is not None)
+    if not power_given:
+        power = 1.0
+    declaration = _Declaration(
+        fn,
+        power=power,
+        power_given=power_given,
+        upper_bound=upper_bound,
+        local_constant=local_constant,
+        local_rtol=0.02 if dtype == torch.float64 else 0.1,
+        rtol=rtol,
+        atol=atol,
+    )
+    config = _search_settings(max_examples, seed)
+    failures: dict[str, str] = {}
+    # The examples are batches of a few distributions: intra-op threads only add
+    # hand-off latency, which on a busy machine costs milliseconds per call.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _, strategy, body in plan:
+            broken = _search(declaration, strategy, body, config, seed)
+            if broken is not None and broken.prop not in failures:
+                failures[broken.prop] = str(broken)
+        if not power_given:
+            _hint_the_power(declaration, plan, failures, config, seed, n_classes)
+    finally:
+        torch.set_num_threads(threads)
+    if failures:
+        ordered = {prop: failures[prop] for prop in PROPERTIES if prop in failures}
+        origins = {prop: _origin(prop) for prop in ordered}
+        if power is not None:
+            how = f"power={power:g}" + ("" if power_given else ", fn itself: no power given")
+            origins.update({prop: f"declared, {how}" for prop in ("triangle", "local_constant")})
+        raise DivergenceCheckError(getattr(fn, "__name__", repr(fn)), ordered, origins)
+    return tuple(prop for prop, _, _ in plan)
+
+
+#: A property's name, the strategy of its examples, and its check.
+_Plan = list[tuple[str, SearchStrategy, Callable[[_Declaration, Any], None]]]
+
+
+def _check_arguments(
+    fn: object,
+    symmetric: object,
+    triangle: object,
+    dtype: object,
+    max_examples: object,
+    seed: object,
+) -> None:
+    """A ``TypeError`` or ``ValueError`` naming the argument of check_divergence
+    that is not what it must be."""
     if not callable(fn):
         raise TypeError(
             f"The 'fn' argument of {_OWNER} must be a callable (logits_p, logits_q) -> "
@@ -704,12 +769,6 @@ def check_divergence(
             raise TypeError(
                 f"The '{name}' argument of {_OWNER} must be True or False. Got {flag!r} instead."
             )
-    if upper_bound is not None:
-        upper_bound = _real("upper_bound", upper_bound, positive=True)
-    if local_constant is not None:
-        local_constant = _real("local_constant", local_constant, positive=True)
-    if power is not None:
-        power = _real("power", power, positive=True)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(
             f"The 'dtype' argument of {_OWNER} must be a floating torch.dtype. Got "
@@ -724,14 +783,22 @@ def check_divergence(
         raise TypeError(
             f"The 'seed' argument of {_OWNER} must be an int or None. Got {seed!r} instead."
         )
-    eps = torch.finfo(dtype).eps
-    rtol = math.sqrt(eps) if rtol is None else _real("rtol", rtol, positive=False)
-    atol = 10 * math.sqrt(eps) if atol is None else _real("atol", atol, positive=False)
 
+
+def _plan(
+    n_classes: Any,
+    dtype: torch.dtype,
+    symmetric: bool,
+    upper_bound: float | None,
+    triangle: bool,
+    local_constant: float | None,
+) -> _Plan:
+    """The properties to check, in order: the defaults, then the declared ones."""
     values = st.just(dtype)
     extreme_dtypes = st.sampled_from(sorted({torch.float32, dtype}, key=str))
     steps = st.floats(1e-4, 1e-3) if dtype == torch.float64 else st.floats(2e-2, 6e-2)
-    plan: list[tuple[str, SearchStrategy, Callable[[_Declaration, Any], None]]] = [
+    shapes = array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=3)
+    plan: _Plan = [
         (
             "finite",
             _pairs(n_classes, extreme_dtypes, _EXTREME_SCALE, ("independent", "equal", "opposite")),
@@ -739,13 +806,7 @@ def check_divergence(
         ),
         (
             "batch",
-            _pairs(
-                n_classes,
-                values,
-                _DEFAULT_SCALE,
-                ("independent",),
-                array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=3),
-            ),
+            _pairs(n_classes, values, _DEFAULT_SCALE, ("independent",), shapes),
             _check_batch,
         ),
         (
@@ -776,24 +837,13 @@ def check_divergence(
     if local_constant is not None:
         strategy = nearby_pairs(n_classes=n_classes, batch_shape=_ROWS, dtype=dtype, step=steps)
         plan.append(("local_constant", strategy, _check_local_constant))
+    return plan
 
-    _check_returns_a_tensor(fn, dtype)
-    # A law declared without a power is about fn itself: a distance (power 1).
-    power_given = power is not None or not (triangle or local_constant is not None)
-    if not power_given:
-        power = 1.0
-    declaration = _Declaration(
-        fn,
-        power=power,
-        power_given=power_given,
-        upper_bound=upper_bound,
-        local_constant=local_constant,
-        local_rtol=0.02 if dtype == torch.float64 else 0.1,
-        rtol=rtol,
-        atol=atol,
-    )
 
-    config = settings(
+def _search_settings(max_examples: int, seed: int | None) -> settings:
+    """Hypothesis's settings for one property's search: quiet, no deadline, and no
+    example database when seeded (deterministic)."""
+    return settings(
         max_examples=max_examples,
         deadline=None,
         derandomize=False,
@@ -808,33 +858,11 @@ def check_divergence(
         ],
         **({"database": None} if seed is not None else {}),
     )
-    failures: dict[str, str] = {}
-    # The examples are batches of a few distributions: intra-op threads only add
-    # hand-off latency, which on a busy machine costs milliseconds per call.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _, strategy, body in plan:
-            broken = _search(declaration, strategy, body, config, seed)
-            if broken is not None and broken.prop not in failures:
-                failures[broken.prop] = str(broken)
-        if not power_given:
-            _hint_the_power(declaration, plan, failures, config, seed, n_classes)
-    finally:
-        torch.set_num_threads(threads)
-    if failures:
-        ordered = {prop: failures[prop] for prop in PROPERTIES if prop in failures}
-        origins = {prop: _origin(prop) for prop in ordered}
-        if power is not None:
-            how = f"power={power:g}" + ("" if power_given else ", fn itself: no power given")
-            origins.update({prop: f"declared, {how}" for prop in ("triangle", "local_constant")})
-        raise DivergenceCheckError(getattr(fn, "__name__", repr(fn)), ordered, origins)
-    return tuple(prop for prop, _, _ in plan)
 
 
 def _hint_the_power(
     declaration: _Declaration,
-    plan: list[tuple[str, SearchStrategy, Callable[[_Declaration, Any], None]]],
+    plan: _Plan,
     failures: dict[str, str],
     config: settings,
     seed: int | None,
