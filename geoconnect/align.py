@@ -1438,12 +1438,20 @@ def _functional_layer_norm(
     affine.append(kwargs.get("bias", args[2] if len(args) > 2 else None))
     params = [values.get(a) for a in affine if isinstance(a, fx.Node)]
     for direct in directs:
-        whole = direct.tensor is not None and direct.axes == tuple(range(direct.tensor.ndim))
-        if not any(direct is p for p in params) or not whole:
+        if not any(direct is p for p in params) or not _whole(direct):
             return _direct_error(direct, where)
         if axis is not None:
             state.assign(direct.name, direct.tensor, axis, x.group)
     return x
+
+
+def _whole(direct: _Direct, ndim: int | None = None) -> bool:
+    """Whether ``direct`` is a parameter or buffer as it is (not a view of it), of
+    ``ndim`` dimensions when given."""
+    tensor = direct.tensor
+    if tensor is None or direct.axes != tuple(range(tensor.ndim)):
+        return False
+    return ndim is None or tensor.ndim == ndim
 
 
 #: The functional per-channel normalisations, and their arguments after the input.
@@ -1469,10 +1477,9 @@ def _functional_channel_norm(
     args, kwargs = list(node.args[1:]), dict(node.kwargs)
     names = _CHANNEL_NORMS[node.target]
     bound = {n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)}
-    per_channel = [values.get(a) for n, a in bound.items() if isinstance(a, fx.Node)]
+    per_channel = [values.get(a) for a in bound.values() if isinstance(a, fx.Node)]
     for direct in directs:
-        whole = direct.tensor is not None and direct.axes == tuple(range(direct.tensor.ndim))
-        if not any(direct is p for p in per_channel) or not whole or direct.tensor.ndim != 1:
+        if not any(direct is p for p in per_channel) or not _whole(direct, ndim=1):
             return _direct_error(direct, where)
     groups = bound.get("num_groups", 1)
     channels = {d.tensor.shape[0] for d in directs if d.tensor is not None}

@@ -178,7 +178,7 @@ def _agreement_barrier(path: ModelPath, data: _Counted, batch_size: int) -> floa
     labels: at point ``i`` (``w = i / (N − 1)``), the mean of
     ``(1 − w) · CE(p_i, ŷ_a) + w · CE(p_i, ŷ_b)``, through :func:`loss_barrier`."""
     n_points, rows = path.n_points, 0
-    w = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64)[:, None]
+    w = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64, device=path.device)[:, None]
     total: Tensor | None = None
     for batch in data.batches(batch_size, networks=n_points):
         log_p = path.logits(batch.x).double().log_softmax(-1)  # (N, batch, classes)
@@ -186,7 +186,7 @@ def _agreement_barrier(path: ModelPath, data: _Counted, batch_size: int) -> floa
             log_p.gather(-1, log_p[end].argmax(-1).expand(n_points, -1)[..., None])[..., 0]
             for end in (0, -1)
         ]
-        loss = -((1 - w.to(log_p.device)) * picked[0] + w.to(log_p.device) * picked[1]).sum(1)
+        loss = -torch.lerp(picked[0], picked[1], w).sum(1)
         total = loss if total is None else total + loss
         rows += n_rows(batch.x)
     if total is None or rows == 0:
