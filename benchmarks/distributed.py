@@ -1,18 +1,28 @@
-"""Path-parallel fitting on the CPU: seconds per epoch and bytes per step, by world size.
+"""Distributed fitting on the CPU: seconds per epoch and bytes per step, by world size.
 
-For the digits CNN (BatchNorm, 16 channels) and a wider one (64 channels), fits a
-25-point path with ``GeodesicConnector(distributed=True)`` under torchrun (gloo) at
-world sizes 1 and 2, one thread per rank, and, as the baseline in the same run, in one
-process without ``distributed``, with one thread and with every core. Reports the
-median seconds per epoch (the first epoch of each level left out), the ratio to the
-one-process, one-thread baseline, and what each rank sent per step (the boundary
-logits) and per epoch (its block's parameters), from ``communication_``.
+For every method with a distributed mode — the geodesic chain (its points split
+across ranks), the continuous geodesic (``GeodesicConnector``'s default curve) and the
+loss-trained Bezier curve (``CurveConnector``), both data-parallel — and for the
+digits CNN (BatchNorm, 16 channels) and a wider one (64 channels), fits the pair with
+``distributed=True`` under torchrun (gloo) at world sizes 1 and 2, one thread per
+rank, and, as the baseline in the same run, in one process without ``distributed``,
+with one thread and with every core. Reports the median seconds per epoch (the first
+epoch, and for the chain each level's first, left out), the ratio to the one-process,
+one-thread baseline, and what rank 0 sent per step and per epoch, from
+``communication_``: a chain's boundary logits per step and its block's parameters per
+epoch; a curve's all-reduced gradients (the bends' size) per step.
 
-    python benchmarks/distributed.py            # about 4 minutes on 2 CPU cores
-    python benchmarks/distributed.py --quick    # a smoke run (seconds)
+A data-parallel curve's epoch is one pass over the data with one batch per rank a
+step: W ranks take 1/W of the steps each, so the epoch is the work that falls; its
+optimisation (a step of ``W × batch_size`` inputs) is that of one process taking the
+ranks' batches in turn, not one process's usual fit.
+
+    python benchmarks/distributed.py --json benchmarks/results/distributed.json
+    python benchmarks/distributed.py --quick    # a smoke run
+    python benchmarks/distributed.py --methods chain --models wide   # a part
 
 On a machine with G GPUs, ``--gpus G`` adds world sizes 1 … G over NCCL, one GPU per
-rank (``cuda:LOCAL_RANK``).
+rank (``cuda:LOCAL_RANK``); ``benchmarks/gpu.py --gpus G`` runs it.
 """
 
 from __future__ import annotations
@@ -28,6 +38,29 @@ import warnings
 from pathlib import Path
 
 MODELS = {"digits CNN (16 ch)": 16, "wide CNN (64 ch)": 64}
+#: The methods with a distributed mode, and their epochs per run (full, --quick).
+METHODS = {"chain": (12, 4), "geodesic": (8, 3), "curve": (8, 3)}
+
+
+def _connector(method: str, epochs: int, device: str, distributed: bool):
+    from geoconnect import CurveConnector, GeodesicConnector
+
+    common = {"max_iter": epochs, "random_state": 0, "device": device, "distributed": distributed}
+    if method == "curve":
+        return CurveConnector(**common)
+    return GeodesicConnector(curve="chain" if method == "chain" else "bezier", **common)
+
+
+def _steady_seconds(history: dict) -> float:
+    """The median epoch, leaving out the first (warm-up: allocation, the strategy
+    trial) and, for a chain, each coarse-to-fine level's first."""
+    levels = history.get("n_points")
+    steady = [
+        s
+        for i, s in enumerate(history["seconds"])
+        if i > 0 and (levels is None or levels[i] == levels[i - 1])
+    ]
+    return statistics.median(steady)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -38,40 +71,30 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    from geoconnect import GeodesicConnector
     from geoconnect.models import load_digits_split, make_cnn
 
     data = load_digits_split()
     a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
     distributed = "RANK" in os.environ
-    geo = GeodesicConnector(
-        max_iter=args.epochs,
-        random_state=0,
-        device="cuda" if args.cuda and not distributed else "auto" if args.cuda else "cpu",
-        distributed=distributed,
-    )
+    device = "cuda" if args.cuda and not distributed else "auto" if args.cuda else "cpu"
+    connector = _connector(args.method, args.epochs, device, distributed)
+    y = data.y_train if args.method == "curve" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few epochs do not converge; not the point
-        geo.fit(data.images_train, model_a=a, model_b=b)
+        connector.fit(data.images_train, y, model_a=a, model_b=b)
     if distributed and dist.get_rank() != 0:
         return
-    history = geo.history_
-    # The first epoch of each level pays for warm-up (allocation, the strategy trial).
-    steady = [
-        s
-        for i, s in enumerate(history["seconds"])
-        if i > 0 and history["n_points"][i] == history["n_points"][i - 1]
-    ]
     record = {
-        "seconds_per_epoch": statistics.median(steady),
-        "n_params": geo.path_.n_params,
-        "energy": geo.energy_,
-        "communication": getattr(geo, "communication_", None),
+        "seconds_per_epoch": _steady_seconds(connector.history_),
+        "epochs": connector.n_iter_,
+        "n_params": connector.path_.n_params,
+        "length": connector.length_,
+        "communication": getattr(connector, "communication_", None),
     }
     Path(args.worker).write_text(json.dumps(record))
 
 
-def run(width: int, world_size: int, threads: int, epochs: int, cuda: bool) -> dict:
+def run(method: str, width: int, world_size: int, threads: int, epochs: int, cuda: bool) -> dict:
     """One configuration in fresh processes; world_size 0 is the plain single process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
@@ -79,6 +102,8 @@ def run(width: int, world_size: int, threads: int, epochs: int, cuda: bool) -> d
             str(Path(__file__).resolve()),
             "--worker",
             str(out),
+            "--method",
+            method,
             "--width",
             str(width),
             "--epochs",
@@ -105,12 +130,27 @@ def run(width: int, world_size: int, threads: int, epochs: int, cuda: bool) -> d
         return json.loads(out.read_text())
 
 
+def _sent(record: dict) -> tuple[float, float]:
+    """Bytes rank 0 sent per step and per epoch (0, 0 for one process)."""
+    comm, epochs = record["communication"], record["epochs"]
+    if not comm:
+        return 0.0, 0.0
+    if comm["exchanged_bytes"]:  # a chain: boundary logits a step, its block an epoch
+        return comm["exchanged_bytes"] / comm["steps"], comm["shared_bytes"] / epochs
+    per_step = comm["reduced_bytes"] / comm["steps"]  # a curve: the gradients a step
+    return per_step, (comm["reduced_bytes"] + comm["shared_bytes"]) / epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 epochs per run")
+    parser.add_argument("--quick", action="store_true", help="3-4 epochs per run")
     parser.add_argument("--gpus", type=int, default=0, help="also NCCL world sizes 1 … G")
+    parser.add_argument("--cpu", type=int, default=1, help="0: only the GPU configurations")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument("--models", default="digits,wide", help="digits, wide or both")
     parser.add_argument("--json", help="write every measurement to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="chain", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=12, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -119,32 +159,34 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    epochs = 4 if args.quick else 12
     cores = os.cpu_count() or 1
     configs = [
         ("1 process, 1 thread (baseline)", 0, 1, False),
         (f"1 process, {cores} threads", 0, cores, False),
         ("torchrun, 1 rank × 1 thread", 1, 1, False),
         ("torchrun, 2 ranks × 1 thread", 2, 1, False),
-    ]
+    ][: 4 if args.cpu else 0]
     configs += [(f"torchrun, {g} GPU(s), NCCL", g, 1, True) for g in range(1, args.gpus + 1)]
+    models = {m: w for m, w in MODELS.items() if m.split()[0] in args.models.split(",")}
     results = []
-    for model, width in MODELS.items():
-        baseline = None
-        for label, world_size, threads, cuda in configs:
-            record = run(width, world_size, threads, epochs, cuda)
-            baseline = baseline or record["seconds_per_epoch"]
-            results.append({"model": model, "config": label, **record})
-            comm = record["communication"]
-            per_step = comm["exchanged_bytes"] / comm["steps"] if comm else 0
-            per_epoch = comm["shared_bytes"] / epochs if comm else 0
-            print(
-                f"{model:20s} {label:32s} {record['seconds_per_epoch']:7.3f} s/epoch "
-                f"({baseline / record['seconds_per_epoch']:4.2f}× the baseline)  "
-                f"P={record['n_params']:7d}  per step {per_step / 1e3:6.1f} kB  "
-                f"per epoch {per_epoch / 1e6:6.2f} MB  energy {record['energy']:.5f}",
-                flush=True,
-            )
+    for method in args.methods.split(","):
+        epochs = METHODS[method][1 if args.quick else 0]
+        for model, width in models.items():
+            baseline = None
+            for label, world_size, threads, cuda in configs:
+                record = run(method, width, world_size, threads, epochs, cuda)
+                baseline = baseline or record["seconds_per_epoch"]
+                ratio = baseline / record["seconds_per_epoch"]
+                results.append({"method": method, "model": model, "config": label, **record})
+                results[-1]["speedup"] = ratio
+                per_step, per_epoch = _sent(record)
+                print(
+                    f"{method:9s} {model:19s} {label:31s} {record['seconds_per_epoch']:7.3f} "
+                    f"s/epoch ({ratio:4.2f}× the baseline)  P={record['n_params']:6d}  "
+                    f"per step {per_step / 1e3:7.1f} kB  per epoch {per_epoch / 1e6:6.2f} MB  "
+                    f"length {record['length']:.4f}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -13,14 +13,22 @@ to stay under 5 minutes on one H100; not yet run on one (see benchmarks/README.m
 
     python benchmarks/gpu.py            # on a CUDA machine
     python benchmarks/gpu.py --smoke    # tiny settings, any device: checks it runs
+    python benchmarks/gpu.py --gpus G   # then every distributed method on 1 … G GPUs
+
+``--gpus G`` runs ``benchmarks/distributed.py --gpus G --cpu 0`` afterwards: the
+chain, the continuous geodesic and the loss-trained curve under torchrun over NCCL at
+1 … G ranks (``--quick`` with ``--smoke``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,7 +131,23 @@ def main() -> None:
     parser.add_argument(
         "--seed-cap", type=float, default=100.0, help="seconds before the seed run stops"
     )
+    parser.add_argument("--gpus", type=int, default=0, help="then distributed.py on 1 … G GPUs")
     args = parser.parse_args()
+    report(args)
+    if args.gpus:
+        scaling(args.gpus, quick=args.smoke)
+
+
+def scaling(gpus: int, quick: bool) -> None:
+    """Every distributed method at 1 … ``gpus`` ranks over NCCL (benchmarks/distributed.py)."""
+    script = Path(__file__).resolve().parent / "distributed.py"
+    command = [sys.executable, str(script), "--gpus", str(gpus), "--cpu", "0"]
+    print(f"\n{' '.join(command[1:])}:", flush=True)
+    subprocess.run(command + (["--quick"] if quick else []), check=True)
+
+
+def report(args: argparse.Namespace) -> None:
+    """The seed comparison on this machine's GPU (or CPU with ``--smoke``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         width, blocks, n_train, n_test, train_epochs = 1, 1, 512, 256, 1

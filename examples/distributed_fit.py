@@ -2,11 +2,13 @@
 Fitting one path on several processes with torchrun
 ===================================================
 
-``GeodesicConnector(curve="chain", distributed=True)`` splits the path's points across the
-processes of a ``torch.distributed`` group: each rank optimises a block of the
-interior, the ranks swap only their boundary points' logits at each step, and every
-rank ends with the whole path — the single-process fit's. This script is not run by
-the documentation build (it needs several processes); run it on the CPU with gloo::
+``distributed=True`` fits with every process of a ``torch.distributed`` group. The
+default continuous geodesic is data-parallel: a step takes one batch per rank, each
+rank its own batch and ``t``, and the ranks add up the bends' gradients. The chain
+(``curve="chain"``) is path-parallel: each rank optimises a block of its points, and
+the ranks swap only their boundary points' logits. Either way every rank ends with the
+same path. This script is not run by the documentation build (it needs several
+processes); run it on the CPU with gloo::
 
     torchrun --standalone --nproc_per_node=2 examples/distributed_fit.py
 
@@ -31,17 +33,27 @@ model_a, model_b = (
     for s in (1, 2)
 )
 
-geo = GeodesicConnector(curve="chain", max_iter=30, random_state=0, distributed=True)
-geo.fit(data.images_train, model_a=model_a, model_b=model_b)
+curve = GeodesicConnector(random_state=0, distributed=True)  # data-parallel
+curve.fit(data.images_train, model_a=model_a, model_b=model_b)
+chain = GeodesicConnector(curve="chain", max_iter=30, random_state=0, distributed=True)
+chain.fit(data.images_train, model_a=model_a, model_b=model_b)  # path-parallel
 
 if dist.get_rank() == 0:
     line = LinearConnector().fit(data.images_train, model_a=model_a, model_b=model_b)
-    for name, connector in (("linear", line), ("geodesic", geo)):
+    for name, connector in (("linear", line), ("geodesic", curve), ("chain", chain)):
         evaluation = connector.evaluate(data.images_test, data.y_test)
-        print(f"{name:9s} test loss barrier {evaluation.barrier:.4f} nats")
-    seconds = sum(geo.history_["seconds"])
-    print(
-        f"{dist.get_world_size()} ranks, {geo.n_iter_} epochs in {seconds:.1f} s; every "
-        f"rank holds all {len(geo.path_)} points ({torch.get_num_threads()} thread(s) each)"
-    )
+        print(
+            f"{name:9s} test loss barrier {evaluation.barrier:.4f} nats, "
+            f"length {connector.length_:.3f}"
+        )
+    for name, connector in (("geodesic", curve), ("chain", chain)):
+        seconds = sum(connector.history_["seconds"])
+        sent = (
+            connector.communication_["reduced_bytes"] + connector.communication_["exchanged_bytes"]
+        )
+        print(
+            f"{name}: {dist.get_world_size()} ranks, {connector.n_iter_} epochs in "
+            f"{seconds:.1f} s, rank 0 sent {sent / 1e6:.1f} MB "
+            f"({torch.get_num_threads()} thread(s) each)"
+        )
 dist.destroy_process_group()

@@ -42,6 +42,7 @@ from .fitting import (
     FitSettings,
     _load_moments,
     _moments,
+    _resumable,
     check_finite_start,
     check_fittable,
     diverged,
@@ -454,6 +455,8 @@ def fit_curve(
                     bends[name].copy_(value)
         key = "energy" if validation is None else "validation_length"
         _never_worse(epoch, history[key], stopping.best, best, start, initial, key)
+    if settings.group is not None:
+        settings.group.share_from_first(bends)
     return history, converged
 
 
@@ -474,7 +477,7 @@ def _begin(
     has converged, the best and the starting bends — a checkpoint's, where it left
     one, or a fresh start's (whose NaN logits are named, not descended)."""
     settings = epoch.settings
-    saved = None if settings.checkpoint is None else settings.checkpoint.saved
+    saved = _resumable(settings)  # distributed: the latest epoch every rank wrote
     if saved is not None:  # resume where the checkpointed fit stopped
         return _resume(
             saved, epoch.bends, epoch.optimizer, stopping, settings, epoch.generator, epoch.draws
@@ -955,31 +958,90 @@ class _CurveEpoch:
         self.draws = torch.Generator().manual_seed(seed)
 
     def run(self) -> dict[str, float]:
-        """The epoch's means: ``loss``, or ``energy`` and ``length``."""
-        control = self.curve.control
-        total, root, seen = 0.0, 0.0, 0
+        """The epoch's means: ``loss``, or ``energy`` and ``length``.
+
+        A step takes ``settings.batches_per_step`` batches of the batch order (one,
+        unless a test or benchmark says otherwise) and, distributed, that many per
+        rank: the step's batches go to the ranks in turn, each rank computes its own
+        (each at its own draw of ``t``) and the ranks add up the gradients, weighted
+        by the batches' rows. Every rank reads the whole batch order and draws every
+        batch's ``t``, so a distributed step is the step of one process that takes
+        the same batches and ``t`` in turn.
+        """
+        group = self.settings.group
+        per_step = self.settings.batches_per_step * (1 if group is None else group.world_size)
+        sums = torch.zeros(3, dtype=torch.float64)  # value · rows, speed · rows, rows
+        step: list[Batch] = []
         for batch in self.data.batches(self.settings.batch_size, generator=self.generator):
-            if self.objective == "loss" and batch.y is None:
-                raise ValueError("A curve is trained on labels: X yielded a batch without y.")
-            if control.has_batchnorm and n_rows(batch.x) < 2:
-                if not self.warned_single:  # no batch statistics from one sample
-                    self.warned_single = True
-                    warn_batch_of_one(stacklevel=5)  # run, fit_curve, _fit_curve, _fit
-                continue
-            value, speed = self._value(batch)
-            for v in self.bends.values():
-                v.grad = None
-            value.backward()
-            self.optimizer.step()
-            rows = n_rows(batch.x)
-            total += float(value.detach()) * rows
-            root += speed * rows
-            seen += rows
+            if self._usable(batch):
+                step.append(batch)
+            if len(step) == per_step:
+                sums += self._step(step)
+                step = []
+        if step:
+            sums += self._step(step)
+        if group is not None:  # every rank records the same means and stops together
+            group.sum(sums)
+        total, root, seen = sums.tolist()
         if not seen:
             return {"loss": math.nan, "energy": math.nan, "length": math.nan}
         if self.objective == "loss":
             return {"loss": total / seen}
         return {"energy": total / seen, "length": root / seen}
+
+    def _usable(self, batch: Batch) -> bool:
+        """Whether a step can take the batch: refused without labels on the loss,
+        skipped (with a warning, once) when a BatchNorm batch has one sample."""
+        if self.objective == "loss" and batch.y is None:
+            raise ValueError("A curve is trained on labels: X yielded a batch without y.")
+        if self.curve.control.has_batchnorm and n_rows(batch.x) < 2:
+            if not self.warned_single:  # no batch statistics from one sample
+                self.warned_single = True
+                warn_batch_of_one(stacklevel=6)  # _usable, run, fit_curve, _fit_curve, _fit
+            return False
+        return True
+
+    def _step(self, batches: list[Batch]) -> Tensor:
+        """One step of the optimiser on ``batches`` (this rank's share of them);
+        returns this rank's sums of the value and the speed times the rows, and
+        the rows."""
+        group = self.settings.group
+        rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+        whole = group is None and len(batches) == 1  # the batch's mean, as it always was
+        for v in self.bends.values():
+            v.grad = None
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            if i % world != rank:  # another rank's batch: its draws of t, not its work
+                torch.rand(self._draws_per_batch(), generator=self.draws, dtype=torch.float64)
+                continue
+            value, speed = self._value(batch)
+            rows = n_rows(batch.x)
+            (value if whole else value * rows).backward()
+            sums += torch.tensor(
+                [float(value.detach()) * rows, speed * rows, rows], dtype=torch.float64
+            )
+        if not whole:
+            self._mean_gradient(float(sums[2]))
+        self.optimizer.step()
+        return sums
+
+    def _draws_per_batch(self) -> int:
+        """How many numbers :meth:`_value` draws from ``draws`` for a batch."""
+        return ENERGY_T_PER_BATCH if self.objective == "energy" and self.estimate == "jvp" else 1
+
+    def _mean_gradient(self, rows: float) -> None:
+        """The bends' gradients of the step's summed ``value · rows``, added up
+        across the ranks (one bucket: every gradient and the rows) and divided by
+        the step's rows: the gradient of the mean over the step's samples."""
+        bends = list(self.bends.values())
+        grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in bends]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_full((1,), rows)])
+        if self.settings.group is not None:
+            self.settings.group.sum(flat, step=True)
+        flat = flat[:-1] / flat[-1]
+        for v, g in zip(bends, flat.split([g.numel() for g in grads]), strict=True):
+            v.grad = g.view_as(v)
 
     @torch.no_grad()
     def measure(self, data: TensorData | None = None) -> tuple[float, float]:

@@ -1,7 +1,9 @@
-"""Path-parallel fitting on ``torch.distributed``: the points split across processes.
+"""Distributed fitting on ``torch.distributed``: a chain's points, or a curve's data,
+split across processes.
 
-The geodesic energy couples neighbouring points only through their predictions on
-a shared batch, so a path splits cleanly across processes (ranks)::
+**A chain is path-parallel.** The geodesic energy couples neighbouring points only
+through their predictions on a shared batch, so a path splits cleanly across
+processes (ranks)::
 
     rank 0              rank 1              rank 2
     a ─ 1 ─ 2 ─ 3 ═══ 4 ─ 5 ─ 6 ─ 7 ═══ 8 ─ 9 ─ 10 ─ b
@@ -19,9 +21,18 @@ epoch) and each block's parameters are broadcast from its owner, so that every r
 holds the whole path; gradients, optimiser moments and activations stay with the
 block. On the CPU the ranks talk over gloo, on GPUs over NCCL.
 
+**A curve is data-parallel** (the continuous geodesic, ``CurveConnector``): every
+rank holds the bends; a step takes one batch of the shared batch order per rank,
+each rank its own at its own draws of ``t``, and :meth:`PathGroup.sum` adds up the
+bends' gradients (one bucket a step); rank 0's bends are broadcast at the end
+(:meth:`PathGroup.share_from_first`). See ``geoconnect.curves.fit_curve``.
+
+A rank that dies makes the others' next collective raise :class:`RankLostError`,
+naming it (:meth:`PathGroup.naming_the_lost`).
+
 :class:`PathGroup` is the engine's view of the process group: which block is
-whose, and the four collectives the fit needs. The connector makes one with
-:meth:`PathGroup.from_environment` under ``GeodesicConnector(distributed=True)``.
+whose, and the collectives the fits need. The connectors make one with
+:meth:`PathGroup.from_environment` under ``distributed=True``.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PathGroup", "block_bounds"]
+__all__ = ["PathGroup", "RankLostError", "block_bounds"]
 
 #: How long a rank waits for the others at a collective before it raises, when
 #: geoconnect initialises the process group itself.
@@ -97,6 +109,9 @@ class PathGroup:
     rank: int
     world_size: int
     group: object = None
+    #: Each rank's host name and process id, in rank order (gathered when the
+    #: connector makes the group): what names a rank that died.
+    members: list[tuple[str, int]] = field(default_factory=list, compare=False)
     counts: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("steps", "exchanged_bytes", "shared_bytes", "reduced_bytes"), 0
@@ -134,7 +149,9 @@ class PathGroup:
             # whose communication threads are still running aborts ("terminate called
             # without an active exception": 1 launch in about 30 of the tests').
             atexit.register(_destroy_if_initialised)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+        group = cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+        group.members = group.gather((socket.gethostname(), os.getpid()))  # type: ignore[assignment]
+        return group
 
     # -- which points are whose -------------------------------------------------------
 
@@ -167,7 +184,8 @@ class PathGroup:
         """
         mine = torch.stack([first, last]).contiguous()
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine, group=self.group)
+        with self.naming_the_lost("exchanging the boundary logits"):
+            dist.all_gather(gathered, mine, group=self.group)
         self.counts["steps"] += 1
         self.counts["exchanged_bytes"] += _nbytes(mine)
         bounds = block_bounds(n_interior, self.world_size)
@@ -177,9 +195,12 @@ class PathGroup:
         right = next((gathered[r][0] for r in owners if bounds[r][0] == stop), None)
         return left, right
 
-    def sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over the ranks, in place; returned."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+    def sum(self, tensor: Tensor, *, step: bool = False) -> Tensor:
+        """``tensor`` summed over the ranks, in place; returned. ``step=True``
+        counts it as a step's exchange (a data-parallel curve's gradients)."""
+        self.counts["steps"] += step
+        with self.naming_the_lost("adding up across the ranks"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         self.counts["reduced_bytes"] += _nbytes(tensor)
         return tensor
 
@@ -194,15 +215,75 @@ class PathGroup:
                 continue
             for stack in stacks.values():
                 block = stack[1 + start : 1 + stop]
-                dist.broadcast(block, src=owner, group=self.group)
+                with self.naming_the_lost(f"sharing rank {owner}'s points"):
+                    dist.broadcast(block, src=owner, group=self.group)
                 if owner == self.rank:
                     self.counts["shared_bytes"] += _nbytes(block)
+
+    @torch.no_grad()
+    def share_from_first(self, tensors: dict[str, Tensor]) -> None:
+        """Broadcast ``tensors`` from rank 0, in place: the same values on every rank.
+
+        A data-parallel curve's bends after its fit: the ranks took the same steps,
+        and this makes their bends the same to the bit whatever the collectives'
+        rounding did.
+        """
+        for tensor in tensors.values():
+            with self.naming_the_lost("sharing rank 0's curve"):
+                dist.broadcast(tensor, src=0, group=self.group)
+            if self.rank == 0:
+                self.counts["shared_bytes"] += _nbytes(tensor)
 
     def gather(self, value: object) -> list[object]:
         """Every rank's ``value`` (a picklable object), in rank order."""
         values: list[object] = [None] * self.world_size
-        dist.all_gather_object(values, value, group=self.group)
+        with self.naming_the_lost("gathering the ranks' records"):
+            dist.all_gather_object(values, value, group=self.group)
         return values
+
+    @contextlib.contextmanager
+    def naming_the_lost(self, what: str) -> Iterator[None]:
+        """A collective that fails because a rank is gone raises ``RankLostError``
+        naming it (and its host and process) instead of the backend's error.
+
+        A rank killed mid-fit (the out-of-memory killer, a node lost, ``kill -9``)
+        closes its connections: the others' next collective fails at once, and
+        each names the rank that died — on its host, the rank whose process no longer
+        runs; on another host, the ranks there. A rank that hangs without dying
+        makes the others fail when the group's timeout runs out
+        (:data:`DEFAULT_TIMEOUT` when geoconnect initialises the group).
+        """
+        try:
+            yield
+        except RuntimeError as error:  # torch's DistBackendError is one
+            if isinstance(error, RankLostError):
+                raise
+            message = self._lost_message(what, error)
+            if message is None:  # not a lost rank: the backend's error as it is
+                raise
+            raise RankLostError(message) from error
+
+    def _lost_message(self, what: str, error: BaseException) -> str | None:
+        """Which ranks are gone, as far as this rank can tell, and what to do; None
+        when none is and the error does not read as a lost connection."""
+        here = socket.gethostname()
+        dead = [r for r, (host, pid) in enumerate(self.members) if host == here and not _alive(pid)]
+        away = [r for r, (host, _) in enumerate(self.members) if host != here]
+        if dead:
+            who = ", ".join(f"rank {r} (pid {self.members[r][1]})" for r in dead)
+            who = f"{who} {'is' if len(dead) == 1 else 'are'} gone: its process on {here} ended"
+        elif not any(sign in str(error).lower() for sign in _LOST_SIGNS):
+            return None
+        elif away:
+            who = f"a rank on another host stopped answering (ranks {_listed(away)})"
+        else:
+            who = "another rank stopped answering"
+        return (
+            f"distributed fit: {who}, so rank {self.rank} stops too (found while {what}; "
+            "the backend's error is above). Look at that rank's output for why it ended "
+            "(a full memory is a common cause); a fit with checkpoint=DIR resumes from "
+            "the last epoch every rank wrote."
+        )
 
     @contextlib.contextmanager
     def warnings_once(self) -> Iterator[None]:
@@ -259,6 +340,39 @@ class PathGroup:
                 f"{differing[0]} differs from rank 0). Every rank must fit the same "
                 "models on the same X with the same parameters (random_state included)."
             )
+
+
+class RankLostError(RuntimeError):
+    """A rank of a distributed fit died or stopped answering; the message names it.
+
+    Raised on the ranks that are left, by the collective that found it out, in place
+    of the backend's error (kept as ``__cause__``).
+
+    Examples
+    --------
+    >>> from geoconnect.distributed import RankLostError
+    >>> issubclass(RankLostError, RuntimeError)
+    True
+    """
+
+
+#: Words of the backends' errors when a peer is gone or silent (gloo's, NCCL's).
+_LOST_SIGNS = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:  # no /proc (not Linux): it answered the signal
+        return True
 
 
 def _destroy_if_initialised() -> None:

@@ -95,6 +95,10 @@ class FitSettings:
     relative_step: bool = False
     max_iter: int = 100
     batch_size: int = 256
+    #: A curve's step takes this many batches in turn (each at its own ``t``) and
+    #: descends their mean; distributed, this many per rank. One for every fit; more
+    #: in the tests, which compare a distributed fit with one process's.
+    batches_per_step: int = 1
     tol: float = 1e-3
     n_iter_no_change: int = 10
     coarse_to_fine: bool = True

@@ -1,17 +1,23 @@
 """One rank of a distributed fit, run by tests/test_distributed.py under torchrun.
 
 ``python -m torch.distributed.run --nproc_per_node=W tests/distributed_worker.py OUT
-[options]`` fits a small pair with ``GeodesicConnector(distributed=True)`` (or, with
-``--single``, in one process) and has rank 0 save what the tests compare: the path's
-parameters, the fitted numbers, the history, and the bytes each kind of collective
-sent. Every collective call of ``torch.distributed`` is wrapped to count them.
+[options]`` fits a small pair with ``distributed=True`` (or, with ``--single``, in one
+process) and has rank 0 save what the tests compare: the path's parameters, the fitted
+numbers, the history, and the bytes each kind of collective sent. Every collective call
+of ``torch.distributed`` is wrapped to count them. ``--method`` picks the fit: the
+geodesic chain (its points split across ranks), the continuous geodesic
+(``"geodesic"``, data-parallel) or the loss-trained ``CurveConnector``
+(data-parallel); ``--batches-per-step W`` makes one process's curve take W batches a
+step, as W ranks do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import warnings
 
 
@@ -39,6 +45,11 @@ def _count_collectives(counts: dict[str, int]) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
+    parser.add_argument("--method", choices=["chain", "geodesic", "curve"], default="chain")
+    parser.add_argument("--energy", default="chord", help="the continuous geodesic's estimate")
+    parser.add_argument("--batches-per-step", type=int, default=1)
+    parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank ...")
+    parser.add_argument("--all-ranks", action="store_true", help="every rank saves OUT.rankR")
     parser.add_argument("--kind", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--solver", default="sgd")
@@ -57,29 +68,87 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _inject(args: argparse.Namespace, steps: list[int]) -> None:
+    """Count the fit's steps, and fail, die or warn at one on one rank, as asked."""
+    import geoconnect.curves as curves
+    import geoconnect.fitting as fitting
+
+    rank = int(os.environ["RANK"])
+    chain = args.method == "chain"
+    owner, name = (fitting, "train_step") if chain else (curves._CurveEpoch, "_step")
+    original = getattr(owner, name)
+
+    def step(*step_args):
+        steps[0] += 1
+        if steps[0] == args.fail_step and rank == args.fail_rank:
+            raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
+        if steps[0] == args.fail_step and rank == args.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no goodbye: as the OOM killer
+        if steps[0] == 1 and rank == args.warn_rank:
+            warnings.warn(f"rank {args.warn_rank} alone warns", UserWarning, stacklevel=2)
+        return original(*step_args)
+
+    setattr(owner, name, step)
+
+
+@contextlib.contextmanager
+def _batches_in_turn(n: int):
+    """Inside, one process's curve fits take ``n`` batches a step, as ``n`` ranks do."""
+    import dataclasses
+
+    import geoconnect.connectors.curve as curve
+    import geoconnect.connectors.geodesic as geodesic
+
+    originals = {module: module.fit_curve for module in (curve, geodesic)}
+    for module, original in originals.items():
+
+        def fit_curve(curve_, data, settings, *rest, _original=original, **kwargs):
+            settings = dataclasses.replace(settings, batches_per_step=n)
+            return _original(curve_, data, settings, *rest, **kwargs)
+
+        module.fit_curve = fit_curve
+    try:
+        yield
+    finally:
+        for module, original in originals.items():
+            module.fit_curve = original
+
+
+def _connector(args: argparse.Namespace):
+    from geoconnect import CurveConnector, GeodesicConnector
+
+    common = {
+        "solver": args.solver,
+        "learning_rate_init": args.learning_rate,
+        "max_iter": args.max_iter,
+        "batch_size": 64 if args.method == "chain" else 32,
+        "random_state": 0,
+        "device": "cpu",
+        "distributed": not args.single,
+        "n_points": args.n_points,
+    }
+    if args.method == "curve":
+        return CurveConnector(**common)
+    if args.method == "geodesic":
+        return GeodesicConnector(
+            **common, energy=args.energy, checkpoint=args.checkpoint, relative_step=False
+        )
+    return GeodesicConnector(
+        curve="chain", coarse_to_fine=not args.no_coarse, checkpoint=args.checkpoint, **common
+    )
+
+
 def fit(args: argparse.Namespace) -> dict:
     """The worker's fit; what rank 0 saves (every rank returns it)."""
     import torch
 
-    import geoconnect.fitting as fitting
-    from geoconnect import GeodesicConnector
     from geoconnect.models import load_digits_split, make_cnn, make_mlp
 
     counts: dict[str, int] = {}
     steps = [0]
     if not args.single:
         _count_collectives(counts)
-        original_step = fitting.train_step
-
-        def step(state, batch):
-            steps[0] += 1
-            if steps[0] == args.fail_step and int(os.environ["RANK"]) == args.fail_rank:
-                raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
-            if steps[0] == 1 and int(os.environ["RANK"]) == args.warn_rank:
-                warnings.warn(f"rank {args.warn_rank} alone warns", UserWarning, stacklevel=2)
-            return original_step(state, batch)
-
-        fitting.train_step = step
+        _inject(args, steps)
 
     data = load_digits_split()
     if args.kind == "mlp":
@@ -89,23 +158,13 @@ def fit(args: argparse.Namespace) -> dict:
     else:
         X = torch.as_tensor(data.images_train[:192], dtype=torch.float32)
         a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
-    geo = GeodesicConnector(
-        curve="chain",
-        n_points=args.n_points,
-        solver=args.solver,
-        learning_rate_init=args.learning_rate,
-        max_iter=args.max_iter,
-        batch_size=64,
-        random_state=0,
-        device="cpu",
-        coarse_to_fine=not args.no_coarse,
-        distributed=not args.single,
-        checkpoint=args.checkpoint,
-    )
+    y = torch.as_tensor(data.y_train[:192]) if args.method == "curve" else None
+    geo = _connector(args)
     with warnings.catch_warnings(record=True) as caught:
         # convergence after a few epochs is not the point, unless warnings are
         warnings.simplefilter("always" if args.warnings else "ignore")
-        geo.fit(X, model_a=a, model_b=b)
+        with _batches_in_turn(args.batches_per_step):
+            geo.fit(X, y, model_a=a, model_b=b)
     if args.warnings:
         given = [[w.category.__name__, str(w.message)] for w in caught]
         with open(f"{args.out}.rank{os.environ.get('RANK', 0)}.json", "w") as f:
@@ -116,6 +175,8 @@ def fit(args: argparse.Namespace) -> dict:
         "length": geo.length_,
         "history": geo.history_,
         "n_params": geo.path_.n_params,
+        "n_bends_params": geo.curve_.control.n_params if args.method != "chain" else None,
+        "communication": getattr(geo, "communication_", None),
         "counts": counts,
         "steps": steps[0],
     }
@@ -129,6 +190,8 @@ def main() -> None:
     result = fit(args)
     if args.single or int(os.environ["RANK"]) == 0:
         torch.save(result, args.out)
+    if args.all_ranks:
+        torch.save(result, f"{args.out}.rank{os.environ['RANK']}")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 import distributed_worker
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 
-from geoconnect import GeodesicConnector
+from geoconnect import CurveConnector, GeodesicConnector
 from geoconnect.distributed import PathGroup, block_bounds
 
 WORKER = Path(distributed_worker.__file__)
@@ -149,6 +150,140 @@ def test_a_distributed_fit_that_crashed_resumes_from_its_checkpoints(tmp_path):
     assert resumed["history"]["energy"] == pytest.approx(single["history"]["energy"], rel=1e-5)
 
 
+# -- data-parallel curves: each rank its own batches and t, the gradients added up ------
+
+
+CURVES = [
+    (2, ("--method", "geodesic", "--kind", "mlp")),
+    (3, ("--method", "geodesic", "--kind", "cnn", "--energy", "jvp")),
+    (2, ("--method", "curve", "--kind", "mlp")),
+    (3, ("--method", "curve", "--kind", "cnn")),
+]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "options"),
+    CURVES,
+    ids=["geodesic-mlp-2", "geodesic-jvp-batchnorm-cnn-3", "curve-mlp-2", "curve-batchnorm-cnn-3"],
+)
+def test_a_data_parallel_curve_is_one_process_taking_the_ranks_batches_in_turn(
+    tmp_path, world_size, options
+):
+    # SGD: the same summed gradients give the same curve.
+    single = launch(tmp_path, 0, *options, "--batches-per-step", str(world_size))
+    split = launch(tmp_path, world_size, *options, "--all-ranks")
+    torch.testing.assert_close(split["params"], single["params"], rtol=1e-6, atol=1e-6)
+    key = "energy" if "geodesic" in options else "loss"
+    assert split["history"][key] == pytest.approx(single["history"][key], rel=1e-6)
+    assert split["length"] == pytest.approx(single["length"], rel=1e-6)
+    # Every rank ends with the same path, to the bit.
+    out = tmp_path / f"ws{world_size}.pt"
+    for rank in range(1, world_size):
+        assert torch.equal(torch.load(f"{out}.rank{rank}")["params"], split["params"])
+    # A step of one batch per rank: an epoch of 6 batches is 6 / W steps.
+    assert split["steps"] == 6 // world_size * len(split["history"][key])
+
+
+def test_a_data_parallel_curve_differs_from_one_process_taking_one_batch_a_step(tmp_path):
+    # The comparison above can fail: W ranks are not one process's usual fit.
+    options = ("--method", "geodesic", "--kind", "mlp")
+    usual = launch(tmp_path, 0, *options)
+    split = launch(tmp_path, 2, *options)
+    assert (split["params"] - usual["params"]).abs().max() > 1e-4
+
+
+def test_with_adam_a_data_parallel_curve_reaches_the_same_numbers(tmp_path):
+    # Adam divides by the gradients' running size, which magnifies the rounding of
+    # three ranks' sums (in practice the curve agrees to 1e-6 or better).
+    options = ("--method", "geodesic", "--kind", "cnn", "--solver", "adam")
+    options += ("--learning-rate", "0.003", "--energy", "jvp")
+    single = launch(tmp_path, 0, *options, "--batches-per-step", "3")
+    split = launch(tmp_path, 3, *options)
+    torch.testing.assert_close(split["params"], single["params"], rtol=0, atol=1e-4)
+    assert split["history"]["energy"] == pytest.approx(single["history"]["energy"], rel=1e-5)
+    assert split["length"] == pytest.approx(single["length"], rel=1e-4)
+
+
+def test_a_data_parallel_step_sends_the_bends_gradients_once(tmp_path):
+    split = launch(tmp_path, 2, "--method", "geodesic", "--kind", "mlp", "--max-iter", "2")
+    bends = 3 * split["n_bends_params"] * 4  # three float32 bends
+    sent = split["communication"]
+    assert sent["world_size"] == 2 and sent["steps"] == split["steps"] == 6
+    # Per step one bucket (the gradients and the rows), per epoch the three sums.
+    assert sent["reduced_bytes"] == 6 * (bends + 4) + 2 * 3 * 8
+    assert sent["shared_bytes"] == bends  # the bends from rank 0, once at the end
+    assert split["counts"]["all_reduce"] == sent["reduced_bytes"]
+    assert split["counts"]["all_reduce_calls"] == 6 + 2
+
+
+# -- two nodes, and ranks that die ------------------------------------------------------
+
+
+def two_nodes(out: Path, *options: str) -> list[subprocess.CompletedProcess]:
+    """The worker launched as on two nodes of one rank each: two torchrun agents that
+    meet at a c10d rendezvous on localhost. Fails the test if they have not both
+    ended within two minutes (a hang)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2"]
+    command += ["--nproc_per_node=1", "--rdzv-backend=c10d"]
+    command += [f"--rdzv-endpoint=localhost:{_free_port()}", str(WORKER), str(out), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        pytest.fail("a node of the launch was still running after 120 s: it hung")
+    return [
+        subprocess.CompletedProcess(command, node.returncode, output, "")
+        for node, output in zip(nodes, outputs, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("method", ["geodesic", "chain"])
+def test_two_nodes_on_localhost_give_the_single_node_result(tmp_path, method):
+    options = ("--method", method, "--kind", "cnn", "--max-iter", "3")
+    nodes = two_nodes(tmp_path / "nodes.pt", *options)
+    assert [node.returncode for node in nodes] == [0, 0], nodes[0].stdout[-3000:]
+    one_node = launch(tmp_path, 2, *options)
+    assert torch.equal(torch.load(tmp_path / "nodes.pt")["params"], one_node["params"])
+
+
+@pytest.mark.parametrize("method", ["geodesic", "curve", "chain"])
+def test_a_killed_rank_makes_the_others_stop_naming_it(tmp_path, method):
+    # Rank 1 is SIGKILLed in its third step, as by the out-of-memory killer: no
+    # exception, no goodbye. Rank 0, on the other "node", finds it out at its next
+    # collective and raises at once, naming rank 1 and its process.
+    out = tmp_path / "never.pt"
+    nodes = two_nodes(out, "--method", method, "--kill-rank", "1", "--fail-step", "3")
+    assert all(node.returncode != 0 for node in nodes)
+    output = nodes[0].stdout + nodes[1].stdout
+    assert "RankLostError: distributed fit: rank 1 (pid " in output
+    assert "so rank 0 stops too" in output
+    assert not out.exists()
+
+
+def test_a_distributed_curve_that_crashed_resumes_from_its_checkpoints(tmp_path):
+    # Rank 1 fails in the third epoch (three steps an epoch); the refit resumes from
+    # the last epoch both ranks wrote and ends with the uninterrupted curve.
+    directory = tmp_path / "checkpoints"
+    options = ("--method", "geodesic", "--kind", "cnn", "--checkpoint", str(directory))
+    crashed = torchrun(tmp_path / "crashed.pt", 2, *options, "--fail-rank", "1", "--fail-step", "8")
+    assert crashed.returncode != 0 and "rank 1 fails on purpose" in crashed.stdout + crashed.stderr
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == [f"checkpoint-rank{r}-of2-{s}.safetensors" for r in (0, 1) for s in "ab"]
+    resumed = launch(tmp_path, 2, *options)
+    assert 0 < resumed["steps"] < 6 * 3  # it did not start again
+    whole = launch(tmp_path, 2, "--method", "geodesic", "--kind", "cnn")
+    assert torch.equal(resumed["params"], whole["params"])
+    assert resumed["history"]["energy"] == whole["history"]["energy"]
+
+
 @given(n_interior=st.integers(0, 60), world_size=st.integers(1, 8))
 def test_blocks_are_contiguous_balanced_and_cover_the_interior(n_interior, world_size):
     bounds = block_bounds(n_interior, world_size)
@@ -199,28 +334,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch):
+CONNECTORS = [
+    lambda **kw: GeodesicConnector(curve="chain", n_points=5, **kw),
+    lambda **kw: GeodesicConnector(curve="bezier", n_points=5, **kw),
+    lambda **kw: CurveConnector(n_points=5, **kw),
+]
+
+
+@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve"])
+def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch, make):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
-    geo = GeodesicConnector(
-        curve="chain", n_points=5, max_iter=1, device="cpu", random_state=0, distributed=True
-    )
+    geo = make(max_iter=1, device="cpu", random_state=0, distributed=True)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"torchrun --nproc_per_node=2"):
-        geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
+        geo.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), model_a=a, model_b=b)
     assert not hasattr(geo, "path_")
 
 
+@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve"])
 @pytest.mark.parametrize(
     ("params", "message"),
     [
         ({"random_state": None}, "int random_state"),
+        ({"random_state": np.random.RandomState(0)}, "int random_state"),
     ],
 )
-def test_distributed_refuses_what_it_cannot_do(params, message):
-    geo = GeodesicConnector(
-        curve="chain", n_points=5, max_iter=1, device="cpu", distributed=True, **params
-    )
+def test_distributed_refuses_what_it_cannot_do(make, params, message):
+    geo = make(max_iter=1, device="cpu", distributed=True, **params)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=message):
-        geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
+        geo.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), model_a=a, model_b=b)
+    assert not hasattr(geo, "path_")

@@ -642,7 +642,7 @@ def test_a_curve_warm_start_continues_the_curve(digits_pair, bezier_geodesic):
         geo.set_params(n_bends=4).fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
 
 
-@pytest.mark.parametrize("setting", [{"distributed": True}, {"mixed_precision": True}])
+@pytest.mark.parametrize("setting", [{"mixed_precision": True}])
 def test_what_a_curve_does_not_do_yet_is_refused_before_any_work(small_pair, setting):
     geo = GeodesicConnector(curve="polychain", device="cpu", random_state=0, **setting)
     name = next(iter(setting))

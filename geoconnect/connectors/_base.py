@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,9 +44,11 @@ from .._inputs import (
     extract_logits,
     is_mapping,
     n_rows,
+    named_tensors,
     repeat_rows,
 )
 from .._model_checks import check_model, check_same_architecture, float_dtype, has_batchnorm
+from ..distributed import PathGroup
 from ..divergences import Divergence
 from ..evaluation import (
     PathEvaluation,
@@ -56,6 +60,7 @@ from ..evaluation import (
 from ..fitting import FitSettings
 from ..models import default_model_factory
 from ..path import ModelPath
+from ..persistence import describe_architecture, tensor_digest
 
 # Batch size for evaluation passes of estimators without a batch_size parameter.
 _EVAL_BATCH_SIZE = 256
@@ -310,8 +315,53 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         )
 
     def _device_name(self) -> str | torch.device:
-        """The device parameter to resolve (a connector may refine ``"auto"``)."""
+        """The device parameter to resolve: ``cuda:LOCAL_RANK`` for a distributed fit
+        on GPUs under ``device="auto"``."""
+        distributed = getattr(self, "distributed", False)
+        if distributed and self.device == "auto" and torch.cuda.is_available():
+            return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         return self.device
+
+    # -- distributed fits (the connectors with a ``distributed`` parameter) ------------
+
+    def _check_distributed(self) -> None:
+        """Refuse, before any work, what a distributed fit cannot do."""
+        if not getattr(self, "distributed", False):
+            return
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
+            raise ValueError(
+                "distributed=True needs an int random_state, so that every rank draws "
+                f"the same batches; got {self.random_state!r}. Set random_state=0 (any "
+                "int, the same on every rank)."
+            )
+
+    def _process_group(self, inputs: FitInputs, fingerprint: dict) -> PathGroup | None:
+        """The ranks of a distributed fit, checked to fit the same thing; or None."""
+        if not getattr(self, "distributed", False):
+            return None
+        group = PathGroup.from_environment(inputs.device)
+        group.check_same("models, X or parameters", json.dumps(fingerprint, sort_keys=True))
+        return group
+
+    def _fingerprint(self, path: ModelPath, data: TensorData | StreamData) -> dict:
+        """What tells this fit from another: parameters, architecture, ends, start, X."""
+        ignored = ("verbose", "device", "checkpoint")
+        parameters = {
+            name: _describe(value)
+            for name, value in self.get_params(deep=False).items()
+            if name not in ignored
+        }
+        ends = {f"params/{k}": v[[0, -1]] for k, v in path.params.items()}
+        ends.update({f"batchnorm/{k}": v[[0, -1]] for k, v in path.batchnorm_buffers.items()})
+        ends.update({f"buffers/{k}": v for k, v in path.shared_buffers.items()})
+        fingerprint = {
+            "parameters": parameters,
+            "architecture": describe_architecture(path.template)["fingerprint"],
+            "models": tensor_digest(ends),
+            "start": tensor_digest(path.interior()),
+            "data": _data_digest(data),
+        }
+        return fingerprint
 
     def _check_models(self, model_a: object, model_b: object) -> bool:
         """Check the two models (both or neither); True when fit must train them."""
@@ -724,6 +774,14 @@ OPTIMISATION_CONSTRAINTS: dict = {
 }
 
 
+def communication(group: PathGroup | None) -> object:
+    """A distributed fit's ``communication_``: this rank, the number of ranks and what
+    it sent (:attr:`PathGroup.counts`); ``_UNSET`` for a fit in one process."""
+    if group is None:
+        return _UNSET
+    return {"rank": group.rank, "world_size": group.world_size, **group.counts}
+
+
 def optimisation_settings(estimator: Any, **more: Any) -> FitSettings:
     """The engine's settings from a trained connector's optimisation parameters;
     ``more`` adds settings, or replaces them (a resolved ``"auto"``)."""
@@ -946,3 +1004,25 @@ def _check_finite(logits: torch.Tensor, name: str, output: Output) -> None:
         return
     if not torch.isfinite(logits).all():
         raise ValueError(f"{name} returns NaN or infinite logits on X.")
+
+
+def _describe(value: object) -> object:
+    """A parameter's value as a checkpoint's fingerprint records it (JSON)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.random.RandomState):
+        return "a RandomState instance"
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
+
+
+def _data_digest(data: TensorData | StreamData) -> str:
+    """A digest of X: all of it in memory, or a stream's first batch and length."""
+    if isinstance(data, TensorData):
+        return tensor_digest(named_tensors(data.x, "x"))
+    # Reading a shuffling DataLoader draws from torch's generator: a fit with a
+    # checkpoint must draw what one without draws, so the reading draws from a fork.
+    with torch.random.fork_rng(devices=[]):
+        head = data.head(256)
+    return tensor_digest(named_tensors(head, "head"), f"a stream of {data.n_samples} samples")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from numbers import Integral
 
 import numpy as np
@@ -11,7 +13,7 @@ from torch import nn
 
 from ..curves import Curve, fit_curve
 from ..divergences import jensen_shannon
-from ._base import _LossConnector
+from ._base import _LossConnector, communication
 
 
 class CurveConnector(_LossConnector):
@@ -54,6 +56,16 @@ class CurveConnector(_LossConnector):
         Align model_b's units to model_a's first (see :class:`GeodesicConnector`).
     output : None, str, int or callable, default=None
         Where the logits are in the models' output (see :class:`GeodesicConnector`).
+    distributed : bool, default=False
+        Fit data-parallel on every process of a ``torch.distributed`` group
+        (launched by ``torchrun``): a step takes one batch per rank, each rank its
+        own batch at its own ``t``, and the ranks add up the bends' gradients
+        (``batch_size`` is per rank). The curve is the same on every rank, and that
+        of one process taking the same batches and ``t`` in turn (to float
+        rounding). Every rank must call fit with the same models, X, y and
+        parameters, and an int ``random_state``. See
+        :class:`GeodesicConnector`'s ``distributed`` and the user guide's
+        "Scaling out".
 
     Attributes
     ----------
@@ -65,6 +77,8 @@ class CurveConnector(_LossConnector):
         Per epoch: ``loss`` (the mean training loss along the curve) and ``seconds``.
     n_iter_ : int
         Epochs run.
+    communication_ : dict of str to int
+        Only with ``distributed``: as :class:`GeodesicConnector`'s for a curve.
     length_, energy_, euclidean_length_, n_classes_, classes_, n_features_in_
         As for :class:`LinearConnector`, of ``path_`` on the fit data.
 
@@ -90,6 +104,7 @@ class CurveConnector(_LossConnector):
         **_LossConnector._parameter_constraints,
         "curve": [StrOptions({"bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
+        "distributed": ["boolean"],
     }
 
     def __init__(
@@ -108,6 +123,7 @@ class CurveConnector(_LossConnector):
         model_factory: Callable[..., nn.Module] | None = None,
         align: str | None = None,
         output: str | int | Callable[[object], object] | None = None,
+        distributed: bool = False,
     ):
         self.n_points = n_points
         self.curve = curve
@@ -123,6 +139,7 @@ class CurveConnector(_LossConnector):
         self.model_factory = model_factory
         self.align = align
         self.output = output
+        self.distributed = distributed
 
     def fit(
         self,
@@ -154,12 +171,26 @@ DataLoader
         return self._fit_transaction(X, y, model_a, model_b)
 
     def _fit(self, X: object, y: object, model_a: object, model_b: object) -> dict[str, object]:
+        self._check_distributed()
         inputs = self._labelled_inputs(X, y, model_a, model_b, why="trains the curve on the loss")
         data = inputs.data
         assert data is not None
         curve = Curve(self._line(inputs).resample(self.n_bends + 2), self.curve)
-        history, _ = fit_curve(curve, data, self._settings(), self._generator())
+        fingerprint = self._fingerprint(curve.control, data) if self.distributed else {}
+        group = self._process_group(inputs, fingerprint)
+        with contextlib.nullcontext() if group is None else group.warnings_once():
+            settings = self._settings()
+            if group is not None:
+                settings = replace(
+                    settings, group=group, verbose=settings.verbose * (group.rank == 0)
+                )
+            history, _ = fit_curve(curve, data, settings, self._generator())
         path = curve.sample(self.n_points, data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, jensen_shannon)
-        attributes.update(curve_=curve, history_=history, n_iter_=len(history["loss"]))
+        attributes.update(
+            curve_=curve,
+            history_=history,
+            n_iter_=len(history["loss"]),
+            communication_=communication(group),
+        )
         return attributes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable
 from numbers import Integral, Real
@@ -15,19 +14,18 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from .._data import StreamData, TensorData, split_off
-from .._inputs import named_tensors
 from ..checkpoint import Checkpoint
 from ..curves import Curve, arc_length_t, fit_curve
 from ..distributed import PathGroup
 from ..divergences import DIVERGENCES, Divergence, get_divergence
 from ..fitting import FitResult, FitSettings, copy_history, fit_path, warn_not_converged
 from ..path import ModelPath
-from ..persistence import describe_architecture, tensor_digest
 from ._base import (
     _UNSET,
     OPTIMISATION_CONSTRAINTS,
     FitInputs,
     _BaseConnector,
+    communication,
     optimisation_settings,
 )
 
@@ -182,18 +180,23 @@ class GeodesicConnector(_BaseConnector):
         is computed from the logits.
 
     distributed : bool, default=False
-        Split the path's points across the processes of a ``torch.distributed``
-        group (launched by ``torchrun``; the group is initialised from its
-        environment when it is not already, gloo on CPUs, NCCL on GPUs, where
-        ``device="auto"`` takes ``cuda:LOCAL_RANK``). Each rank optimises a
-        contiguous block of the interior, the ranks exchange only their boundary
-        points' logits at each step, and after each epoch every rank gets the whole
-        path: the fitted path is the single-process fit's (to float rounding), on
-        every rank. Every rank must call fit with the same models, X and
-        parameters, and an int ``random_state``. Ctrl-C stops every rank with
-        ``KeyboardInterrupt``; a fit with ``checkpoint`` resumes. See :mod:`geoconnect.distributed`
-        and the user guide's "Scaling out".
-    curve : {"chain", "bezier", "polychain"}, default="chain"
+        Fit on every process of a ``torch.distributed`` group (launched by
+        ``torchrun``; the group is initialised from its environment when it is not
+        already, gloo on CPUs, NCCL on GPUs, where ``device="auto"`` takes
+        ``cuda:LOCAL_RANK``). A curve (the default) is fitted data-parallel: a step
+        takes one batch per rank, each rank its own batch at its own draws of
+        ``t``, and the ranks add up the bends' gradients (``batch_size`` is per
+        rank, so a step sees ``batch_size × world_size`` inputs). A chain's points
+        are split instead: each rank optimises a contiguous block of the interior,
+        the ranks exchange only their boundary points' logits at each step, and
+        after each epoch every rank gets the whole path. Either way the fitted
+        path is the same on every rank, and that of one process taking the same
+        batches and ``t`` in turn (to float rounding). Every rank must call fit
+        with the same models, X and parameters, and an int ``random_state``.
+        Ctrl-C stops every rank with ``KeyboardInterrupt``; a rank that dies makes
+        the others raise, naming it; a fit with ``checkpoint`` resumes. See
+        :mod:`geoconnect.distributed` and the user guide's "Scaling out".
+    curve : {"chain", "bezier", "polychain"}, default="bezier"
         ``"chain"``: the ``n_points`` networks above are free, and the energy is
         the sum of divergences between neighbours. ``"bezier"`` or
         ``"polychain"``: the continuous geodesic, a Bezier curve or polygonal
@@ -204,8 +207,8 @@ class GeodesicConnector(_BaseConnector):
         curve descends the same energy whichever is named; a callable divergence
         is refused with a curve. ``n_points`` then only sets how many networks
         ``path_`` samples along the fitted curve (evenly by Fisher–Rao arc
-        length), not the cost of a step. Not yet with ``distributed`` or
-        ``mixed_precision``; ``checkpoint`` resumes a curve's fit as a chain's.
+        length), not the cost of a step. Not yet with ``mixed_precision``;
+        ``checkpoint`` resumes a curve's fit as a chain's.
     n_bends : int, default=3
         The free networks of a curve (``curve="bezier"`` or ``"polychain"``).
     energy : {"chord", "split", "jvp"}, default="chord"
@@ -258,9 +261,12 @@ class GeodesicConnector(_BaseConnector):
         How the path's points were evaluated (``path_.strategy``).
     communication_ : dict of str to int
         Only with ``distributed``: this rank's ``rank`` and the ``world_size``, and
-        what it sent: ``steps`` and ``exchanged_bytes`` (the boundary logits, two
-        batch × classes tensors per step), ``shared_bytes`` (its blocks'
-        parameters, once per epoch) and ``reduced_bytes`` (segment sums).
+        what it sent. A chain: ``steps`` and ``exchanged_bytes`` (the boundary
+        logits, two batch × classes tensors per step), ``shared_bytes`` (its
+        blocks' parameters, once per epoch) and ``reduced_bytes`` (segment sums). A
+        curve: ``steps`` (all-reduces of the bends' gradients, one bucket each) and
+        ``reduced_bytes`` (those, the size of the bends per step, and the epochs'
+        sums); ``shared_bytes``, the bends broadcast from rank 0 once at the end.
     n_classes_ : int
         Number of classes the models output.
     classes_ : ndarray of shape (n_classes_,)
@@ -451,13 +457,7 @@ class GeodesicConnector(_BaseConnector):
             history_=result.history,
             n_iter_=result.n_iter,
             strategy_=path.strategy,
-            communication_=_UNSET
-            if group is None
-            else {
-                "rank": group.rank,
-                "world_size": group.world_size,
-                **group.counts,
-            },
+            communication_=communication(group),
             _fit_moments=_UNSET if result.moments is None else result.moments,
             curve_=_UNSET,
         )
@@ -468,6 +468,46 @@ class GeodesicConnector(_BaseConnector):
         data = inputs.data
         assert data is not None
         control = self._line(inputs).resample(self.n_bends + 2)
+        previous = self._previous_curve(continuing)
+        if previous is not None:
+            control.copy_interior_from(previous.control)
+        curve = Curve(control, self.curve)
+        needed = self.distributed or self.checkpoint is not None
+        fingerprint = self._fingerprint(control, data) if needed else {}
+        group = self._process_group(inputs, fingerprint)
+        with contextlib.nullcontext() if group is None else group.warnings_once():
+            settings = self._settings(continuing, self._open_checkpoint(fingerprint, group), group)
+            descended, validation = self._validation_split(data)
+            history, converged = fit_curve(
+                curve,
+                descended,
+                settings,
+                self._batch_order(),
+                "energy",
+                energy=self.energy,  # type: ignore[arg-type]
+                divergence=divergence,
+                validation=validation,
+            )
+            if not converged and self.max_iter != "auto":  # "auto": a budget, not a limit
+                warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
+        if previous is not None:
+            history = {k: self.history_[k] + history[k] for k in history}
+        t = arc_length_t(curve, data, self.n_points, batch_size=self.batch_size)
+        path = curve.sample(self.n_points, data, batch_size=self.batch_size, t=t)
+        attributes = self._path_attributes(path, inputs, divergence)
+        attributes.update(
+            curve_=curve,
+            history_=history,
+            n_iter_=len(history["energy"]),
+            strategy_=path.strategy,
+            communication_=communication(group),
+            _fit_moments=_UNSET,
+        )
+        return attributes
+
+    def _previous_curve(self, continuing: bool) -> Curve | None:
+        """The curve a warm start continues from (None for a fresh fit), refused
+        when it is not of this fit's kind and bends."""
         previous = getattr(self, "curve_", None) if continuing else None
         if continuing and (
             previous is None or (previous.kind, previous.n_bends) != (self.curve, self.n_bends)
@@ -482,38 +522,7 @@ class GeodesicConnector(_BaseConnector):
                 f"this one asks for curve={self.curve!r}, n_bends={self.n_bends}. Fit "
                 "with the previous curve and n_bends, or set warm_start=False."
             )
-        if previous is not None:
-            control.copy_interior_from(previous.control)
-        curve = Curve(control, self.curve)
-        fingerprint = {} if self.checkpoint is None else self._fingerprint(control, data)
-        settings = self._settings(continuing, self._open_checkpoint(fingerprint, None))
-        descended, validation = self._validation_split(data)
-        history, converged = fit_curve(
-            curve,
-            descended,
-            settings,
-            self._batch_order(),
-            "energy",
-            energy=self.energy,  # type: ignore[arg-type]
-            divergence=divergence,
-            validation=validation,
-        )
-        if not converged and self.max_iter != "auto":  # "auto": a budget, not a limit
-            warn_not_converged(settings, stacklevel=5)  # _fit_curve, _fit, fit, the caller
-        if previous is not None:
-            history = {k: self.history_[k] + history[k] for k in history}
-        t = arc_length_t(curve, data, self.n_points, batch_size=self.batch_size)
-        path = curve.sample(self.n_points, data, batch_size=self.batch_size, t=t)
-        attributes = self._path_attributes(path, inputs, divergence)
-        attributes.update(
-            curve_=curve,
-            history_=history,
-            n_iter_=len(history["energy"]),
-            strategy_=path.strategy,
-            communication_=_UNSET,
-            _fit_moments=_UNSET,
-        )
-        return attributes
+        return previous
 
     def _validation_split(
         self, data: TensorData | StreamData
@@ -558,15 +567,12 @@ class GeodesicConnector(_BaseConnector):
                 "every built-in divergence; a callable divergence has no known local "
                 "form. Pass divergence='jsd' (or another built-in name), or curve='chain'."
             )
-        for name, value, why in (
-            ("distributed", self.distributed, "splits a chain's points across ranks"),
-            ("mixed_precision", self.mixed_precision, "runs a chain's steps in bfloat16"),
-        ):
-            if value:
-                raise ValueError(
-                    f"{name}={value!r} {why}; it is not available with "
-                    f"curve={self.curve!r} yet. Set curve='chain', or {name}=False."
-                )
+        if self.mixed_precision:
+            raise ValueError(
+                "mixed_precision=True runs a chain's steps in bfloat16; it is not "
+                f"available with curve={self.curve!r} yet. Set curve='chain', or "
+                "mixed_precision=False."
+            )
 
     def _open_checkpoint(self, fingerprint: dict, group: PathGroup | None) -> Checkpoint | None:
         """The fit's checkpoint, with the fingerprint that tells this fit from others.
@@ -583,58 +589,18 @@ class GeodesicConnector(_BaseConnector):
         files = [f"{stem}-{slot}.safetensors" for slot in "ab"]
         return Checkpoint.open(self.checkpoint, fingerprint, files)
 
-    def _fingerprint(self, path: ModelPath, data: TensorData | StreamData) -> dict:
-        """What tells this fit from another: parameters, architecture, ends, start, X."""
-        ignored = ("verbose", "device", "checkpoint")
-        parameters = {
-            name: _describe(value)
-            for name, value in self.get_params(deep=False).items()
-            if name not in ignored
-        }
-        ends = {f"params/{k}": v[[0, -1]] for k, v in path.params.items()}
-        ends.update({f"batchnorm/{k}": v[[0, -1]] for k, v in path.batchnorm_buffers.items()})
-        ends.update({f"buffers/{k}": v for k, v in path.shared_buffers.items()})
-        fingerprint = {
-            "parameters": parameters,
-            "architecture": describe_architecture(path.template)["fingerprint"],
-            "models": tensor_digest(ends),
-            "start": tensor_digest(path.interior()),
-            "data": _data_digest(data),
-        }
-        return fingerprint
-
-    def _check_distributed(self) -> None:
-        """Refuse, before any work, what a distributed fit cannot do."""
-        if not self.distributed:
-            return
-        if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
-            raise ValueError(
-                "distributed=True needs an int random_state, so that every rank draws "
-                f"the same batches; got {self.random_state!r}. Set random_state=0 (any "
-                "int, the same on every rank)."
-            )
-
-    def _device_name(self) -> str | torch.device:
-        """``cuda:LOCAL_RANK`` for a distributed fit on GPUs under ``device="auto"``."""
-        if self.distributed and self.device == "auto" and torch.cuda.is_available():
-            return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        return self.device
-
     def _path_group(
         self, path: ModelPath, inputs: FitInputs, fingerprint: dict
     ) -> PathGroup | None:
         """The ranks the fit splits the points across, checked to agree; or None."""
-        if not self.distributed:
-            return None
-        group = PathGroup.from_environment(inputs.device)
-        if path.n_points - 2 < group.world_size:
+        group = self._process_group(inputs, fingerprint)
+        if group is not None and path.n_points - 2 < group.world_size:
             raise ValueError(
                 f"distributed=True splits the {path.n_points - 2} interior points of "
                 f"n_points={path.n_points} across {group.world_size} ranks, which leaves "
                 f"some rank without a point. Set n_points ≥ {group.world_size + 2}, or "
                 "launch fewer processes."
             )
-        group.check_same("models, X or parameters", json.dumps(fingerprint, sort_keys=True))
         return group
 
     def _settings(
@@ -699,25 +665,3 @@ class GeodesicConnector(_BaseConnector):
         # The ends are the models given now; the interior continues from path_.
         path.copy_interior_from(previous)
         return path
-
-
-def _describe(value: object) -> object:
-    """A parameter's value as a checkpoint's fingerprint records it (JSON)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.random.RandomState):
-        return "a RandomState instance"
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
-    return repr(value)
-
-
-def _data_digest(data: TensorData | StreamData) -> str:
-    """A digest of X: all of it in memory, or a stream's first batch and length."""
-    if isinstance(data, TensorData):
-        return tensor_digest(named_tensors(data.x, "x"))
-    # Reading a shuffling DataLoader draws from torch's generator: a fit with a
-    # checkpoint must draw what one without draws, so the reading draws from a fork.
-    with torch.random.fork_rng(devices=[]):
-        head = data.head(256)
-    return tensor_digest(named_tensors(head, "head"), f"a stream of {data.n_samples} samples")
