@@ -141,6 +141,36 @@ def _sent(record: dict) -> tuple[float, float]:
     return per_step, (comm["reduced_bytes"] + comm["shared_bytes"]) / epochs
 
 
+def measure(
+    method: str, model: str, width: int, configs: list, epochs: int, repeats: int
+) -> list[dict]:
+    """Every configuration of one method and model, ``repeats`` times in alternation
+    (the machine's drift falls on all alike); the median run of each, printed."""
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in configs}
+    for _ in range(repeats):
+        for label, world_size, threads, cuda in configs:
+            runs[label].append(run(method, width, world_size, threads, epochs, cuda))
+    results, baseline = [], None
+    for label, records in runs.items():
+        record = sorted(records, key=lambda r: r["seconds_per_epoch"])[(len(records) - 1) // 2]
+        baseline = baseline or record["seconds_per_epoch"]
+        ratio = baseline / record["seconds_per_epoch"]
+        all_runs = [r["seconds_per_epoch"] for r in records]
+        results.append(
+            {"method": method, "model": model, "config": label, **record, "speedup": ratio}
+        )
+        results[-1]["runs_seconds_per_epoch"] = all_runs
+        per_step, per_epoch = _sent(record)
+        print(
+            f"{method:9s} {model:19s} {label:31s} {record['seconds_per_epoch']:7.3f} "
+            f"s/epoch ({ratio:4.2f}× the baseline)  P={record['n_params']:6d}  "
+            f"per step {per_step / 1e3:7.1f} kB  per epoch {per_epoch / 1e6:6.2f} MB  "
+            f"length {record['length']:.4f}",
+            flush=True,
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3-4 epochs per run")
@@ -149,6 +179,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--models", default="digits,wide", help="digits, wide or both")
     parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each configuration, in alternation"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="chain", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=16, help=argparse.SUPPRESS)
@@ -172,21 +205,7 @@ def main() -> None:
     for method in args.methods.split(","):
         epochs = METHODS[method][1 if args.quick else 0]
         for model, width in models.items():
-            baseline = None
-            for label, world_size, threads, cuda in configs:
-                record = run(method, width, world_size, threads, epochs, cuda)
-                baseline = baseline or record["seconds_per_epoch"]
-                ratio = baseline / record["seconds_per_epoch"]
-                results.append({"method": method, "model": model, "config": label, **record})
-                results[-1]["speedup"] = ratio
-                per_step, per_epoch = _sent(record)
-                print(
-                    f"{method:9s} {model:19s} {label:31s} {record['seconds_per_epoch']:7.3f} "
-                    f"s/epoch ({ratio:4.2f}× the baseline)  P={record['n_params']:6d}  "
-                    f"per step {per_step / 1e3:7.1f} kB  per epoch {per_epoch / 1e6:6.2f} MB  "
-                    f"length {record['length']:.4f}",
-                    flush=True,
-                )
+            results += measure(method, model, width, configs, epochs, args.repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

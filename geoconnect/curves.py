@@ -926,6 +926,33 @@ def _split_chords(
     return divergence(left, right).double()
 
 
+def share_out(batches: list[Batch], parts: int, least: int = 1) -> list[Batch]:
+    """A data-parallel step's batches, cut into ``parts`` near-equal ones when there
+    are fewer (fewer parts where each would have under ``least`` samples), so that
+    no rank idles while another works through an epoch's last, short step.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect._data import Batch
+    >>> from geoconnect.curves import share_out
+    >>> last = Batch(torch.arange(5.0)[:, None], torch.arange(5), None)
+    >>> [part.y.tolist() for part in share_out([last], 2)]
+    [[0, 1], [2, 3, 4]]
+    """
+    if len(batches) >= parts:
+        return batches
+    x = concat([batch.x for batch in batches])
+    y = None if batches[0].y is None else torch.cat([batch.y for batch in batches])  # type: ignore[misc]
+    n = n_rows(x)
+    parts = max(1, min(parts, n // least))
+    bounds = [i * n // parts for i in range(parts + 1)]
+    return [
+        Batch(rows(x, slice(lo, hi)), None if y is None else y[lo:hi], None)
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
+
+
 class _CurveEpoch:
     """One pass of :func:`fit_curve`: a step per batch at a random ``t``."""
 
@@ -978,8 +1005,9 @@ class _CurveEpoch:
             if len(step) == per_step:
                 sums += self._step(step)
                 step = []
-        if step:
-            sums += self._step(step)
+        if step:  # the epoch's last step, short of batches: shared out evenly
+            least = 2 if self.curve.control.has_batchnorm else 1
+            sums += self._step(share_out(step, per_step, least))
         if group is not None:  # every rank records the same means and stops together
             group.sum(sums)
         total, root, seen = sums.tolist()

@@ -51,6 +51,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank ...")
     parser.add_argument("--all-ranks", action="store_true", help="every rank saves OUT.rankR")
     parser.add_argument("--kind", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--n-samples", type=int, default=192)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--solver", default="sgd")
     parser.add_argument("--learning-rate", type=float, default=0.1)
@@ -152,13 +153,13 @@ def fit(args: argparse.Namespace) -> dict:
 
     data = load_digits_split()
     if args.kind == "mlp":
-        X = torch.as_tensor(data.X_train[:192], dtype=torch.float32)
+        X = torch.as_tensor(data.X_train[: args.n_samples], dtype=torch.float32)
         a = make_mlp((64, args.width, args.width, 10), seed=1)
         b = make_mlp((64, args.width, args.width, 10), seed=2)
     else:
-        X = torch.as_tensor(data.images_train[:192], dtype=torch.float32)
+        X = torch.as_tensor(data.images_train[: args.n_samples], dtype=torch.float32)
         a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
-    y = torch.as_tensor(data.y_train[:192]) if args.method == "curve" else None
+    y = torch.as_tensor(data.y_train[: args.n_samples]) if args.method == "curve" else None
     geo = _connector(args)
     with warnings.catch_warnings(record=True) as caught:
         # convergence after a few epochs is not the point, unless warnings are

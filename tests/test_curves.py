@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoconnect import CurveConnector, ModelPath
-from geoconnect.curves import Curve
+from geoconnect._data import Batch
+from geoconnect.curves import Curve, share_out
 from geoconnect.models import make_cnn
 
 
@@ -61,3 +62,26 @@ def test_a_curve_needs_labels(small_pair):
     with pytest.raises(ValueError, match="needs labels: pass y"):
         curve.fit(small_pair.X, model_a=small_pair.model_a, model_b=small_pair.model_b)
     assert not hasattr(curve, "path_")
+
+
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    parts=st.integers(1, 6),
+    least=st.sampled_from([1, 2]),
+)
+def test_a_short_step_is_shared_out_evenly_and_keeps_every_sample_in_order(sizes, parts, least):
+    batches, start = [], 0
+    for size in sizes:
+        index = torch.arange(start, start + size)
+        batches.append(Batch(index[:, None].float(), index, None))
+        start += size
+    shared = share_out(batches, parts, least)
+    if len(batches) >= parts:
+        assert shared is batches  # a full step: the batches as they are
+        return
+    assert torch.equal(torch.cat([b.y for b in shared]), torch.arange(start))
+    assert torch.equal(torch.cat([b.x for b in shared])[:, 0], torch.arange(start).float())
+    lengths = [len(b.y) for b in shared]
+    assert len(shared) == max(1, min(parts, start // least))
+    assert max(lengths) - min(lengths) <= 1
+    assert min(lengths) >= least or len(shared) == 1

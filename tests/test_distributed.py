@@ -158,13 +158,21 @@ CURVES = [
     (3, ("--method", "geodesic", "--kind", "cnn", "--energy", "jvp")),
     (2, ("--method", "curve", "--kind", "mlp")),
     (3, ("--method", "curve", "--kind", "cnn")),
+    # 7 batches (the last of 16): the last step's batch is cut into two parts of 8
+    (2, ("--method", "geodesic", "--kind", "cnn", "--n-samples", "208")),
 ]
 
 
 @pytest.mark.parametrize(
     ("world_size", "options"),
     CURVES,
-    ids=["geodesic-mlp-2", "geodesic-jvp-batchnorm-cnn-3", "curve-mlp-2", "curve-batchnorm-cnn-3"],
+    ids=[
+        "geodesic-mlp-2",
+        "geodesic-jvp-batchnorm-cnn-3",
+        "curve-mlp-2",
+        "curve-batchnorm-cnn-3",
+        "geodesic-batchnorm-cnn-2-short-last-step",
+    ],
 )
 def test_a_data_parallel_curve_is_one_process_taking_the_ranks_batches_in_turn(
     tmp_path, world_size, options
@@ -180,8 +188,9 @@ def test_a_data_parallel_curve_is_one_process_taking_the_ranks_batches_in_turn(
     out = tmp_path / f"ws{world_size}.pt"
     for rank in range(1, world_size):
         assert torch.equal(torch.load(f"{out}.rank{rank}")["params"], split["params"])
-    # A step of one batch per rank: an epoch of 6 batches is 6 / W steps.
-    assert split["steps"] == 6 // world_size * len(split["history"][key])
+    # A step of one batch per rank: an epoch of B batches is ⌈B / W⌉ steps.
+    batches = -(-int(dict(zip(options, options[1:])).get("--n-samples", 192)) // 32)
+    assert split["steps"] == -(-batches // world_size) * len(split["history"][key])
 
 
 def test_a_data_parallel_curve_differs_from_one_process_taking_one_batch_a_step(tmp_path):
