@@ -48,9 +48,7 @@ if dist.get_rank() == 0:
         )
     for name, connector in (("geodesic", curve), ("chain", chain)):
         seconds = sum(connector.history_["seconds"])
-        sent = (
-            connector.communication_["reduced_bytes"] + connector.communication_["exchanged_bytes"]
-        )
+        sent = sum(v for k, v in connector.communication_.items() if k.endswith("_bytes"))
         print(
             f"{name}: {dist.get_world_size()} ranks, {connector.n_iter_} epochs in "
             f"{seconds:.1f} s, rank 0 sent {sent / 1e6:.1f} MB "
