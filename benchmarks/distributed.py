@@ -1,16 +1,17 @@
 """Distributed fitting on the CPU: seconds per epoch and bytes per step, by world size.
 
-For every method with a distributed mode — the geodesic chain (its points split
-across ranks), the continuous geodesic (``GeodesicConnector``'s default curve) and the
-loss-trained Bezier curve (``CurveConnector``), both data-parallel — and for the
-digits CNN (BatchNorm, 16 channels) and a wider one (64 channels), fits the pair with
-``distributed=True`` under torchrun (gloo) at world sizes 1 and 2, one thread per
-rank, and, as the baseline in the same run, in one process without ``distributed``,
-with one thread and with every core. Reports the median seconds per epoch (the first
-epoch, and for the chain each level's first, left out), the ratio to the one-process,
-one-thread baseline, and what rank 0 sent per step and per epoch, from
-``communication_``: a chain's boundary logits per step and its block's parameters per
-epoch; a curve's all-reduced gradients (the bends' size) per step.
+For every method with a distributed mode — the geodesic chain and the elastic band
+(their points split across ranks), the continuous geodesic (``GeodesicConnector``'s
+default curve) and the loss-trained Bezier curve (``CurveConnector``), both
+data-parallel — and for the digits CNN (BatchNorm, 16 channels) and a wider one (64
+channels), fits the pair with ``distributed=True`` under torchrun (gloo) at world sizes
+1 and 2, one thread per rank, and, as the baseline in the same run, in one process
+without ``distributed``, with one thread and with every core. Reports the median seconds
+per epoch (the first epoch, and for the chain each level's first, left out), the ratio
+to the one-process, one-thread baseline, and what rank 0 sent per step and per epoch,
+from ``communication_``: a chain's boundary logits per step and its block's parameters
+per epoch (a band: its edge images per step); a curve's all-reduced gradients (the
+bends' size) per step.
 
 A data-parallel curve's epoch is one pass over the data with one batch per rank a
 step: W ranks take 1/W of the steps each, so the epoch is the work that falls; its
@@ -39,15 +40,17 @@ from pathlib import Path
 
 MODELS = {"digits CNN (16 ch)": 16, "wide CNN (64 ch)": 64}
 #: The methods with a distributed mode, and their epochs per run (full, --quick).
-METHODS = {"chain": (12, 4), "geodesic": (8, 3), "curve": (8, 3)}
+METHODS = {"chain": (12, 4), "geodesic": (8, 3), "curve": (8, 3), "neb": (12, 4)}
 
 
 def _connector(method: str, epochs: int, device: str, distributed: bool):
-    from geoconnect import CurveConnector, GeodesicConnector
+    from geoconnect import CurveConnector, GeodesicConnector, NEBConnector
 
     common = {"max_iter": epochs, "random_state": 0, "device": device, "distributed": distributed}
     if method == "curve":
         return CurveConnector(**common)
+    if method == "neb":
+        return NEBConnector(**common)
     return GeodesicConnector(curve="chain" if method == "chain" else "bezier", **common)
 
 
@@ -78,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     distributed = "RANK" in os.environ
     device = "cuda" if args.cuda and not distributed else "auto" if args.cuda else "cpu"
     connector = _connector(args.method, args.epochs, device, distributed)
-    y = data.y_train if args.method == "curve" else None
+    y = data.y_train if args.method in ("curve", "neb") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few epochs do not converge; not the point
         connector.fit(data.images_train, y, model_a=a, model_b=b)
@@ -180,6 +183,9 @@ def main() -> None:
     parser.add_argument("--models", default="digits,wide", help="digits, wide or both")
     parser.add_argument("--json", help="write every measurement to this file")
     parser.add_argument(
+        "--merge", action="store_true", help="replace only this run's records in --json"
+    )
+    parser.add_argument(
         "--repeats", type=int, default=2, help="runs of each configuration, in alternation"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -207,7 +213,17 @@ def main() -> None:
         for model, width in models.items():
             results += measure(method, model, width, configs, epochs, args.repeats)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write(Path(args.json), results, merge=args.merge)
+
+
+def write(file: Path, results: list[dict], merge: bool) -> None:
+    """The run's records to ``file``; with ``merge``, in place of the same method,
+    model and configuration's records of an earlier run there, the others kept."""
+    key = lambda r: (r["method"], r["model"], r["config"])  # noqa: E731
+    if merge and file.exists():
+        new = {key(r) for r in results}
+        results = [r for r in json.loads(file.read_text()) if key(r) not in new] + results
+    file.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,14 @@ class PathGroup:
         right = next((gathered[r][0] for r in owners if bounds[r][0] == stop), None)
         return left, right
 
+    def gather_tensor(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (of one shape on every rank), in rank order."""
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        with self.naming_the_lost("gathering the ranks' values"):
+            dist.all_gather(gathered, tensor.contiguous(), group=self.group)
+        self.counts["reduced_bytes"] += _nbytes(tensor)
+        return gathered
+
     def sum(self, tensor: Tensor, *, step: bool = False) -> Tensor:
         """``tensor`` summed over the ranks, in place; returned. ``step=True``
         counts it as a step's exchange (a data-parallel curve's gradients)."""

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ._data import Batch, StreamData, TensorData
 from ._inputs import n_rows, rows
 from ._optim import SGD, Adam
+from .distributed import block_bounds
 from .fitting import POINTS_PER_CHUNK, FitSettings, choose_strategy, update_no_improvement_count
 from .path import ModelPath
 
@@ -329,11 +330,19 @@ class _Run:
         self.release()
         self.band = band
         interior = band.interior(trainable=True) if band.n_points > 2 else {}
-        self.images = {n: v.requires_grad_(True) for n, v in interior.items()}
+        block = self.block()
+        self.images = {n: v[block].requires_grad_(True) for n, v in interior.items()}
         make = SGD if self.settings.solver == "sgd" else Adam
         self.optimizer = make(list(self.images.values()), lr=self.settings.learning_rate)
         if moments:
             self.optimizer.load_moments(moments)
+
+    def block(self) -> slice:
+        """The interior images this process moves: all, or its rank's block."""
+        assert self.band is not None
+        n_interior = max(self.band.n_points - 2, 0)
+        group = self.settings.group
+        return slice(0, n_interior) if group is None else group.block(n_interior)
 
     def release(self) -> None:
         for v in self.images.values():
@@ -456,6 +465,9 @@ def _run_cycle(run: _Run, budget: int) -> bool:
     for _ in range(budget):
         tic = time.perf_counter()
         losses = _epoch(run)
+        if run.settings.group is not None:  # every rank the whole band
+            assert run.band is not None
+            run.settings.group.share_points(run.band.params, run.band.n_points - 2)
         loss = float(losses[1:-1].mean())
         if not math.isfinite(loss):
             raise ValueError(
@@ -502,12 +514,13 @@ def _step(run: _Run, batch: Batch) -> Tensor:
         end_losses = _image_losses(
             band.functional_forward(ends, batch.x, module=run.module), batch.y
         )
+    block = run.block()
     grads = {name: torch.zeros_like(v) for name, v in images.items()}
     interior = []
-    for start in range(0, band.n_points - 2, POINTS_PER_CHUNK):
-        where = slice(start, min(start + POINTS_PER_CHUNK, band.n_points - 2))
+    for start in range(0, block.stop - block.start, POINTS_PER_CHUNK):
+        where = slice(start, min(start + POINTS_PER_CHUNK, block.stop - block.start))
         leaves = {name: v[where].detach().requires_grad_(True) for name, v in images.items()}
-        fixed = {n: s[1:-1][where] for n, s in band.params.items() if n not in images}
+        fixed = {n: s[1:-1][block][where] for n, s in band.params.items() if n not in images}
         logits = band.functional_forward({**leaves, **fixed}, batch.x, module=run.module)
         losses = _image_losses(logits, batch.y)
         losses.sum().backward()
@@ -517,17 +530,54 @@ def _step(run: _Run, batch: Batch) -> Tensor:
         interior.append(losses.detach())
     for name, v in images.items():
         v.grad = grads[name]
-    losses = torch.cat([end_losses[:1], *interior, end_losses[1:]])
+    mine = torch.cat(interior) if interior else end_losses.new_zeros(0)
+    if run.settings.group is not None:  # every image's loss; the neighbours' images
+        mine = _every_image_loss(run, mine)
+        _refresh_neighbours(run)
+    losses = torch.cat([end_losses[:1], mine, end_losses[1:]])
     _replace_gradients(run, losses)
     run.optimizer.step()
     return losses
+
+
+def _every_image_loss(run: _Run, mine: Tensor) -> Tensor:
+    """The interior images' losses on the batch, from every rank's block."""
+    assert run.band is not None and run.settings.group is not None
+    n_interior = run.band.n_points - 2
+    bounds = block_bounds(n_interior, run.settings.group.world_size)
+    widest = max(stop - start for start, stop in bounds)
+    padded = torch.cat([mine, mine.new_zeros(widest - len(mine))])
+    every = run.settings.group.gather_tensor(padded)
+    return torch.cat([every[r][: stop - start] for r, (start, stop) in enumerate(bounds)])
+
+
+@torch.no_grad()
+def _refresh_neighbours(run: _Run) -> None:
+    """Write the images just before and after this rank's block, as their owners
+    hold them now, into the band: the tangents and springs of the block's ends."""
+    assert run.band is not None and run.settings.group is not None
+    band, block = run.band, run.block()
+    names = list(run.images)
+    first, last = (
+        torch.cat([band.params[n][1 + i].reshape(-1) for n in names])
+        for i in (block.start, block.stop - 1)
+    )
+    left, right = run.settings.group.neighbours(first, last, band.n_points - 2)
+    for vector, index in ((left, block.start), (right, block.stop + 1)):
+        if vector is None:
+            continue  # an end: fixed, the same everywhere
+        for name, part in zip(names, vector.split([band.params[n][0].numel() for n in names])):
+            band.params[name][index].copy_(part.view_as(band.params[name][index]))
 
 
 @torch.no_grad()
 def _replace_gradients(run: _Run, energies: Tensor) -> None:
     """Swap the images' loss gradients for minus the NEB force, a tensor at a time."""
     assert run.band is not None
-    theta = {name: run.band.params[name] for name in run.images}
+    block = run.block()
+    around = slice(block.start, block.stop + 2)  # the block and its two neighbours
+    theta = {name: run.band.params[name][around] for name in run.images}
+    energies = energies[around]
     grads = {n: torch.zeros_like(v) if v.grad is None else v.grad for n, v in run.images.items()}
     dtype = next(iter(theta.values())).dtype
     force = neb_gradient(theta, energies.to(dtype), grads, run.spring_constant)

@@ -6,9 +6,10 @@ process) and has rank 0 save what the tests compare: the path's parameters, the 
 numbers, the history, and the bytes each kind of collective sent. Every collective call
 of ``torch.distributed`` is wrapped to count them. ``--method`` picks the fit: the
 geodesic chain (its points split across ranks), the continuous geodesic
-(``"geodesic"``, data-parallel) or the loss-trained ``CurveConnector``
-(data-parallel); ``--batches-per-step W`` makes one process's curve take W batches a
-step, as W ranks do.
+(``"geodesic"``, data-parallel), the loss-trained ``CurveConnector``
+(data-parallel) or the elastic band (``"neb"``, its images split across ranks);
+``--batches-per-step W`` makes one process's curve take W batches a step, as W ranks
+do.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _count_collectives(counts: dict[str, int]) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--method", choices=["chain", "geodesic", "curve"], default="chain")
+    parser.add_argument("--method", choices=["chain", "geodesic", "curve", "neb"], default="chain")
     parser.add_argument("--energy", default="chord", help="the continuous geodesic's estimate")
     parser.add_argument("--batches-per-step", type=int, default=1)
     parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank ...")
@@ -75,8 +76,12 @@ def _inject(args: argparse.Namespace, steps: list[int]) -> None:
     import geoconnect.fitting as fitting
 
     rank = int(os.environ["RANK"])
-    chain = args.method == "chain"
-    owner, name = (fitting, "train_step") if chain else (curves._CurveEpoch, "_step")
+    import geoconnect.neb as neb
+
+    owner, name = {
+        "chain": (fitting, "train_step"),
+        "neb": (neb, "_step"),
+    }.get(args.method, (curves._CurveEpoch, "_step"))
     original = getattr(owner, name)
 
     def step(*step_args):
@@ -116,13 +121,13 @@ def _batches_in_turn(n: int):
 
 
 def _connector(args: argparse.Namespace):
-    from geoconnect import CurveConnector, GeodesicConnector
+    from geoconnect import CurveConnector, GeodesicConnector, NEBConnector
 
     common = {
         "solver": args.solver,
         "learning_rate_init": args.learning_rate,
         "max_iter": args.max_iter,
-        "batch_size": 64 if args.method == "chain" else 32,
+        "batch_size": 64 if args.method in ("chain", "neb") else 32,
         "random_state": 0,
         "device": "cpu",
         "distributed": not args.single,
@@ -130,6 +135,8 @@ def _connector(args: argparse.Namespace):
     }
     if args.method == "curve":
         return CurveConnector(**common)
+    if args.method == "neb":
+        return NEBConnector(**common)
     if args.method == "geodesic":
         return GeodesicConnector(
             **common, energy=args.energy, checkpoint=args.checkpoint, relative_step=False
@@ -159,7 +166,8 @@ def fit(args: argparse.Namespace) -> dict:
     else:
         X = torch.as_tensor(data.images_train[: args.n_samples], dtype=torch.float32)
         a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
-    y = torch.as_tensor(data.y_train[: args.n_samples]) if args.method == "curve" else None
+    labelled = args.method in ("curve", "neb")
+    y = torch.as_tensor(data.y_train[: args.n_samples]) if labelled else None
     geo = _connector(args)
     with warnings.catch_warnings(record=True) as caught:
         # convergence after a few epochs is not the point, unless warnings are
@@ -176,7 +184,7 @@ def fit(args: argparse.Namespace) -> dict:
         "length": geo.length_,
         "history": geo.history_,
         "n_params": geo.path_.n_params,
-        "n_bends_params": geo.curve_.control.n_params if args.method != "chain" else None,
+        "n_bends_params": geo.curve_.control.n_params if hasattr(geo, "curve_") else None,
         "communication": getattr(geo, "communication_", None),
         "counts": counts,
         "steps": steps[0],

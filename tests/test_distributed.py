@@ -22,7 +22,7 @@ import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 
-from geoconnect import CurveConnector, GeodesicConnector
+from geoconnect import CurveConnector, GeodesicConnector, NEBConnector
 from geoconnect.distributed import PathGroup, block_bounds
 
 WORKER = Path(distributed_worker.__file__)
@@ -83,6 +83,27 @@ def test_the_distributed_path_is_the_single_process_path(tmp_path, world_size, o
     assert split["length"] == pytest.approx(single["length"], rel=1e-5)
     assert split["history"]["n_points"] == single["history"]["n_points"]
     assert split["history"]["energy"] == pytest.approx(single["history"]["energy"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "options"),
+    [(2, ("--kind", "mlp")), (3, ("--kind", "cnn", "--n-points", "13"))],
+    ids=["mlp-2", "batchnorm-cnn-3"],
+)
+def test_an_elastic_band_split_by_images_is_the_single_process_band(tmp_path, world_size, options):
+    # SGD: each rank moves its block of images with the same forces.
+    options = ("--method", "neb", *options)
+    single = launch(tmp_path, 0, *options)
+    split = launch(tmp_path, world_size, *options, "--all-ranks")
+    torch.testing.assert_close(split["params"], single["params"], rtol=1e-5, atol=1e-5)
+    assert split["history"]["loss"] == pytest.approx(single["history"]["loss"], rel=1e-5)
+    assert split["length"] == pytest.approx(single["length"], rel=1e-5)
+    out = tmp_path / f"ws{world_size}.pt"
+    for rank in range(1, world_size):
+        assert torch.equal(torch.load(f"{out}.rank{rank}")["params"], split["params"])
+    # Per step each rank sends its two edge images: two networks' parameters.
+    sent = split["communication"]
+    assert sent["exchanged_bytes"] == sent["steps"] * 2 * split["n_params"] * 4
 
 
 def test_with_adam_the_distributed_fit_reaches_the_same_numbers(tmp_path):
@@ -263,7 +284,7 @@ def test_two_nodes_on_localhost_give_the_single_node_result(tmp_path, method):
     assert torch.equal(torch.load(tmp_path / "nodes.pt")["params"], one_node["params"])
 
 
-@pytest.mark.parametrize("method", ["geodesic", "curve", "chain"])
+@pytest.mark.parametrize("method", ["geodesic", "curve", "chain", "neb"])
 def test_a_killed_rank_makes_the_others_stop_naming_it(tmp_path, method):
     # Rank 1 is SIGKILLed in its third step, as by the out-of-memory killer: no
     # exception, no goodbye. Rank 0, on the other "node", finds it out at its next
@@ -347,10 +368,11 @@ CONNECTORS = [
     lambda **kw: GeodesicConnector(curve="chain", n_points=5, **kw),
     lambda **kw: GeodesicConnector(curve="bezier", n_points=5, **kw),
     lambda **kw: CurveConnector(n_points=5, **kw),
+    lambda **kw: NEBConnector(n_points=5, **kw),
 ]
 
 
-@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve"])
+@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve", "neb"])
 def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch, make):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
@@ -361,7 +383,7 @@ def test_without_a_process_group_distributed_says_how_to_launch(monkeypatch, mak
     assert not hasattr(geo, "path_")
 
 
-@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve"])
+@pytest.mark.parametrize("make", CONNECTORS, ids=["chain", "geodesic-curve", "curve", "neb"])
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -375,3 +397,11 @@ def test_distributed_refuses_what_it_cannot_do(make, params, message):
     with pytest.raises(ValueError, match=message):
         geo.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), model_a=a, model_b=b)
     assert not hasattr(geo, "path_")
+
+
+def test_an_elastic_band_refuses_to_grow_across_ranks():
+    neb = NEBConnector(n_points=6, insert_points=1, device="cpu", random_state=0, distributed=True)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"insert_points=1 .* distributed=True"):
+        neb.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), model_a=a, model_b=b)
+    assert not hasattr(neb, "path_")

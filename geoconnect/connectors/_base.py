@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -820,6 +820,26 @@ class _LossConnector(_BaseConnector):
 
     def _settings(self) -> FitSettings:
         return optimisation_settings(self)
+
+    @contextlib.contextmanager
+    def _ranks(
+        self, path: ModelPath, inputs: FitInputs
+    ) -> Iterator[tuple[FitSettings, PathGroup | None]]:
+        """The fit's settings and its process group (None in one process): with
+        ``distributed``, the ranks checked to fit the same thing, and inside, their
+        warnings given once, by rank 0."""
+        distributed = getattr(self, "distributed", False)
+        fingerprint = self._fingerprint(path, inputs.data) if distributed else {}  # type: ignore[arg-type]
+        group = self._process_group(inputs, fingerprint)
+        settings = self._settings()
+        if group is None:
+            yield settings, None
+            return
+        with group.warnings_once():
+            yield (
+                replace(settings, group=group, verbose=settings.verbose * (group.rank == 0)),
+                group,
+            )
 
     def _generator(self) -> torch.Generator:
         """The generator of the batch order and the fit's other draws, from

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import replace
 from numbers import Integral
 
 import numpy as np
@@ -176,14 +174,7 @@ DataLoader
         data = inputs.data
         assert data is not None
         curve = Curve(self._line(inputs).resample(self.n_bends + 2), self.curve)
-        fingerprint = self._fingerprint(curve.control, data) if self.distributed else {}
-        group = self._process_group(inputs, fingerprint)
-        with contextlib.nullcontext() if group is None else group.warnings_once():
-            settings = self._settings()
-            if group is not None:
-                settings = replace(
-                    settings, group=group, verbose=settings.verbose * (group.rank == 0)
-                )
+        with self._ranks(curve.control, inputs) as (settings, group):
             history, _ = fit_curve(curve, data, settings, self._generator())
         path = curve.sample(self.n_points, data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, jensen_shannon)

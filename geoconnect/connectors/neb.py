@@ -11,7 +11,7 @@ from torch import nn
 
 from ..divergences import jensen_shannon
 from ..neb import fit_neb
-from ._base import _LossConnector
+from ._base import _LossConnector, communication
 
 
 class NEBConnector(_LossConnector):
@@ -66,6 +66,17 @@ class NEBConnector(_LossConnector):
         Align model_b's units to model_a's first (see :class:`GeodesicConnector`).
     output : None, str, int or callable, default=None
         Where the logits are in the models' output (see :class:`GeodesicConnector`).
+    distributed : bool, default=False
+        Split the band's interior images across the processes of a
+        ``torch.distributed`` group (launched by ``torchrun``), as
+        :class:`GeodesicConnector` splits a chain's points: each rank evaluates and
+        moves its block of images on the shared batch; per step the ranks gather
+        the images' losses and swap the images at their blocks' edges (which the
+        tangents and springs there need); after each epoch every rank gets the
+        whole band. The band is that of one process (to float rounding). Needs an
+        int ``random_state``, ``n_points − 2`` at least the number of ranks, and
+        ``insert_points=0`` (not yet with insertion). See the user guide's
+        "Scaling out".
 
     Attributes
     ----------
@@ -77,6 +88,11 @@ class NEBConnector(_LossConnector):
         ``n_points`` (the band's size in that epoch).
     n_iter_ : int
         Epochs run.
+    communication_ : dict of str to int
+        Only with ``distributed``: this rank's ``rank``, the ``world_size``, and
+        what it sent: ``steps`` and ``exchanged_bytes`` (its edge images, two
+        networks' parameters a step), ``reduced_bytes`` (its images' losses) and
+        ``shared_bytes`` (its block, once per epoch).
     length_, energy_, euclidean_length_, n_classes_, classes_, n_features_in_
         As for :class:`LinearConnector`, of ``path_`` on the fit data.
 
@@ -117,6 +133,7 @@ class NEBConnector(_LossConnector):
         **_LossConnector._parameter_constraints,
         "spring_constant": [Interval(Real, 0, None, closed="left")],
         "insert_points": [Interval(Integral, 0, None, closed="left")],
+        "distributed": ["boolean"],
     }
 
     def __init__(
@@ -135,6 +152,7 @@ class NEBConnector(_LossConnector):
         model_factory: Callable[..., nn.Module] | None = None,
         align: str | None = None,
         output: str | int | Callable[[object], object] | None = None,
+        distributed: bool = False,
     ):
         self.n_points = n_points
         self.spring_constant = spring_constant
@@ -150,6 +168,7 @@ class NEBConnector(_LossConnector):
         self.model_factory = model_factory
         self.align = align
         self.output = output
+        self.distributed = distributed
 
     def fit(
         self,
@@ -189,21 +208,38 @@ DataLoader
                 f"n_points - insert_points = {start} images to start with; it needs at "
                 "least 3 (one interior image). Lower insert_points or raise n_points."
             )
+        self._check_distributed()
+        if self.distributed and self.insert_points:
+            raise ValueError(
+                f"insert_points={self.insert_points} grows the band between cycles, which "
+                "distributed=True does not do yet. Set insert_points=0 (and n_points to "
+                "the images you want), or distributed=False."
+            )
         inputs = self._labelled_inputs(X, y, model_a, model_b, why="moves the band down the loss")
         data = inputs.data
         assert data is not None
         band = self._line(inputs)
         if start != self.n_points:
             band = band.resample(start)
-        band, history, _ = fit_neb(
-            band,
-            data,
-            self._settings(),
-            self._generator(),
-            spring_constant=self.spring_constant,
-            insert_points=self.insert_points,
-        )
+        with self._ranks(band, inputs) as (settings, group):
+            if group is not None and self.n_points - 2 < group.world_size:
+                raise ValueError(
+                    f"distributed=True splits the {self.n_points - 2} interior images of "
+                    f"n_points={self.n_points} across {group.world_size} ranks, which leaves "
+                    f"some rank without one. Set n_points ≥ {group.world_size + 2}, or "
+                    "launch fewer processes."
+                )
+            band, history, _ = fit_neb(
+                band,
+                data,
+                settings,
+                self._generator(),
+                spring_constant=self.spring_constant,
+                insert_points=self.insert_points,
+            )
         band.recompute_batchnorm(data, batch_size=self.batch_size)
         attributes = self._path_attributes(band, inputs, jensen_shannon)
-        attributes.update(history_=history, n_iter_=len(history["loss"]))
+        attributes.update(
+            history_=history, n_iter_=len(history["loss"]), communication_=communication(group)
+        )
         return attributes
