@@ -39,6 +39,8 @@ import warnings
 from pathlib import Path
 
 MODELS = {"digits CNN (16 ch)": 16, "wide CNN (64 ch)": 64}
+#: The memory runs' MLP pair 64-H-H-10 (H = 2304: 5.5 M parameters) and rows.
+MEMORY_HIDDEN, MEMORY_ROWS = 2304, 256
 #: The methods with a distributed mode, and their epochs per run (full, --quick).
 METHODS = {"chain": (12, 4), "geodesic": (8, 3), "curve": (8, 3), "neb": (12, 4)}
 
@@ -73,31 +75,43 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import torch.distributed as dist
+    from connect import peak_tensor_memory
 
-    from geoconnect.models import load_digits_split, make_cnn
+    from geoconnect.models import load_digits_split, make_cnn, make_mlp
 
     data = load_digits_split()
-    a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
+    if args.mlp:  # the memory runs: a wide MLP pair on a few rows, one epoch
+        a, b = (make_mlp((64, args.mlp, args.mlp, 10), seed=s) for s in (1, 2))
+        X, y = data.X_train[:MEMORY_ROWS], data.y_train[:MEMORY_ROWS]
+    else:
+        a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
+        X, y = data.images_train, data.y_train
     distributed = "RANK" in os.environ
     device = "cuda" if args.cuda and not distributed else "auto" if args.cuda else "cpu"
     connector = _connector(args.method, args.epochs, device, distributed)
-    y = data.y_train if args.method in ("curve", "neb") else None
+    if args.mlp and args.method == "chain":
+        connector.set_params(coarse_to_fine=False)  # the full path from the first epoch
+    y = y if args.method in ("curve", "neb") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few epochs do not converge; not the point
-        connector.fit(data.images_train, y, model_a=a, model_b=b)
+        fit = lambda: connector.fit(X, y, model_a=a, model_b=b)  # noqa: E731
+        peak = peak_tensor_memory(fit) if args.mlp else fit()
     if distributed and dist.get_rank() != 0:
-        return
+        return  # rank 0 holds the largest block: its peak is the largest
     record = {
-        "seconds_per_epoch": _steady_seconds(connector.history_),
+        "seconds_per_epoch": _steady_seconds(connector.history_) if not args.mlp else None,
         "epochs": connector.n_iter_,
         "n_params": connector.path_.n_params,
         "length": connector.length_,
         "communication": getattr(connector, "communication_", None),
+        "peak_bytes": peak if args.mlp else None,
     }
     Path(args.worker).write_text(json.dumps(record))
 
 
-def run(method: str, width: int, world_size: int, threads: int, epochs: int, cuda: bool) -> dict:
+def run(
+    method: str, width: int, world_size: int, threads: int, epochs: int, cuda: bool, mlp: int = 0
+) -> dict:
     """One configuration in fresh processes; world_size 0 is the plain single process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
@@ -109,6 +123,8 @@ def run(method: str, width: int, world_size: int, threads: int, epochs: int, cud
             method,
             "--width",
             str(width),
+            "--mlp",
+            str(mlp),
             "--epochs",
             str(epochs),
             "--threads",
@@ -174,6 +190,70 @@ def measure(
     return results
 
 
+def memory(methods: list[str], quick: bool) -> list[dict]:
+    """Peak tensor memory per rank of a 25-point path of two wide MLPs, by world size:
+    one process (the baseline), and torchrun at 1 and 2 ranks (rank 0, which holds
+    the largest block); one epoch on ``MEMORY_ROWS`` rows."""
+    hidden = 256 if quick else MEMORY_HIDDEN
+    configs = [("1 process (baseline)", 0), ("torchrun, 1 rank", 1), ("torchrun, 2 ranks", 2)]
+    results = []
+    for method in methods:
+        if method not in ("chain", "neb"):
+            continue  # a data-parallel curve holds on every rank what one process holds
+        baseline = None
+        for label, world_size in configs:
+            record = run(method, 16, world_size, 1, 1, False, mlp=hidden)
+            baseline = baseline or record["peak_bytes"]
+            ratio = record["peak_bytes"] / baseline
+            model = f"MLP 64-{hidden}-{hidden}-10"
+            results.append({"method": method, "model": model, "config": f"memory, {label}"})
+            results[-1].update(record, peak_ratio=ratio)
+            print(
+                f"{method:6s} {model} (P={record['n_params']:,}), 25 points, {label:22s} "
+                f"peak {record['peak_bytes'] / 2**20:8.1f} MiB per rank ({ratio:.2f}×)",
+                flush=True,
+            )
+    return results
+
+
+_NAMES = {
+    "chain": "chain",
+    "neb": "`NEBConnector`",
+    "geodesic": "continuous geodesic",
+    "curve": "`CurveConnector`",
+}
+
+
+def tables(results: list[dict]) -> str:
+    """The run's two Markdown tables, as "Scaling out" gives them: seconds per epoch,
+    and peak memory per rank (``--from-json FILE`` prints them)."""
+    speed = [
+        "| method, model | configuration | s / epoch | vs. 1 process, 1 thread | per step "
+        "| per epoch |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    memory = ["| method, model | configuration | peak per rank | vs. 1 process |"]
+    memory.append("| --- | --- | ---: | ---: |")
+    shown = None
+    for r in sorted(results, key=lambda r: list(_NAMES).index(r["method"])):
+        new = (r["method"], r["model"]) != shown
+        shown = (r["method"], r["model"])
+        name = f"{_NAMES[r['method']]}, {r['model'].split(' (')[0]} (P = {r['n_params']:,})"
+        label = r["config"].replace(" (baseline)", "")
+        if r.get("peak_bytes"):
+            peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB"
+            label = label.removeprefix("memory, ")
+            memory.append(f"| {name if new else ''} | {label} | {peak} | {r['peak_ratio']:.2f}× |")
+            continue
+        step, epoch = _sent(r)
+        sent = f"{step / 1e3:.1f} kB | {epoch / 1e6:.2f} MB" if step else "— | —"
+        speed.append(
+            f"| {name if new else ''} | {label} | {r['seconds_per_epoch']:.3f} | "
+            f"{r['speedup']:.2f}× | {sent} |"
+        )
+    return "\n".join(speed) + "\n\n" + "\n".join(memory) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3-4 epochs per run")
@@ -182,6 +262,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--models", default="digits,wide", help="digits, wide or both")
     parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument("--from-json", help="print the tables of a run's --json file")
     parser.add_argument(
         "--merge", action="store_true", help="replace only this run's records in --json"
     )
@@ -191,12 +272,24 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="chain", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--mlp", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory", action="store_true", help="peak memory per rank of the path-parallel fits"
+    )
     parser.add_argument("--epochs", type=int, default=12, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cuda", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_json:
+        print(tables(json.loads(Path(args.from_json).read_text())), end="")
+        return
     if args.worker:
         worker(args)
+        return
+    if args.memory:
+        results = memory(args.methods.split(","), quick=args.quick)
+        if args.json:
+            write(Path(args.json), results, merge=args.merge)
         return
     cores = os.cpu_count() or 1
     configs = [

@@ -53,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--all-ranks", action="store_true", help="every rank saves OUT.rankR")
     parser.add_argument("--kind", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--n-samples", type=int, default=192)
+    parser.add_argument("--labels-differ", action="store_true", help="rank 1's labels shifted")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--solver", default="sgd")
     parser.add_argument("--learning-rate", type=float, default=0.1)
@@ -168,6 +169,8 @@ def fit(args: argparse.Namespace) -> dict:
         a, b = make_cnn(width=args.width, seed=1), make_cnn(width=args.width, seed=2)
     labelled = args.method in ("curve", "neb")
     y = torch.as_tensor(data.y_train[: args.n_samples]) if labelled else None
+    if args.labels_differ and os.environ.get("RANK") == "1":
+        y = (y + 1) % 10
     geo = _connector(args)
     with warnings.catch_warnings(record=True) as caught:
         # convergence after a few epochs is not the point, unless warnings are

@@ -101,3 +101,18 @@ def test_the_methods_benchmark_counts_a_chains_and_a_curves_evaluations():
     assert methods.evaluations(Fitted({"n_points": [5, 9, 9]}), 10) == 10 * (3 + 7 + 7)
     assert methods.evaluations(Fitted({"loss": [1.0, 0.5]}), 10) == 20
     assert methods.evaluations(object(), 10) == 0
+
+
+def test_the_scaling_pages_tables_are_the_latest_run():
+    """The "Scaling out" tables are printed from benchmarks/results/distributed.json,
+    not typed: ``python benchmarks/distributed.py --from-json`` reproduces them."""
+    import json
+
+    distributed = pytest.importorskip("distributed")
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "distributed.json").read_text())
+    page = (root / "docs" / "scaling.md").read_text()
+    for table in distributed.tables(results).strip().split("\n\n"):
+        assert table + "\n" in page
+    methods = {r["method"] for r in results}
+    assert methods == {"chain", "neb", "geodesic", "curve"}

@@ -405,3 +405,10 @@ def test_an_elastic_band_refuses_to_grow_across_ranks():
     with pytest.raises(ValueError, match=r"insert_points=1 .* distributed=True"):
         neb.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), model_a=a, model_b=b)
     assert not hasattr(neb, "path_")
+
+
+@pytest.mark.parametrize("method", ["curve", "neb"])
+def test_ranks_given_different_labels_all_refuse(tmp_path, method):
+    done = torchrun(tmp_path / "never.pt", 2, "--method", method, "--labels-differ")
+    assert done.returncode != 0
+    assert "the ranks were given different models, X or parameters" in done.stdout + done.stderr

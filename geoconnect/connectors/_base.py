@@ -830,6 +830,9 @@ class _LossConnector(_BaseConnector):
         warnings given once, by rank 0."""
         distributed = getattr(self, "distributed", False)
         fingerprint = self._fingerprint(path, inputs.data) if distributed else {}  # type: ignore[arg-type]
+        labels = getattr(inputs.data, "y", None)
+        if distributed and labels is not None:  # the loss's labels: the same on every rank
+            fingerprint["labels"] = tensor_digest({"y": labels})
         group = self._process_group(inputs, fingerprint)
         settings = self._settings()
         if group is None:
