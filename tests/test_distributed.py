@@ -412,3 +412,10 @@ def test_ranks_given_different_labels_all_refuse(tmp_path, method):
     done = torchrun(tmp_path / "never.pt", 2, "--method", method, "--labels-differ")
     assert done.returncode != 0
     assert "the ranks were given different models, X or parameters" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("method", ["chain", "neb"])
+def test_a_path_split_across_more_ranks_than_interior_points_is_refused(tmp_path, method):
+    done = torchrun(tmp_path / "never.pt", 2, "--method", method, "--n-points", "3")
+    assert done.returncode != 0
+    assert "which leaves some rank without one. Set n_points ≥ 4" in done.stdout + done.stderr

@@ -782,6 +782,16 @@ def communication(group: PathGroup | None) -> object:
     return {"rank": group.rank, "world_size": group.world_size, **group.counts}
 
 
+def check_points_per_rank(n_points: int, group: PathGroup | None, what: str = "point") -> None:
+    """Refuse a path-parallel fit that leaves some rank without an interior ``what``."""
+    if group is not None and n_points - 2 < group.world_size:
+        raise ValueError(
+            f"distributed=True splits the {n_points - 2} interior {what}s of "
+            f"n_points={n_points} across {group.world_size} ranks, which leaves some rank "
+            f"without one. Set n_points ≥ {group.world_size + 2}, or launch fewer processes."
+        )
+
+
 def optimisation_settings(estimator: Any, **more: Any) -> FitSettings:
     """The engine's settings from a trained connector's optimisation parameters;
     ``more`` adds settings, or replaces them (a resolved ``"auto"``)."""

@@ -25,6 +25,7 @@ from ._base import (
     OPTIMISATION_CONSTRAINTS,
     FitInputs,
     _BaseConnector,
+    check_points_per_rank,
     communication,
     optimisation_settings,
 )
@@ -594,13 +595,7 @@ class GeodesicConnector(_BaseConnector):
     ) -> PathGroup | None:
         """The ranks the fit splits the points across, checked to agree; or None."""
         group = self._process_group(inputs, fingerprint)
-        if group is not None and path.n_points - 2 < group.world_size:
-            raise ValueError(
-                f"distributed=True splits the {path.n_points - 2} interior points of "
-                f"n_points={path.n_points} across {group.world_size} ranks, which leaves "
-                f"some rank without a point. Set n_points ≥ {group.world_size + 2}, or "
-                "launch fewer processes."
-            )
+        check_points_per_rank(path.n_points, group)
         return group
 
     def _settings(

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..divergences import jensen_shannon
 from ..neb import fit_neb
-from ._base import _LossConnector, communication
+from ._base import _LossConnector, check_points_per_rank, communication
 
 
 class NEBConnector(_LossConnector):
@@ -222,13 +222,7 @@ DataLoader
         if start != self.n_points:
             band = band.resample(start)
         with self._ranks(band, inputs) as (settings, group):
-            if group is not None and self.n_points - 2 < group.world_size:
-                raise ValueError(
-                    f"distributed=True splits the {self.n_points - 2} interior images of "
-                    f"n_points={self.n_points} across {group.world_size} ranks, which leaves "
-                    f"some rank without one. Set n_points ≥ {group.world_size + 2}, or "
-                    "launch fewer processes."
-                )
+            check_points_per_rank(self.n_points, group, "image")
             band, history, _ = fit_neb(
                 band,
                 data,
