@@ -42,6 +42,7 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -275,12 +276,14 @@ class PathGroup:
         """Which ranks are gone, as far as this rank can tell, and what to do; None
         when none is and the error does not read as a lost connection."""
         here = socket.gethostname()
-        dead = [r for r, (host, pid) in enumerate(self.members) if host == here and not _alive(pid)]
+        lost = any(sign in str(error).lower() for sign in _LOST_SIGNS)
+        dead = _ended([pid if host == here else None for host, pid in self.members], lost)
         away = [r for r, (host, _) in enumerate(self.members) if host != here]
         if dead:
             who = ", ".join(f"rank {r} (pid {self.members[r][1]})" for r in dead)
-            who = f"{who} {'is' if len(dead) == 1 else 'are'} gone: its process on {here} ended"
-        elif not any(sign in str(error).lower() for sign in _LOST_SIGNS):
+            gone = "is gone: its process" if len(dead) == 1 else "are gone: their processes"
+            who = f"{who} {gone} on {here} ended"
+        elif not lost:
             return None
         elif away:
             who = f"a rank on another host stopped answering (ranks {_listed(away)})"
@@ -366,6 +369,22 @@ class RankLostError(RuntimeError):
 
 #: Words of the backends' errors when a peer is gone or silent (gloo's, NCCL's).
 _LOST_SIGNS = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout")
+
+
+#: How long a rank whose connection to another closed waits for that process to be
+#: seen ended (a killed process closes its sockets before it is gone).
+_SETTLE_SECONDS = 3.0
+
+
+def _ended(pids: list[int | None], wait: bool) -> list[int]:
+    """The ranks whose process (``pids``, None for another host's) has ended; with
+    ``wait``, checked again for up to ``_SETTLE_SECONDS`` until one has."""
+    deadline = time.monotonic() + (_SETTLE_SECONDS if wait else 0.0)
+    while True:
+        dead = [r for r, pid in enumerate(pids) if pid is not None and not _alive(pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geoconnect import CurveConnector, GeodesicConnector, NEBConnector
-from geoconnect.distributed import PathGroup, block_bounds
+from geoconnect.distributed import PathGroup, RankLostError, block_bounds
 
 WORKER = Path(distributed_worker.__file__)
 
@@ -419,3 +419,31 @@ def test_a_path_split_across_more_ranks_than_interior_points_is_refused(tmp_path
     done = torchrun(tmp_path / "never.pt", 2, "--method", method, "--n-points", "3")
     assert done.returncode != 0
     assert "which leaves some rank without one. Set n_points ≥ 4" in done.stdout + done.stderr
+
+
+def test_a_failed_collective_names_the_rank_whose_process_ended():
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    here = socket.gethostname()
+    members = [(here, os.getpid()), (here, int(ended.stdout))]
+    group = PathGroup(rank=0, world_size=2, members=members)
+    with pytest.raises(RankLostError, match=r"rank 1 \(pid \d+\) is gone") as caught:
+        with group.naming_the_lost("adding up across the ranks"):
+            raise RuntimeError("Connection reset by peer")
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    # Nobody gone and no sign of a lost connection: the error as it was.
+    alive = PathGroup(rank=0, world_size=2, members=[(here, os.getpid())] * 2)
+    with pytest.raises(RuntimeError, match=r"^sizes differ$"):
+        with alive.naming_the_lost("adding up"):
+            raise RuntimeError("sizes differ")
+    with pytest.raises(RankLostError, match="another rank stopped answering"):
+        with alive.naming_the_lost("adding up"):
+            raise RuntimeError("Timed out waiting 300000ms")
+    away = PathGroup(rank=0, world_size=3, members=[(here, os.getpid()), ("b", 1), ("b", 2)])
+    with pytest.raises(RankLostError, match=r"another host stopped answering \(ranks 1 and 2\)"):
+        with away.naming_the_lost("adding up"):
+            raise RuntimeError("Connection closed by peer")
