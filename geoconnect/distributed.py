@@ -277,7 +277,7 @@ class PathGroup:
         when none is and the error does not read as a lost connection."""
         here = socket.gethostname()
         lost = any(sign in str(error).lower() for sign in _LOST_SIGNS)
-        dead = _ended([pid if host == here else None for host, pid in self.members], lost)
+        dead = _ended([pid if host == here else None for host, pid in self.members])
         away = [r for r, (host, _) in enumerate(self.members) if host != here]
         if dead:
             who = ", ".join(f"rank {r} (pid {self.members[r][1]})" for r in dead)
@@ -368,7 +368,16 @@ class RankLostError(RuntimeError):
 
 
 #: Words of the backends' errors when a peer is gone or silent (gloo's, NCCL's).
-_LOST_SIGNS = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout")
+_LOST_SIGNS = (
+    "connection",
+    "closed",
+    "peer",
+    "broken pipe",
+    "socket",
+    "eof",
+    "timed out",
+    "timeout",
+)
 
 
 #: How long a rank whose connection to another closed waits for that process to be
@@ -376,10 +385,10 @@ _LOST_SIGNS = ("connection", "closed", "reset by peer", "broken pipe", "timed ou
 _SETTLE_SECONDS = 3.0
 
 
-def _ended(pids: list[int | None], wait: bool) -> list[int]:
-    """The ranks whose process (``pids``, None for another host's) has ended; with
-    ``wait``, checked again for up to ``_SETTLE_SECONDS`` until one has."""
-    deadline = time.monotonic() + (_SETTLE_SECONDS if wait else 0.0)
+def _ended(pids: list[int | None]) -> list[int]:
+    """The ranks whose process (``pids``, None for another host's) has ended, checked
+    again for up to ``_SETTLE_SECONDS`` until one has (only a failed collective asks)."""
+    deadline = time.monotonic() + _SETTLE_SECONDS
     while True:
         dead = [r for r, pid in enumerate(pids) if pid is not None and not _alive(pid)]
         if dead or time.monotonic() >= deadline:
