@@ -40,7 +40,7 @@ from pathlib import Path
 
 MODELS = {"digits CNN (16 ch)": 16, "wide CNN (64 ch)": 64}
 #: The memory runs' MLP pair 64-H-H-10 (H = 2304: 5.5 M parameters) and rows.
-MEMORY_HIDDEN, MEMORY_ROWS = 2304, 256
+MEMORY_HIDDEN, MEMORY_ROWS = 2304, 512
 #: The methods with a distributed mode, and their epochs per run (full, --quick).
 METHODS = {"chain": (12, 4), "geodesic": (8, 3), "curve": (8, 3), "neb": (12, 4)}
 

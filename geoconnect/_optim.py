@@ -40,7 +40,7 @@ class SGD:
         for p, scale in zip(self.params, self.scales):
             p.add_(p.grad, alpha=-self.lr * scale)
 
-    def moments(self) -> dict[int, dict[str, Tensor]]:
+    def moments(self, *, copy: bool = True) -> dict[int, dict[str, Tensor]]:
         return {}
 
     def load_moments(self, state: dict[int, dict[str, Tensor]]) -> None:
@@ -152,8 +152,14 @@ class Adam:
         denominator = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
         p.addcdiv_(m, denominator, value=-size)
 
-    def moments(self) -> dict[int, dict[str, Tensor]]:
-        """The state, copied: ``{tensor index: {"exp_avg", "exp_avg_sq", "step"}}``."""
+    def moments(self, *, copy: bool = True) -> dict[int, dict[str, Tensor]]:
+        """The state, copied: ``{tensor index: {"exp_avg", "exp_avg_sq", "step"}}``.
+
+        ``copy=False`` hands over the state's own tensors (no second copy of them)
+        to a caller that steps no more.
+        """
+        if not copy:
+            return {i: dict(s) for i, s in self.state.items()}
         return {i: {k: v.detach().clone() for k, v in s.items()} for i, s in self.state.items()}
 
     def load_moments(self, state: dict[int, dict[str, Tensor]]) -> None:
@@ -161,6 +167,11 @@ class Adam:
         for index, entry in state.items():
             p = self.params[index]
             self.state[index] = {
-                name: value.to(device=p.device, dtype=torch.float32 if name == "step" else p.dtype)
+                # copied: the steps must not move the moments of the fit they came from
+                name: value.to(
+                    device=p.device,
+                    dtype=torch.float32 if name == "step" else p.dtype,
+                    copy=True,
+                )
                 for name, value in entry.items()
             }

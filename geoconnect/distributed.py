@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .path import ModelPath, Shard
+
 __all__ = ["PathGroup", "RankLostError", "block_bounds"]
 
 #: How long a rank waits for the others at a collective before it raises, when
@@ -174,21 +176,22 @@ class PathGroup:
     # -- the collectives ---------------------------------------------------------------
 
     def neighbours(
-        self, first: Tensor, last: Tensor, n_interior: int
+        self, first: Tensor, last: Tensor, n_interior: int, *, step: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
         """Exchange boundary logits: the points just before and after this block.
 
         ``first`` and ``last`` are this block's first and last points' logits (any
         tensors of one shape for an empty block). Returns the logits of the point
         before the block and the point after it, or None where that point is the
-        fixed end ``a`` or ``b``.
+        fixed end ``a`` or ``b``. ``step=False``: an exchange to measure the
+        energy, counted with the sums (``reduced_bytes``), not as a step's.
         """
         mine = torch.stack([first, last]).contiguous()
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         with self.naming_the_lost("exchanging the boundary logits"):
             dist.all_gather(gathered, mine, group=self.group)
-        self.counts["steps"] += 1
-        self.counts["exchanged_bytes"] += _nbytes(mine)
+        self.counts["steps"] += step
+        self.counts["exchanged_bytes" if step else "reduced_bytes"] += _nbytes(mine)
         bounds = block_bounds(n_interior, self.world_size)
         start, stop = bounds[self.rank]
         owners = [r for r, (lo, hi) in enumerate(bounds) if hi > lo]
@@ -228,6 +231,82 @@ class PathGroup:
                     dist.broadcast(block, src=owner, group=self.group)
                 if owner == self.rank:
                     self.counts["shared_bytes"] += _nbytes(block)
+
+    def keep_block(self, path: ModelPath) -> ModelPath:
+        """This rank's shard of a whole path: copies of the ends and of its block.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> from geoconnect.distributed import PathGroup
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 25)
+        >>> shard = PathGroup(rank=1, world_size=2).keep_block(path)
+        >>> shard.n_points, shard.shard
+        (13, Shard(start=12, stop=23, n_points=25))
+        """
+        if path.shard is not None:
+            raise ValueError(f"keep_block needs a whole path; got a shard ({path.shard}).")
+        block = self.block(path.n_points - 2)
+        shard = Shard(block.start, block.stop, path.n_points)
+        return path.select(shard.points, shard)
+
+    @torch.no_grad()
+    def whole_path(self, shard: ModelPath) -> ModelPath:
+        """The whole path of every rank's :meth:`keep_block` shard, on every rank.
+
+        Each block is broadcast from its owner (see :meth:`share_points`); the
+        positions ``t_`` are the evenly spaced ones.
+        """
+        if shard.shard is None:
+            raise ValueError("whole_path needs a shard (PathGroup.keep_block's).")
+        n_points, where = shard.shard.n_points, slice(1 + shard.shard.start, 1 + shard.shard.stop)
+
+        def whole(stacks: dict[str, Tensor]) -> dict[str, Tensor]:
+            out = {}
+            for name, local in stacks.items():
+                out[name] = local.new_empty((n_points, *local.shape[1:]))
+                out[name][[0, -1]] = local[[0, -1]]
+                out[name][where] = local[1:-1]
+            self.share_points(out, n_points - 2)
+            return out
+
+        path = ModelPath(
+            shard.template,
+            whole(shard.params),
+            whole(shard.batchnorm_buffers),
+            strategy=shard.strategy,
+            frozen=shard.frozen,
+            output=shard.output,
+        )
+        path.alignment, path.metadata = dict(shard.alignment), dict(shard.metadata)
+        return path
+
+    @torch.no_grad()
+    def point_before(self, shard: ModelPath) -> dict[str, Tensor]:
+        """The parameters of the point just before this rank's block: the left
+        neighbour's last point, sent by it (``a``, held, for the first block).
+
+        Every rank takes part, each owner of a block sending its last point once.
+        """
+        assert shard.shard is not None
+        n_interior = shard.shard.n_points - 2
+        bounds = block_bounds(n_interior, self.world_size)
+        before = {name: stack[0] for name, stack in shard.params.items()}
+        for owner, (start, stop) in enumerate(bounds):
+            if stop == start or stop == n_interior:
+                continue  # no block, or the last: nobody's point before
+            mine = owner == self.rank
+            taker = bounds[self.rank][0] == stop and bounds[self.rank][1] > stop
+            for name, stack in shard.params.items():
+                buffer = stack[-2] if mine else torch.empty_like(stack[0])
+                with self.naming_the_lost(f"sending rank {owner}'s last point"):
+                    dist.broadcast(buffer, src=owner, group=self.group)
+                if mine:
+                    self.counts["shared_bytes"] += _nbytes(buffer)
+                if taker:
+                    before[name] = buffer
+        return before
 
     @torch.no_grad()
     def share_from_first(self, tensors: dict[str, Tensor]) -> None:

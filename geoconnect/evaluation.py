@@ -184,16 +184,44 @@ def euclidean_length(path: ModelPath | Mapping[str, Tensor], frozen: Iterable[st
         params, frozen = path, set(frozen)
     else:
         params, frozen = path.params, path.frozen
+    squared = segment_squared_norms(params, frozen)
+    if squared is None:  # every parameter frozen
+        return 0.0
+    return float(squared.sqrt().sum())
+
+
+#: Segments whose differences :func:`segment_squared_norms` holds at once.
+_NORM_ROWS = 2
+
+
+def segment_squared_norms(
+    params: Mapping[str, Tensor], frozen: Iterable[str] = ()
+) -> Tensor | None:
+    """``‖θ_{i+1} − θ_i‖₂²`` of each segment of stacked points, in float64; None when
+    every parameter is ``frozen``.
+
+    A few segments at a time, so that the temporaries (the differences in float64)
+    are a few points' worth, not twice the stack's.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geoconnect.evaluation import segment_squared_norms
+    >>> segment_squared_norms({"w": torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 5.0]])})
+    tensor([25.,  1.], dtype=torch.float64)
+    """
     squared = None
     for name, stack in params.items():
         if name in frozen:
             continue
-        diff = (stack[1:] - stack[:-1]).double().reshape(stack.shape[0] - 1, -1)
-        term = diff.square().sum(1)
+        rows = []
+        for lo in range(0, stack.shape[0] - 1, _NORM_ROWS):
+            hi = min(lo + _NORM_ROWS, stack.shape[0] - 1)
+            diff = (stack[lo + 1 : hi + 1] - stack[lo:hi]).double().reshape(hi - lo, -1)
+            rows.append(diff.square_().sum(1))
+        term = torch.cat(rows)
         squared = term if squared is None else squared + term
-    if squared is None:  # every parameter frozen
-        return 0.0
-    return float(squared.sqrt().sum())
+    return squared
 
 
 def excess_over_chord(values: np.ndarray) -> np.ndarray:

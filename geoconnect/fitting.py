@@ -42,7 +42,12 @@ from .divergences import (
     closed_form_segment_gradient,
     fisher_rao_squared,
 )
-from .evaluation import euclidean_length, fisher_rao_length, segment_divergences
+from .evaluation import (
+    euclidean_length,
+    fisher_rao_length,
+    segment_divergences,
+    segment_squared_norms,
+)
 from .path import ModelPath, Strategy
 from .persistence import prefixed
 
@@ -262,11 +267,9 @@ class FitState:
         """Make the current level's interior the moving tensors, with a new optimiser.
 
         The optimiser starts from :attr:`moments` when there are some (then cleared).
-        A distributed fit moves this rank's block of the interior only.
+        A distributed fit's level is this rank's shard: it moves its block only.
         """
-        n_interior = self.path.n_points - 2
-        group = self.settings.group
-        self.block = slice(0, n_interior) if group is None else group.block(n_interior)
+        self.block = slice(0, self.path.n_points - 2)
         views = {n: v[self.block] for n, v in self.path.interior().items()}
         self.interior = {n: v for n, v in views.items() if n not in self.path.frozen}
         self.fixed = {n: v for n, v in views.items() if n in self.path.frozen}
@@ -282,7 +285,8 @@ class FitState:
         The full path's optimiser leaves its moments in :attr:`moments`.
         """
         if self.optimizer is not None and self.path is self.target:
-            self.moments = _moments(self.optimizer, self.settings.solver)
+            # the optimiser's own tensors: it steps no more (not a second copy of them)
+            self.moments = _moments(self.optimizer, self.settings.solver, copy=False)
         for tensor in self.interior.values():
             tensor.grad = None
             tensor.requires_grad_(False)
@@ -317,7 +321,7 @@ class FitState:
         record = {
             "level": self.level,
             "level_epochs": self.level_epochs,
-            "n_points": self.path.n_points,
+            "n_points": self.path.whole_points,
             "history": self.history,
             "best": self.best,
             "stale": self.stale,
@@ -491,8 +495,10 @@ def fit_path(
     >>> result.n_iter, len(result.history["energy"])
     (3, 3)
     """
-    state = FitState.start(path, data, divergence, settings, previous, generator)
     levels = coarse_to_fine_schedule(path.n_points, settings.max_iter, settings.coarse_to_fine)
+    if settings.group is not None:  # each rank holds its block only, and the ends
+        path.take_points(settings.group.keep_block(path))
+    state = FitState.start(path, data, divergence, settings, previous, generator)
     saved = _resumable(settings)
     if saved is not None:
         state.restore(*saved, levels)
@@ -519,11 +525,14 @@ def fit_path(
             )
         finally:
             state.end_level()
-    _enter_level(state, path.n_points)  # a coarser level, if interrupted, spread out
+    _enter_level(state, path.whole_points)  # a coarser level, if interrupted, spread out
     if _check_descent(state):
         state.moments = None  # a diverged descent's moments: no warm start from them
     if not (converged or interrupted):
         warn_not_converged(settings, stacklevel=5)  # this, fit_path, _fit, fit, the caller
+    if settings.group is not None:  # every rank the whole path, the fit's copies freed
+        state.initial_interior = {}
+        path.take_points(settings.group.whole_path(path))
     return FitResult(state.history, converged, interrupted, state.moments)
 
 
@@ -558,7 +567,8 @@ def path_energy(state: FitState) -> float:
     The points are evaluated with batch-statistics BatchNorm, a chunk at a time. The
     first batch also checks the divergence: a negative value would make the fit
     maximise distance, and is refused. Distributed, each rank measures the segments
-    of its block and the sums are added up.
+    of its block (the one from the left neighbour's last point with its logits,
+    exchanged) and the sums are added up.
 
     Examples
     --------
@@ -574,14 +584,12 @@ def path_energy(state: FitState) -> float:
     0.0
     """
     group = state.settings.group
-    n_interior = state.target.n_points - 2
-    segments = slice(0, n_interior + 1) if group is None else group.owned_segments(n_interior)
     total = torch.zeros((), dtype=torch.float64, device=state.target.device)
     seen = 0
     for batch in state.data.batches(state.settings.batch_size):
         if not state.usable(batch):
             continue
-        for values in _segment_values(state, batch.x, segments):
+        for values in _segment_values(state, batch):
             if seen == 0:
                 _check_sign(values)
             total += values.double().sum()
@@ -591,17 +599,41 @@ def path_energy(state: FitState) -> float:
     return float(total) / seen if seen else math.nan
 
 
-def _segment_values(state: FitState, x: Inputs, segments: slice) -> Iterator[Tensor]:
-    """The full path's divergences on ``x`` of ``segments``, a chunk of points at a time."""
+def _segment_values(state: FitState, batch: Batch) -> Iterator[Tensor]:
+    """The path's divergences on the batch, a chunk of points at a time: every
+    segment, or distributed those the rank reports (:func:`_owned_segments`)."""
     path, left = state.target, None
-    for start in range(segments.start, segments.stop + 1, POINTS_PER_CHUNK):
-        stop = min(start + POINTS_PER_CHUNK, segments.stop + 1)
-        params = {k: v[start:stop] for k, v in path.params.items()}
-        out = path.functional_forward(params, x, module=state.module)
+    first, stop = 0, path.n_points  # the points evaluated here, in the path's stacks
+    if state.settings.group is not None:
+        if path.n_points == 2:  # no block: no segment of its own
+            _shard_bounds(state, batch)  # the exchange, in which every rank takes part
+            return
+        left, last = _shard_bounds(state, batch)
+        first, stop = int(left is not None), path.n_points - int(not last)
+    for start in range(first, stop, POINTS_PER_CHUNK):
+        params = {k: v[start : min(start + POINTS_PER_CHUNK, stop)] for k, v in path.params.items()}
+        out = path.functional_forward(params, batch.x, module=state.module)
         block = out if left is None else torch.cat([left, out])
         if len(block) > 1:
             yield segment_divergences(block, state.divergence)
         left = out[-1:]
+
+
+def _shard_bounds(state: FitState, batch: Batch) -> tuple[Tensor | None, bool]:
+    """A rank's left neighbour's last point's logits on the batch, shape (1, batch, C)
+    (None for the first block, whose left is ``a``), and whether its block is the last.
+    """
+    path = state.target
+    end = state.ends.logits(batch)
+    if path.n_points > 2:
+        params = {k: v[[1, path.n_points - 2]] for k, v in path.params.items()}
+        bounds = path.functional_forward(params, batch.x, module=state.module).to(end.dtype)
+    else:
+        bounds = torch.zeros_like(end)
+    group = state.settings.group
+    assert group is not None
+    left, right = group.neighbours(bounds[0], bounds[-1], path.whole_points - 2, step=False)
+    return (None if left is None else left.unsqueeze(0)), right is None
 
 
 def _check_sign(values: Tensor) -> None:
@@ -659,11 +691,19 @@ def coarse_to_fine_schedule(
 
 
 def _enter_level(state: FitState, n_points: int) -> None:
-    """Make ``state.path`` the level of ``n_points``, resampled from the current one."""
-    if state.path.n_points == n_points:
+    """Make ``state.path`` the level of ``n_points``, resampled from the current one.
+
+    Distributed, the current level is gathered, resampled, and the rank keeps its
+    block of the new one (a level's points are a resampling of the whole level).
+    """
+    if state.path.whole_points == n_points:
         return
-    level = state.path.resample(n_points)
-    if n_points == state.target.n_points:
+    group = state.settings.group
+    whole = state.path if group is None else group.whole_path(state.path)
+    level = whole.resample(n_points)
+    if group is not None:
+        level = group.keep_block(level)
+    if n_points == state.target.whole_points:
         state.target.copy_interior_from(level)
         level = state.target
     state.path = level
@@ -756,11 +796,12 @@ def _make_optimizer(interior: dict[str, Tensor], settings: FitSettings) -> Optim
     return Adam(tensors, lr=settings.learning_rate)
 
 
-def _moments(optimizer: Optimizer, solver: str) -> dict[str, Tensor]:
-    """The optimiser's state tensors, ``"<solver>/<tensor index>/<name>"``, copied."""
+def _moments(optimizer: Optimizer, solver: str, *, copy: bool = True) -> dict[str, Tensor]:
+    """The optimiser's state tensors, ``"<solver>/<tensor index>/<name>"``: copied, or
+    (``copy=False``) its own."""
     return {
         f"{solver}/{index}/{name}": value
-        for index, entry in optimizer.moments().items()
+        for index, entry in optimizer.moments(copy=copy).items()
         for name, value in entry.items()
     }
 
@@ -852,7 +893,7 @@ def update_no_improvement_count(state: FitState, energy: float) -> bool:
 def _run_epoch(state: FitState, bar: tqdm) -> float:
     """One pass over the data, a step per batch; recorded; returns the epoch's energy."""
     tic = time.perf_counter()
-    segments = state.path.n_points - 1
+    segments = state.path.whole_points - 1
     device = state.path.device
     energy_sum = torch.zeros(segments, device=device, dtype=torch.float64)
     length_sum = torch.zeros_like(energy_sum)
@@ -892,22 +933,18 @@ def _run_epoch(state: FitState, bar: tqdm) -> float:
 def _owned_segments(state: FitState) -> slice:
     """The level's segments whose sums this process reports: all, or its rank's."""
     group = state.settings.group
-    n_interior = state.path.n_points - 2
+    n_interior = state.path.whole_points - 2
     return slice(0, n_interior + 1) if group is None else group.owned_segments(n_interior)
 
 
 def _share_epoch(state: FitState, energy_sum: Tensor, length_sum: Tensor) -> None:
-    """Distributed: the segment sums added up, and every block sent to every rank.
-
-    Then every rank records the same epoch, stops at the same one, and holds the
-    whole path for the next level, the record and the result.
-    """
+    """Distributed: the segment sums added up, so that every rank records the same
+    epoch and stops at the same one."""
     group = state.settings.group
     if group is None:
         return
     group.sum(energy_sum)
     group.sum(length_sum)
-    group.share_points(state.path.params, state.path.n_points - 2)
 
 
 def _record_epoch(state: FitState, energy: float, length: float, seconds: float, bar: tqdm) -> None:
@@ -915,8 +952,8 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
     record = {
         "energy": energy,
         "chord_length": length,
-        "euclidean_length": euclidean_length(state.path),
-        "n_points": state.path.n_points,
+        "euclidean_length": _euclidean_length(state),
+        "n_points": state.path.whole_points,
         "seconds": seconds,
     }
     previous = state.history["energy"][-1] if state.history["energy"] else math.inf
@@ -945,6 +982,27 @@ def _record_epoch(state: FitState, energy: float, length: float, seconds: float,
             f"energy {energy:.6g}  chord length {length:.6g}  "
             f"euclidean length {record['euclidean_length']:.6g}"
         )
+
+
+def _euclidean_length(state: FitState) -> float:
+    """The level's length in parameter space; distributed, each rank's segments
+    (from its left neighbour's last point, :meth:`~geoconnect.distributed.PathGroup.point_before`)
+    added up."""
+    group, path = state.settings.group, state.path
+    if group is None:
+        return euclidean_length(path)
+    last = path.whole_points - 2 == path.shard.stop  # type: ignore[union-attr]
+    before = group.point_before(path)
+    if path.n_points == 2:  # no block: no segment
+        return float(group.sum(torch.zeros((), dtype=torch.float64, device=path.device)))
+    total = torch.zeros((), dtype=torch.float64, device=path.device)
+    joining = {name: torch.stack([before[name], stack[1]]) for name, stack in path.params.items()}
+    own = {name: stack[1 : None if last else -1] for name, stack in path.params.items()}
+    for stacks in (joining, own):  # the segment to the block, then the block's own
+        squared = segment_squared_norms(stacks, path.frozen)
+        if squared is not None:
+            total += squared.sqrt().sum()
+    return float(group.sum(total))
 
 
 def _climbed(state: FitState, energy: float) -> bool:
@@ -1050,7 +1108,7 @@ def _neighbour_logits(state: FitState, batch: Batch, end: Tensor) -> tuple[Tenso
     group = state.settings.group
     if group is None:
         return end[:1], end[1:]
-    n_interior = state.path.n_points - 2
+    n_interior = state.path.whole_points - 2
     if state.block.stop > state.block.start:
         with torch.no_grad():
             last = state.block.stop - state.block.start - 1
@@ -1129,16 +1187,15 @@ class _Step:
 
     def backward(self, chunk: _Chunk) -> None:
         """Back-propagate a chunk into its slice of the interior's gradient, and free it."""
+        # The leaves' gradients are the interior's, zeroed: autograd adds into them in
+        # place, not into a tensor of its own that would then be copied there (one
+        # more chunk of parameters, at the peak of the step).
+        for name, leaf in chunk.leaves.items():
+            leaf.grad = self.interior[name].grad[chunk.where].zero_()  # type: ignore[index]
         # The vector-Jacobian product as the gradient of a scalar: the same numbers
         # (each logit's gradient times one), without backward(gradient=)'s first-use
         # import of sympy (0.7 s, as long as several epochs of a small network).
         torch.sum(chunk.logits * chunk.grad).backward()
-        for name, leaf in chunk.leaves.items():
-            target = self.interior[name].grad[chunk.where]  # type: ignore[index]
-            if leaf.grad is None:  # a parameter the forward pass does not use
-                target.zero_()
-            else:
-                target.copy_(leaf.grad)
         chunk.leaves, chunk.grad = {}, None
 
 

@@ -6,6 +6,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,34 @@ from ._model_checks import batchnorm_buffer_names, has_batchnorm
 __all__ = ["ModelPath"]
 
 Strategy = Literal["vmap", "loop"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which points of a whole path a sharded :class:`ModelPath` holds: the two ends
+    and the interior points ``start … stop − 1`` (interior indices, point ``i + 1``
+    of the whole path) of a path of ``n_points``.
+
+    A distributed chain fit holds one per rank (see
+    :meth:`geoconnect.distributed.PathGroup.keep_block`).
+
+    Examples
+    --------
+    >>> from geoconnect.path import Shard
+    >>> Shard(start=12, stop=23, n_points=25).points
+    [0, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
+    """
+
+    start: int
+    stop: int
+    n_points: int
+
+    @property
+    def points(self) -> list[int]:
+        """The whole path's indices of the points held, in order."""
+        return [0, *range(self.start + 1, self.stop + 1), self.n_points - 1]
+
+
 STRATEGIES: tuple[Strategy, ...] = ("vmap", "loop")
 
 
@@ -80,6 +109,9 @@ class ModelPath:
     True
     """
 
+    #: (for paths pickled before shards existed)
+    shard: Shard | None = None
+
     def __init__(
         self,
         template: nn.Module,
@@ -124,6 +156,8 @@ class ModelPath:
         self.output = output
         self.metadata: dict = {}
         self.alignment: dict[str, Tensor] = {}
+        #: None, or which points of a whole path these are (a distributed fit's rank).
+        self.shard: Shard | None = None
 
     @property
     def strategy(self) -> Strategy:
@@ -232,9 +266,7 @@ class ModelPath:
             for name, pa in model_a.named_parameters():
                 a = pa.detach().to(device)
                 b = params_b[name].detach().to(device)
-                shape = (n_points,) + (1,) * a.ndim
-                w = t.to(device=device).reshape(shape)
-                params[name] = ((1 - w) * a.double() + w * b.double()).to(a.dtype)
+                params[name] = _interpolated(a, b, t.to(device))
                 if not (pa.requires_grad or params_b[name].requires_grad):
                     frozen.add(name)
                     _check_frozen(name, a, b, params[name])
@@ -309,6 +341,48 @@ class ModelPath:
         )
         path.alignment = dict(self.alignment)
         return path
+
+    @property
+    def whole_points(self) -> int:
+        """Points of the whole path: :attr:`n_points`, or a shard's whole path's."""
+        return self.n_points if self.shard is None else self.shard.n_points
+
+    @torch.no_grad()
+    def select(self, points: Sequence[int], shard: Shard | None = None) -> ModelPath:
+        """A path of copies of the points ``points`` (with their BatchNorm statistics).
+
+        ``shard`` records which points of a whole path they are.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 5)
+        >>> path.select([0, 2, 4]).t_.tolist()
+        [0.0, 0.5, 1.0]
+        """
+        index = torch.as_tensor(list(points), dtype=torch.long, device=self.device)
+        path = ModelPath(
+            self.template,
+            {k: v.index_select(0, index) for k, v in self.params.items()},
+            {k: v.index_select(0, index) for k, v in self.batchnorm_buffers.items()},
+            t=self.t_[index.cpu().numpy()],
+            strategy=self.strategy,
+            frozen=self.frozen,
+            output=self.output,
+        )
+        path.alignment, path.metadata, path.shard = dict(self.alignment), dict(self.metadata), shard
+        return path
+
+    def take_points(self, other: ModelPath) -> None:
+        """Hold ``other``'s points (of this architecture) instead of this path's own:
+        its stacks, positions and :attr:`shard`. A distributed fit turns the path it
+        is given into the rank's shard and back, so that no rank holds the whole path
+        while it fits."""
+        if set(other.params) != set(self.params):
+            raise ValueError(f"take_points needs a path of this architecture; got {other!r}.")
+        self.params, self.batchnorm_buffers = other.params, other.batchnorm_buffers
+        self.n_points, self.t_, self.shard = other.n_points, other.t_.copy(), other.shard
 
     # -- container protocol -----------------------------------------------------------
 
@@ -909,6 +983,19 @@ class ModelPath:
         if sums is None or len(sums) != 2 * len(layers):
             return None
         return sums, n_batches
+
+
+def _interpolated(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """``(1 − t_i) a + t_i b`` for each ``t_i``, in float64, stacked in ``a``'s dtype.
+
+    Point by point: the temporaries are a few points' worth, not the whole stack's
+    in float64 (for 25 points, six paths' worth).
+    """
+    stack = torch.empty((len(t), *a.shape), dtype=a.dtype, device=a.device)
+    a64, b64 = a.double(), b.double()
+    for i, w in enumerate(t.reshape(-1, *([1] * a.ndim))):
+        stack[i] = ((1 - w) * a64 + w * b64).to(a.dtype)
+    return stack
 
 
 def _check_frozen(name: str, a: Tensor, b: Tensor, stack: Tensor) -> None:

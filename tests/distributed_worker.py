@@ -71,8 +71,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _inject(args: argparse.Namespace, steps: list[int]) -> None:
-    """Count the fit's steps, and fail, die or warn at one on one rank, as asked."""
+def _inject(args: argparse.Namespace, steps: list[int], held: list[list[int]]) -> None:
+    """Count the fit's steps, and fail, die or warn at one on one rank, as asked; a
+    chain's steps record the points the rank holds, and the level's."""
     import geoconnect.curves as curves
     import geoconnect.fitting as fitting
 
@@ -87,6 +88,9 @@ def _inject(args: argparse.Namespace, steps: list[int]) -> None:
 
     def step(*step_args):
         steps[0] += 1
+        if args.method == "chain":
+            path = step_args[0].path
+            held.append([path.n_points, path.whole_points])
         if steps[0] == args.fail_step and rank == args.fail_rank:
             raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
         if steps[0] == args.fail_step and rank == args.kill_rank:
@@ -154,10 +158,10 @@ def fit(args: argparse.Namespace) -> dict:
     from geoconnect.models import load_digits_split, make_cnn, make_mlp
 
     counts: dict[str, int] = {}
-    steps = [0]
+    steps, held = [0], []
     if not args.single:
         _count_collectives(counts)
-        _inject(args, steps)
+        _inject(args, steps, held)
 
     data = load_digits_split()
     if args.kind == "mlp":
@@ -191,6 +195,7 @@ def fit(args: argparse.Namespace) -> dict:
         "communication": getattr(geo, "communication_", None),
         "counts": counts,
         "steps": steps[0],
+        "held": held,
     }
 
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath
 from geoconnect._data import as_data
+from geoconnect.distributed import PathGroup, block_bounds
 from geoconnect.divergences import (
     fisher_rao,
     fisher_rao_squared,
@@ -33,7 +34,9 @@ from geoconnect.evaluation import (
     loss_barrier,
     path_statistics,
     segment_divergences,
+    segment_squared_norms,
 )
+from geoconnect.path import Shard
 
 SETTINGS = settings(deadline=None, max_examples=12, derandomize=True)
 
@@ -478,3 +481,51 @@ def test_path_statistics_equal_the_whole_path_evaluated_at_once(seed, n_points):
     np.testing.assert_allclose(stats.segment_costs, expected_js.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(stats.loss, loss.numpy(), rtol=1e-9)
     np.testing.assert_allclose(stats.accuracy, accuracy.numpy())
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    n_points=st.integers(2, 12),
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_segment_squared_norms_are_each_segments_squared_distance(n_points, shape, seed):
+    stack = torch.randn(n_points, *shape, generator=torch.Generator().manual_seed(seed))
+    direct = (stack[1:] - stack[:-1]).double().reshape(n_points - 1, -1).square().sum(1)
+    torch.testing.assert_close(
+        segment_squared_norms({"w": stack, "frozen": stack}, frozen=["frozen"]),
+        direct,
+        rtol=1e-12,
+        atol=0,
+    )
+    assert segment_squared_norms({"w": stack}, frozen=["w"]) is None
+
+
+@given(n_points=st.integers(3, 12), world_size=st.integers(1, 4), rank=st.integers(0, 3))
+def test_a_rank_keeps_copies_of_the_ends_and_its_block(n_points, world_size, rank):
+    rank = rank % world_size
+    path = ModelPath.linear(nn.Linear(3, 2), nn.Linear(3, 2), n_points)
+    shard = PathGroup(rank=rank, world_size=world_size).keep_block(path)
+    start, stop = block_bounds(n_points - 2, world_size)[rank]
+    assert shard.shard == Shard(start, stop, n_points)
+    assert shard.shard.points == [0, *range(start + 1, stop + 1), n_points - 1]
+    assert shard.n_points == stop - start + 2 and shard.whole_points == n_points
+    assert torch.equal(shard.parameters_vector(), path.parameters_vector()[shard.shard.points])
+    shard.params["weight"].zero_()  # copies: the whole path is not moved
+    assert path.params["weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="whole path"):
+        PathGroup(rank=0, world_size=1).keep_block(shard)
+
+
+def test_a_path_takes_anothers_points_and_gives_them_back():
+    path = ModelPath.linear(nn.Linear(3, 2), nn.Linear(3, 2), 7)
+    whole = path.select(range(7))
+    path.take_points(PathGroup(rank=1, world_size=2).keep_block(path))
+    assert (path.n_points, path.whole_points, len(path.t_)) == (4, 7, 4)
+    path.take_points(whole)
+    assert path.shard is None and path.n_points == 7
+    assert torch.equal(path.parameters_vector(), whole.parameters_vector())
+    with pytest.raises(ValueError, match="architecture"):
+        path.take_points(
+            ModelPath.linear(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False), 3)
+        )

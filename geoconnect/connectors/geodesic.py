@@ -188,9 +188,10 @@ class GeodesicConnector(_BaseConnector):
         takes one batch per rank, each rank its own batch at its own draws of
         ``t``, and the ranks add up the bends' gradients (``batch_size`` is per
         rank, so a step sees ``batch_size × world_size`` inputs). A chain's points
-        are split instead: each rank optimises a contiguous block of the interior,
-        the ranks exchange only their boundary points' logits at each step, and
-        after each epoch every rank gets the whole path. Either way the fitted
+        are split instead: each rank holds and optimises a contiguous block of the
+        interior (and the ends: about ``5/W`` of one process's path-sized memory),
+        the ranks exchange only their boundary points' logits at each step, and at
+        the end every rank gets the whole path. Either way the fitted
         path is the same on every rank, and that of one process taking the same
         batches and ``t`` in turn (to float rounding). Every rank must call fit
         with the same models, X and parameters, and an int ``random_state``.
@@ -264,7 +265,9 @@ class GeodesicConnector(_BaseConnector):
         Only with ``distributed``: this rank's ``rank`` and the ``world_size``, and
         what it sent. A chain: ``steps`` and ``exchanged_bytes`` (the boundary
         logits, two batch × classes tensors per step), ``shared_bytes`` (its
-        blocks' parameters, once per epoch) and ``reduced_bytes`` (segment sums). A
+        block's last point once per epoch, its block once per level) and
+        ``reduced_bytes`` (segment sums, and the logits exchanged to measure the
+        energy at the start and the end). A
         curve: ``steps`` (all-reduces of the bends' gradients, one bucket each) and
         ``reduced_bytes`` (those, the size of the bends per step, and the epochs'
         sums); ``shared_bytes``, the bends broadcast from rank 0 once at the end.
