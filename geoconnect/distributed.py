@@ -243,12 +243,12 @@ class PathGroup:
         >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 25)
         >>> shard = PathGroup(rank=1, world_size=2).keep_block(path)
         >>> shard.n_points, shard.shard
-        (13, Shard(start=12, stop=23, n_points=25))
+        (13, Shard(start=12, stop=23, n_points=25, rank=1, world_size=2))
         """
         if path.shard is not None:
             raise ValueError(f"keep_block needs a whole path; got a shard ({path.shard}).")
         block = self.block(path.n_points - 2)
-        shard = Shard(block.start, block.stop, path.n_points)
+        shard = Shard(block.start, block.stop, path.n_points, self.rank, self.world_size)
         return path.select(shard.points, shard)
 
     @torch.no_grad()

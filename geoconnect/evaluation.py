@@ -363,6 +363,8 @@ def path_statistics(
     and the per-point loss and accuracy (when the data carry labels); with
     ``keep_logits``, the logits too, when they fit in ``_CACHE_BYTES``.
     """
+    if getattr(path, "shard", None) is not None:  # a distributed fit's gather=False
+        path.check_whole("measure the statistics of")  # type: ignore[union-attr]
     n = 0
     totals: dict[str, Tensor] = {}
     nonfinite: Tensor | None = None
@@ -807,6 +809,8 @@ class _Networks:
     """
 
     def __init__(self, path: ModelPath | Curve):
+        if getattr(path, "shard", None) is not None:  # a distributed fit's gather=False
+            path.check_whole("measure the length of")  # type: ignore[union-attr]
         from .curves import Curve
 
         if isinstance(path, Curve):
@@ -1298,6 +1302,8 @@ def evaluate_path(
     >>> ev.loss.shape
     (5,)
     """
+    if getattr(path, "shard", None) is not None:  # a distributed fit's gather=False
+        path.check_whole("evaluate")  # type: ignore[union-attr]
     data = as_data(X, y, device=path.device, dtype=float_dtype(path.template))
     stats = path_statistics(path, data, batch_size=batch_size)
     stats.warn_if_nonfinite()

@@ -28,10 +28,13 @@ Strategy = Literal["vmap", "loop"]
 class Shard:
     """Which points of a whole path a sharded :class:`ModelPath` holds: the two ends
     and the interior points ``start … stop − 1`` (interior indices, point ``i + 1``
-    of the whole path) of a path of ``n_points``.
+    of the whole path) of a path of ``n_points``; the shard of rank ``rank`` of
+    ``world_size``.
 
     A distributed chain fit holds one per rank (see
-    :meth:`geoconnect.distributed.PathGroup.keep_block`).
+    :meth:`geoconnect.distributed.PathGroup.keep_block`), and with ``gather=False``
+    returns it as ``path_``; :meth:`ModelPath.save` writes it as one file of the
+    path's shards.
 
     Examples
     --------
@@ -43,6 +46,8 @@ class Shard:
     start: int
     stop: int
     n_points: int
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def points(self) -> list[int]:
@@ -347,6 +352,30 @@ class ModelPath:
         """Points of the whole path: :attr:`n_points`, or a shard's whole path's."""
         return self.n_points if self.shard is None else self.shard.n_points
 
+    def check_whole(self, what: str) -> None:
+        """Refuse to ``what`` a shard: its points are some of a path's, not the path.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> from geoconnect.distributed import PathGroup
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 5)
+        >>> PathGroup(rank=1, world_size=2).keep_block(path).check_whole("evaluate")
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot evaluate this path: it is rank 1's shard of a 5-point path ...
+        """
+        if self.shard is None:
+            return
+        raise ValueError(
+            f"Cannot {what} this path: it is rank {self.shard.rank}'s shard of a "
+            f"{self.shard.n_points}-point path split across {self.shard.world_size} ranks "
+            f"(it holds points {self.shard.points}; a distributed fit with gather=False). "
+            "Save it on every rank with path_.save(file), and load the whole path with "
+            "ModelPath.load(file, template) to do this; or fit with gather=True."
+        )
+
     @torch.no_grad()
     def select(self, points: Sequence[int], shard: Shard | None = None) -> ModelPath:
         """A path of copies of the points ``points`` (with their BatchNorm statistics).
@@ -457,6 +486,13 @@ class ModelPath:
         the whole content makes a truncated or altered file fail to load. The file
         is written atomically: a crash leaves the previous file or the new one.
 
+        A :attr:`shard` (a distributed chain's ``path_`` with ``gather=False``) is
+        saved by every rank together: each writes its points to
+        ``<stem>-<rank + 1>-of-<world size>.safetensors`` (five digits each, as
+        Hugging Face's sharded checkpoints) next to ``file``, and rank 0 the index
+        ``<file>.index.json``, whose path is returned; :meth:`load` of either name
+        reads the whole path.
+
         Parameters
         ----------
         file : str or path-like
@@ -501,6 +537,9 @@ class ModelPath:
         Parameters
         ----------
         file : str or path-like
+            A file :meth:`save` wrote; or the index of a path saved in shards
+            (``*.index.json``), or the name it was saved under: the whole path is
+            read from every shard.
         template : nn.Module
             A module of the saved architecture (a fresh instance of your model
             class); its values are not used, it is copied, and it is checked against
@@ -713,6 +752,7 @@ class ModelPath:
         >>> torch.allclose(mid.weight, expected)
         True
         """
+        self.check_whole("take a position t along")
         try:
             t = float(t)
         except (TypeError, ValueError):

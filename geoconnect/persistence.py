@@ -40,10 +40,12 @@ __all__ = [
     "describe_architecture",
     "file_info",
     "format_info",
+    "index_file",
     "load_path",
     "prefixed",
     "read_file",
     "save_path",
+    "shard_files",
     "tensor_digest",
     "write_file",
 ]
@@ -386,6 +388,15 @@ def save_path(path: ModelPath, file: str | os.PathLike, metadata: dict | None = 
     """
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict; got {type(metadata).__name__}.")
+    if path.shard is not None:
+        return _save_shard(path, Path(file), metadata)
+    return _write_path(path, file, metadata)
+
+
+def _write_path(
+    path: ModelPath, file: str | os.PathLike, metadata: Mapping | None, **more: object
+) -> Path:
+    """One file of ``path``'s points; ``more`` goes in the header (a shard's record)."""
     tensors: dict[str, Tensor] = {"t": torch.as_tensor(np.asarray(path.t_, dtype=np.float64))}
     tensors.update({f"params/{k}": v for k, v in path.params.items()})
     tensors.update({f"batchnorm/{k}": v for k, v in path.batchnorm_buffers.items()})
@@ -400,8 +411,129 @@ def save_path(path: ModelPath, file: str | os.PathLike, metadata: dict | None = 
         "frozen": sorted(path.frozen),
         "architecture": describe_architecture(path.template),
         "metadata": {**path.metadata, **dict(metadata or {})},
+        **more,
     }
     return write_file(file, tensors, header)
+
+
+# -- sharded paths: one file per rank and an index ------------------------------------
+
+
+def index_file(file: str | os.PathLike) -> Path:
+    """The index of a path saved in shards as ``file`` (Hugging Face's naming:
+    ``path.safetensors`` → ``path.safetensors.index.json``).
+
+    Examples
+    --------
+    >>> from geoconnect.persistence import index_file, shard_files
+    >>> index_file("out/path.safetensors").name
+    'path.safetensors.index.json'
+    >>> [f.name for f in shard_files("out/path.safetensors", 2)]
+    ['path-00001-of-00002.safetensors', 'path-00002-of-00002.safetensors']
+    """
+    file = Path(file)
+    return file if file.name.endswith(_INDEX_SUFFIX) else file.with_name(file.name + _INDEX_SUFFIX)
+
+
+def shard_files(file: str | os.PathLike, world_size: int) -> list[Path]:
+    """The files of a path saved in ``world_size`` shards as ``file``, rank by rank."""
+    file = Path(file)
+    stem = file.name.removesuffix(_INDEX_SUFFIX).removesuffix(".safetensors")
+    return [
+        file.with_name(f"{stem}-{rank + 1:05d}-of-{world_size:05d}.safetensors")
+        for rank in range(world_size)
+    ]
+
+
+_INDEX_SUFFIX = ".index.json"
+
+
+def _save_shard(path: ModelPath, file: Path, metadata: Mapping | None) -> Path:
+    """Write a rank's shard to its file, and rank 0 the index; return the index.
+
+    Every rank of the path saves (collectively: they wait for each other when
+    torch.distributed is initialised), so that the index names only written files.
+    """
+    import torch.distributed as dist
+
+    shard = path.shard
+    assert shard is not None
+    files = shard_files(file, shard.world_size)
+    record = {k: getattr(shard, k) for k in ("start", "stop", "n_points", "rank", "world_size")}
+    _write_path(path, files[shard.rank], metadata, shard=record)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    index = index_file(file)
+    if shard.rank == 0:
+        from .distributed import block_bounds
+
+        owner = {0: 0, shard.n_points - 1: 0}
+        for rank, (start, stop) in enumerate(block_bounds(shard.n_points - 2, shard.world_size)):
+            owner.update({point + 1: rank for point in range(start, stop)})
+        weight_map = {f"points/{i}": files[owner[i]].name for i in range(shard.n_points)}
+        content = {
+            "metadata": {
+                "format": _FORMAT,
+                "kind": "path",
+                "format_version": FORMAT_VERSION,
+                "n_points": shard.n_points,
+                "world_size": shard.world_size,
+                "total_size": sum(f.stat().st_size for f in files if f.is_file()),
+            },
+            "weight_map": weight_map,
+        }
+        temporary = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(content, indent=2))
+        os.replace(temporary, index)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return index
+
+
+def _read_index(index: Path) -> tuple[dict[str, Tensor], dict, list[Path]]:
+    """A sharded path's files, read whole and put together as one file's tensors and
+    header (the first shard's, for the whole path); and the files."""
+    try:
+        content = json.loads(index.read_text())
+        meta, weight_map = content["metadata"], content["weight_map"]
+        n_points, world_size = int(meta["n_points"]), int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{index} is not the index of a path saved in shards ({exc!r}). geoconnect "
+            "writes one when a shard of a distributed fit's path is saved."
+        ) from None
+    files = [index.with_name(name) for name in dict.fromkeys(weight_map.values())]
+    if sorted(f.name for f in files) != sorted(f.name for f in shard_files(index, world_size)):
+        raise ValueError(f"{index} names files that are not its {world_size} shards.")
+    pieces = [read_file(f, "path") for f in files]
+    for f, (_, header) in zip(files, pieces):
+        if header.get("shard", {}).get("n_points") != n_points:
+            raise ValueError(f"{f} is not a shard of the {n_points}-point path {index} indexes.")
+    return (*_whole_tensors(pieces, n_points), files)
+
+
+def _whole_tensors(
+    pieces: list[tuple[dict[str, Tensor], dict]], n_points: int
+) -> tuple[dict[str, Tensor], dict]:
+    """The shards' tensors as one path's: each stack assembled point by point."""
+    from .path import Shard
+
+    first_tensors, first_header = pieces[0]
+    stacked = [k for k in first_tensors if k == "t" or k.startswith(("params/", "batchnorm/"))]
+    tensors = {k: v for k, v in first_tensors.items() if k not in stacked}
+    for key in stacked:
+        tensors[key] = first_tensors[key].new_empty((n_points, *first_tensors[key].shape[1:]))
+    seen: set[int] = set()
+    for part, header in pieces:
+        record = header["shard"]
+        points = Shard(record["start"], record["stop"], n_points).points
+        seen.update(points)
+        for key in stacked:
+            tensors[key][points] = part[key]
+    if seen != set(range(n_points)):
+        raise ValueError(f"The shards hold points {sorted(seen)}, not all {n_points}.")
+    header = {k: v for k, v in first_header.items() if k != "shard"}
+    return tensors, {**header, "n_points": n_points}
 
 
 def load_path(
@@ -419,7 +551,7 @@ def load_path(
             f"{type(template).__name__}. Pass a fresh instance of your model class."
         )
     file = Path(file)
-    tensors, header = read_file(file, "path")
+    tensors, header, _ = _read_path_files(file)
     architecture = header.get("architecture")
     if not isinstance(architecture, dict) or "fingerprint" not in architecture:
         raise ValueError(f"{file} has a geoconnect header without an architecture record.")
@@ -450,6 +582,20 @@ def load_path(
     if device is None:
         device = next(iter(template.parameters())).device
     return path.to(device)
+
+
+def _read_path_files(file: Path) -> tuple[dict[str, Tensor], dict, list[Path]]:
+    """A saved path's tensors and header: of its file, or of the shards its index
+    names (``file`` the index, or the name the shards were saved under)."""
+    if _is_sharded(file):
+        return _read_index(index_file(file))
+    tensors, header = read_file(file, "path")
+    return tensors, header, [file]
+
+
+def _is_sharded(file: Path) -> bool:
+    """Whether ``file`` is an index, or the name of a path saved only in shards."""
+    return file.name.endswith(_INDEX_SUFFIX) or (not file.exists() and index_file(file).is_file())
 
 
 def _saved_output(saved: object, given: Output, file: Path) -> Output:
@@ -504,8 +650,13 @@ def file_info(file: str | os.PathLike) -> dict[str, Any]:
     from .evaluation import euclidean_length
 
     file = Path(file)
-    tensors, header = read_file(file)
-    info = {**header, "file": str(file), "bytes": file.stat().st_size}
+    if _is_sharded(file):
+        tensors, header, files = _read_index(index_file(file))
+        header["shards"] = [f.name for f in files]
+    else:
+        tensors, header = read_file(file)
+        files = [file]
+    info = {**header, "file": str(file), "bytes": sum(f.stat().st_size for f in files)}
     if header.get("kind") == "path":
         params = prefixed(tensors, "params/")
         info["t"] = tensors["t"].tolist()
@@ -567,6 +718,11 @@ def _path_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
             "points",
             f"{info['n_points']} of {info['n_params']} parameters each; "
             f"strategy {info['strategy']}",
+        ),
+        *(
+            [("shards", f"{len(info['shards'])}: {', '.join(info['shards'])}")]
+            if "shards" in info
+            else []
         ),
         ("positions t", ", ".join(f"{t:.4g}" for t in info["t"])),
     ]

@@ -64,6 +64,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=3)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--no-gather", action="store_true", help="gather=False")
+    parser.add_argument("--save", default=None, help="every rank saves path_ here")
     parser.add_argument(
         "--warnings", action="store_true", help="save what each rank warns (OUT.rankR.json)"
     )
@@ -147,7 +149,11 @@ def _connector(args: argparse.Namespace):
             **common, energy=args.energy, checkpoint=args.checkpoint, relative_step=False
         )
     return GeodesicConnector(
-        curve="chain", coarse_to_fine=not args.no_coarse, checkpoint=args.checkpoint, **common
+        curve="chain",
+        coarse_to_fine=not args.no_coarse,
+        checkpoint=args.checkpoint,
+        gather=not args.no_gather,
+        **common,
     )
 
 
@@ -181,6 +187,13 @@ def fit(args: argparse.Namespace) -> dict:
         warnings.simplefilter("always" if args.warnings else "ignore")
         with _batches_in_turn(args.batches_per_step):
             geo.fit(X, y, model_a=a, model_b=b)
+    refused = None
+    if args.save:
+        geo.path_.save(args.save)
+        try:
+            geo.evaluate(X, torch.as_tensor(data.y_train[: args.n_samples]))
+        except ValueError as exc:
+            refused = str(exc)
     if args.warnings:
         given = [[w.category.__name__, str(w.message)] for w in caught]
         with open(f"{args.out}.rank{os.environ.get('RANK', 0)}.json", "w") as f:
@@ -196,6 +209,8 @@ def fit(args: argparse.Namespace) -> dict:
         "counts": counts,
         "steps": steps[0],
         "held": held,
+        "shard": None if geo.path_.shard is None else list(vars(geo.path_.shard).values()),
+        "refused": refused,
     }
 
 

@@ -22,8 +22,10 @@ import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 
-from geoconnect import CurveConnector, GeodesicConnector, NEBConnector
+from geoconnect import CurveConnector, GeodesicConnector, ModelPath, NEBConnector
 from geoconnect.distributed import PathGroup, RankLostError, block_bounds
+from geoconnect.evaluation import evaluate_path
+from geoconnect.models import load_digits_split, make_cnn
 
 WORKER = Path(distributed_worker.__file__)
 
@@ -109,6 +111,28 @@ def test_an_elastic_band_split_by_images_is_the_single_process_band(tmp_path, wo
     # Per step each rank sends its two edge images: two networks' parameters.
     sent = split["communication"]
     assert sent["exchanged_bytes"] == sent["steps"] * 2 * split["n_params"] * 4
+
+
+def test_the_shards_the_ranks_save_load_as_the_gathered_path(tmp_path):
+    # gather=False: each rank keeps its block and saves it; one process loads them.
+    options = ("--kind", "cnn", "--max-iter", "3")
+    gathered = launch(tmp_path, 2, *options, "--save", str(tmp_path / "whole.safetensors"))
+    file = tmp_path / "split.safetensors"
+    split = launch(tmp_path, 2, *options, "--no-gather", "--save", str(file))
+    assert gathered["shard"] is None and gathered["refused"] is None
+    assert split["shard"] == [0, 4, 9, 0, 2]  # rank 0: interior points 0–3 of 7
+    assert "rank 0's shard of a 9-point path" in split["refused"]  # evaluate refuses
+    assert split["length"] == gathered["length"] and split["energy"] == gathered["energy"]
+    template = make_cnn(width=16, seed=0)
+    loaded = ModelPath.load(file, template=template)
+    whole = ModelPath.load(tmp_path / "whole.safetensors", template=template)
+    assert torch.equal(loaded.parameters_vector(), gathered["params"])
+    data = load_digits_split()
+    X, y = data.images_test[:200], data.y_test[:200]
+    mine, theirs = evaluate_path(loaded, X, y), evaluate_path(whole, X, y)
+    np.testing.assert_array_equal(mine.loss, theirs.loss)
+    np.testing.assert_array_equal(mine.accuracy, theirs.accuracy)
+    assert mine.length == theirs.length and mine.barrier == theirs.barrier
 
 
 def test_with_adam_the_distributed_fit_reaches_the_same_numbers(tmp_path):
@@ -456,3 +480,19 @@ def test_a_failed_collective_names_the_rank_whose_process_ended():
     with pytest.raises(RankLostError, match=r"another host stopped answering \(ranks 1 and 2\)"):
         with away.naming_the_lost("adding up"):
             raise RuntimeError("Connection closed by peer")
+
+
+@pytest.mark.parametrize(
+    "params", [{"curve": "chain"}, {"curve": "bezier", "distributed": True}], ids=str
+)
+def test_gather_false_is_refused_where_no_chain_is_split(params):
+    # Only a distributed chain's points are split; elsewhere it would mean nothing.
+    geo = GeodesicConnector(
+        n_points=5, max_iter=1, device="cpu", random_state=0, gather=False, **params
+    )
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(
+        ValueError, match=r"gather=False .* needs distributed=True and curve='chain'"
+    ):
+        geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
+    assert not hasattr(geo, "path_")

@@ -507,7 +507,7 @@ def test_a_rank_keeps_copies_of_the_ends_and_its_block(n_points, world_size, ran
     path = ModelPath.linear(nn.Linear(3, 2), nn.Linear(3, 2), n_points)
     shard = PathGroup(rank=rank, world_size=world_size).keep_block(path)
     start, stop = block_bounds(n_points - 2, world_size)[rank]
-    assert shard.shard == Shard(start, stop, n_points)
+    assert shard.shard == Shard(start, stop, n_points, rank, world_size)
     assert shard.shard.points == [0, *range(start + 1, stop + 1), n_points - 1]
     assert shard.n_points == stop - start + 2 and shard.whole_points == n_points
     assert torch.equal(shard.parameters_vector(), path.parameters_vector()[shard.shard.points])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -21,7 +22,9 @@ from zoo import build, build_pair, kinds
 import geoconnect
 from geoconnect import GeodesicConnector, LinearConnector, ModelPath
 from geoconnect.cli import main
-from geoconnect.persistence import describe_architecture, file_info, read_file
+from geoconnect.distributed import PathGroup
+from geoconnect.evaluation import euclidean_length
+from geoconnect.persistence import describe_architecture, file_info, format_info, read_file
 
 PACKAGE = Path(geoconnect.__file__).parent
 
@@ -457,3 +460,61 @@ def test_read_file_checks_the_kind(tmp_path):
     file = ModelPath.linear(nn.Linear(3, 2), nn.Linear(3, 2), 4).save(tmp_path / "p.safetensors")
     with pytest.raises(ValueError, match="is a geoconnect path file, not a checkpoint file"):
         read_file(file, "checkpoint")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_a_path_saved_in_shards_loads_as_the_whole_path(tmp_path, world_size):
+    # Each rank's shard writes its own file, rank 0 the index (Hugging Face's layout).
+    pair = random_pair((4, 8, 3), n_samples=32, seed=5)
+    for model in (pair.model_a, pair.model_b):  # per-point BatchNorm statistics too
+        model.insert(1, nn.BatchNorm1d(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two epochs do not converge
+        whole = (
+            GeodesicConnector(curve="chain", n_points=7, max_iter=2, device="cpu")
+            .fit(pair.X, model_a=pair.model_a, model_b=pair.model_b)
+            .path_
+        )
+    assert whole.batchnorm_buffers
+    for rank in reversed(range(world_size)):  # rank 0, which writes the index, last
+        shard = PathGroup(rank=rank, world_size=world_size).keep_block(whole)
+        index = shard.save(tmp_path / "path.safetensors", metadata={"run": 3})
+    assert index == tmp_path / "path.safetensors.index.json"
+    assert sorted(p.name for p in tmp_path.glob("path-*")) == [
+        f"path-{r + 1:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)
+    ]
+    weight_map = json.loads(index.read_text())["weight_map"]
+    assert len(weight_map) == 7 and weight_map["points/0"].startswith("path-00001")
+    for name in (index, tmp_path / "path.safetensors"):  # the index, or the saved name
+        loaded = ModelPath.load(name, template=pair.model_a)
+        assert torch.equal(loaded.parameters_vector(), whole.parameters_vector())
+        np.testing.assert_array_equal(loaded.t_, whole.t_)
+        assert loaded.shard is None and loaded.metadata["run"] == 3
+        for key, value in whole.batchnorm_buffers.items():
+            assert torch.equal(loaded.batchnorm_buffers[key], value)
+    info = file_info(index)
+    assert info["n_points"] == 7 and len(info["shards"]) == world_size
+    assert info["euclidean_length"] == pytest.approx(euclidean_length(whole), rel=1e-12)
+    assert f"shards        {world_size}:" in format_info(info)
+
+
+def test_a_shard_missing_or_of_another_path_is_named(tmp_path):
+    pair = random_pair((4, 8, 3), n_samples=32, seed=5)
+    whole = ModelPath.linear(pair.model_a, pair.model_b, 7)
+    for rank in (1, 0):
+        index = (
+            PathGroup(rank=rank, world_size=2).keep_block(whole).save(tmp_path / "p.safetensors")
+        )
+    other = ModelPath.linear(pair.model_a, pair.model_b, 9)
+    PathGroup(rank=1, world_size=2).keep_block(other).save(tmp_path / "q.safetensors")
+    (tmp_path / "q-00002-of-00002.safetensors").replace(tmp_path / "p-00002-of-00002.safetensors")
+    with pytest.raises(
+        ValueError, match=r"p-00002-of-00002\.safetensors is not a shard of the 7-point"
+    ):
+        ModelPath.load(index, template=pair.model_a)
+    (tmp_path / "p-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="p-00002-of-00002"):
+        ModelPath.load(index, template=pair.model_a)
+    (tmp_path / "notes.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="not the index of a path saved in shards"):
+        ModelPath.load(tmp_path / "notes.index.json", template=pair.model_a)

@@ -726,6 +726,7 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
         The one pass behind :meth:`transform` and :meth:`predict_proba`, in float64.
         """
         data = self._data(X)
+        self.path_.check_whole("predict with")
         blocks = []
         for batch in data.batches(self._eval_batch_size()):
             proba = torch.softmax(self.path_.logits(batch.x).double(), -1)  # (N, B, C)

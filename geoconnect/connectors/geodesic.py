@@ -198,6 +198,15 @@ class GeodesicConnector(_BaseConnector):
         Ctrl-C stops every rank with ``KeyboardInterrupt``; a rank that dies makes
         the others raise, naming it; a fit with ``checkpoint`` resumes. See
         :mod:`geoconnect.distributed` and the user guide's "Scaling out".
+    gather : bool, default=True
+        Only with ``distributed`` and ``curve="chain"``. True: every rank ends with
+        the whole path as ``path_``. False: each rank's ``path_`` keeps its block
+        of points and the two ends (``path_.shard`` says which), and
+        ``path_.save(file)`` — on every rank — writes one file per rank and an index
+        (Hugging Face's layout), which ``ModelPath.load`` reads as the whole path in
+        any number of processes. The lengths and the energy are measured on the
+        whole path once, at the end of the fit; ``evaluate``, ``score`` and the
+        predictions refuse a shard (load the saved path to evaluate it).
     curve : {"chain", "bezier", "polychain"}, default="bezier"
         ``"chain"``: the ``n_points`` networks above are free, and the energy is
         the sum of divergences between neighbours. ``"bezier"`` or
@@ -321,6 +330,7 @@ class GeodesicConnector(_BaseConnector):
         "strategy": [StrOptions({"auto", "vmap", "loop"})],
         "checkpoint": [str, os.PathLike, None],
         "distributed": ["boolean"],
+        "gather": ["boolean"],
         "curve": [StrOptions({"chain", "bezier", "polychain"})],
         "n_bends": [Interval(Integral, 1, None, closed="left")],
         "energy": [StrOptions({"chord", "split", "jvp"})],
@@ -359,6 +369,7 @@ class GeodesicConnector(_BaseConnector):
         learning_rate: str = "constant",
         relative_step: bool | str = "auto",
         validation_fraction: float | None = None,
+        gather: bool = True,
     ):
         self.n_points = n_points
         self.divergence = divergence
@@ -386,6 +397,7 @@ class GeodesicConnector(_BaseConnector):
         self.learning_rate = learning_rate
         self.relative_step = relative_step
         self.validation_fraction = validation_fraction
+        self.gather = gather
 
     def fit(
         self,
@@ -457,6 +469,8 @@ class GeodesicConnector(_BaseConnector):
                 result = fit_path(path, inputs.data, divergence, settings, previous, order)
         path.recompute_batchnorm(inputs.data, batch_size=self.batch_size)
         attributes = self._path_attributes(path, inputs, divergence)
+        if group is not None and not self.gather:  # measured whole; kept split
+            path.take_points(group.keep_block(path))
         attributes.update(
             history_=result.history,
             n_iter_=result.n_iter,
@@ -545,6 +559,12 @@ class GeodesicConnector(_BaseConnector):
 
     def _check_curve(self) -> None:
         """Refuse, before any work, what the continuous geodesic does not do yet."""
+        if not self.gather and not (self.distributed and self.curve == "chain"):
+            raise ValueError(
+                "gather=False keeps the points of a distributed chain split across the "
+                "ranks; it needs distributed=True and curve='chain' (a curve's path_ is "
+                "built whole on every rank). Set gather=True."
+            )
         if self.curve == "chain":
             if self.learning_rate != "constant":
                 raise ValueError(
@@ -654,6 +674,12 @@ class GeodesicConnector(_BaseConnector):
         if not continuing:
             return path
         previous: ModelPath = self.path_
+        if previous.shard is not None:
+            raise ValueError(
+                "warm_start=True continues from path_, which is this rank's shard of the "
+                "path (gather=False): continuing from shards is not supported yet. Fit "
+                "with gather=True to continue, or warm_start=False."
+            )
         if len(previous) != self.n_points:
             raise ValueError(
                 f"warm_start=True continues from path_, which has {len(previous)} points, "
