@@ -214,7 +214,7 @@ def segment_squared_norms(
     for name, stack in params.items():
         if name in frozen:
             continue
-        rows = []
+        rows = [stack.new_zeros(0, dtype=torch.float64)]  # one point: no segment
         for lo in range(0, stack.shape[0] - 1, _NORM_ROWS):
             hi = min(lo + _NORM_ROWS, stack.shape[0] - 1)
             diff = (stack[lo + 1 : hi + 1] - stack[lo:hi]).double().reshape(hi - lo, -1)

@@ -127,7 +127,9 @@ class FitState:
     Attributes
     ----------
     target : ModelPath
-        The path being fitted; its interior is moved in place.
+        The path being fitted; its interior is moved in place. Distributed, it
+        holds the rank's shard while it fits (:meth:`PathGroup.keep_block
+        <geoconnect.distributed.PathGroup.keep_block>`), the whole path again after.
     path : ModelPath
         The level being optimised: ``target`` itself, or a coarser polygon of it.
     data : TensorData or StreamData
@@ -158,12 +160,12 @@ class FitState:
     interior : dict of str to Tensor
         The moving tensors: views of the current level's interior points (see
         :meth:`ModelPath.interior`) — of this rank's block of them when the fit is
-        distributed; the optimiser updates them in place.
+        distributed, the only ones it holds; the optimiser updates them in place.
     fixed : dict of str to Tensor
         Views of the same points' frozen parameters.
     block : slice
-        Which interior points of the level :attr:`interior` holds: all of them, or
-        this rank's block (:meth:`~geoconnect.distributed.PathGroup.block`).
+        Which interior points of the level's stacks :attr:`interior` holds: all of
+        them (distributed, the stacks are the rank's shard: its block).
     optimizer : Adam or SGD or None
         The current level's optimiser of ``interior``.
     best, stale : float, int

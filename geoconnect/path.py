@@ -101,6 +101,11 @@ class ModelPath:
     alignment : dict of str to Tensor
         With ``align="weight_matching"``, the permutation of each group of model_b's
         units that aligned it to model_a (see :mod:`geoconnect.align`); else empty.
+    shard : Shard or None
+        None for a whole path. A rank's shard of a distributed chain fitted with
+        ``gather=False``: the path holds only the ends and that rank's block, and
+        :class:`~geoconnect.path.Shard` says which points of the whole path they
+        are (:meth:`save` writes it as one file of the path's shards).
 
     Examples
     --------

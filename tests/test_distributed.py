@@ -70,11 +70,12 @@ def launch(tmp_path: Path, world_size: int, *options: str) -> dict:
     ("world_size", "options"),
     [
         (2, ("--kind", "mlp")),
+        (2, ("--kind", "mlp", "--n-points", "4")),
         (3, ("--kind", "mlp", "--no-coarse")),
         (2, ("--kind", "cnn")),
         (3, ("--kind", "cnn", "--n-points", "13")),
     ],
-    ids=["mlp-2", "mlp-3-one-level", "batchnorm-cnn-2", "batchnorm-cnn-3"],
+    ids=["mlp-2", "mlp-2-a-point-each", "mlp-3-one-level", "batchnorm-cnn-2", "batchnorm-cnn-3"],
 )
 def test_the_distributed_path_is_the_single_process_path(tmp_path, world_size, options):
     # SGD: the same gradients give the same path, to the last bit in practice.
