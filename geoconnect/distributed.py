@@ -156,6 +156,26 @@ class PathGroup:
         group.members = group.gather((socket.gethostname(), os.getpid()))  # type: ignore[assignment]
         return group
 
+    @classmethod
+    def of_shard(cls, shard: Shard) -> PathGroup:
+        """The group a shard was fitted in: this process must be its rank, in an
+        initialised process group of its world size (else a ``ValueError``)."""
+        here = (
+            (dist.get_rank(), dist.get_world_size())
+            if dist.is_available() and dist.is_initialized()
+            else None
+        )
+        if here != (shard.rank, shard.world_size):
+            raise ValueError(
+                f"This path is rank {shard.rank}'s shard of a path split across "
+                f"{shard.world_size} ranks: it is evaluated by every rank of the fit's "
+                "process group together, each with its own shard (here: "
+                f"{'no process group' if here is None else f'rank {here[0]} of {here[1]}'}). "
+                "Elsewhere, save the shards on every rank (path_.save) and load the whole "
+                "path with ModelPath.load."
+            )
+        return cls(rank=shard.rank, world_size=shard.world_size)
+
     # -- which points are whose -------------------------------------------------------
 
     def block(self, n_interior: int) -> slice:

@@ -356,14 +356,17 @@ def path_statistics(
     batch_size: int = 256,
     divergence: Divergence | None = None,
     keep_logits: bool = False,
+    points_only: bool = False,
 ) -> PathStatistics:
     """One pass over ``data`` evaluating every point in eval mode.
 
     Gathers the per-segment means of d_FR² (always), of ``divergence`` (when given),
     and the per-point loss and accuracy (when the data carry labels); with
     ``keep_logits``, the logits too, when they fit in ``_CACHE_BYTES``.
+    ``points_only``: the caller reads the points' numbers alone (a shard's, whose
+    segments are not the path's).
     """
-    if getattr(path, "shard", None) is not None:  # a distributed fit's gather=False
+    if getattr(path, "shard", None) is not None and not points_only:
         path.check_whole("measure the statistics of")  # type: ignore[union-attr]
     n = 0
     totals: dict[str, Tensor] = {}
@@ -402,6 +405,32 @@ def path_statistics(
         nonfinite_points=np.flatnonzero(nonfinite.cpu().numpy()),
         logits=None if kept is None else torch.cat(kept, 1),
     )
+
+
+def shard_barriers(
+    path: ModelPath, data: TensorData | StreamData, *, batch_size: int = 256
+) -> PathEvaluation:
+    """Every point's loss and accuracy, and the barriers, of a path split across the
+    ranks (a distributed chain's ``path_`` with ``gather=False``): each rank
+    evaluates its own points, and the ranks gather the numbers. Every rank of the
+    fit's process group calls it, each with its shard.
+
+    Returns a :class:`~geoconnect.evaluation.PathEvaluation` without lengths (NaN):
+    measuring them across ranks is not built yet.
+    """
+    from .distributed import PathGroup
+
+    shard = path.shard
+    assert shard is not None
+    group = PathGroup.of_shard(shard)
+    stats = path_statistics(path, data, batch_size=batch_size, points_only=True)
+    if stats.loss is None or stats.accuracy is None:
+        raise ValueError("Evaluating a path needs labels: pass y (or (x, y) batches).")
+    own = range(0 if shard.rank == 0 else 1, path.n_points - (shard.rank != 0))
+    mine = {shard.points[i]: (float(stats.loss[i]), float(stats.accuracy[i])) for i in own}
+    every = {point: pair for part in group.gather(mine) for point, pair in part.items()}  # type: ignore[attr-defined]
+    numbers = np.array([every[i] for i in range(shard.n_points)])
+    return PathEvaluation.from_arrays(numbers[:, 0], numbers[:, 1])
 
 
 def _batch_sums(

@@ -128,8 +128,8 @@ class FitState:
     ----------
     target : ModelPath
         The path being fitted; its interior is moved in place. Distributed, it
-        holds the rank's shard while it fits (:meth:`PathGroup.keep_block
-        <geoconnect.distributed.PathGroup.keep_block>`), the whole path again after.
+        holds the rank's shard while it fits
+        (:meth:`~geoconnect.distributed.PathGroup.keep_block`), the whole path after.
     path : ModelPath
         The level being optimised: ``target`` itself, or a coarser polygon of it.
     data : TensorData or StreamData

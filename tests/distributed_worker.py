@@ -187,11 +187,13 @@ def fit(args: argparse.Namespace) -> dict:
         warnings.simplefilter("always" if args.warnings else "ignore")
         with _batches_in_turn(args.batches_per_step):
             geo.fit(X, y, model_a=a, model_b=b)
-    refused = None
+    refused = score = None
     if args.save:
         geo.path_.save(args.save)
+        labels = torch.as_tensor(data.y_train[: args.n_samples])
+        score = geo.score(X, labels)  # a shard's: across the ranks
         try:
-            geo.evaluate(X, torch.as_tensor(data.y_train[: args.n_samples]))
+            geo.evaluate(X, labels)
         except ValueError as exc:
             refused = str(exc)
     if args.warnings:
@@ -211,6 +213,7 @@ def fit(args: argparse.Namespace) -> dict:
         "held": held,
         "shard": None if geo.path_.shard is None else list(vars(geo.path_.shard).values()),
         "refused": refused,
+        "score": score,
     }
 
 

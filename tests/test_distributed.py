@@ -123,6 +123,7 @@ def test_the_shards_the_ranks_save_load_as_the_gathered_path(tmp_path):
     assert gathered["shard"] is None and gathered["refused"] is None
     assert split["shard"] == [0, 4, 9, 0, 2]  # rank 0: interior points 0–3 of 7
     assert "rank 0's shard of a 9-point path" in split["refused"]  # evaluate refuses
+    assert split["score"] == gathered["score"] < 0  # score: the ranks' points gathered
     assert split["length"] == gathered["length"] and split["energy"] == gathered["energy"]
     template = make_cnn(width=16, seed=0)
     loaded = ModelPath.load(file, template=template)
@@ -497,3 +498,19 @@ def test_gather_false_is_refused_where_no_chain_is_split(params):
     ):
         geo.fit(torch.randn(16, 4), model_a=a, model_b=b)
     assert not hasattr(geo, "path_")
+
+
+def test_a_shard_outside_its_process_group_refuses_to_be_scored():
+    # A shard is scored by every rank of its fit together; alone, it says how to load.
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    line = GeodesicConnector(curve="chain", n_points=7, max_iter=1, device="cpu")
+    with pytest.warns(Warning):
+        line.fit(X, model_a=a, model_b=b)
+    line.path_ = PathGroup(rank=1, world_size=2).keep_block(line.path_)
+    with pytest.raises(ValueError, match=r"rank 1's shard .* \(here: no process group\)"):
+        line.score(X, y)
+    with pytest.raises(ValueError, match="Cannot evaluate this path: it is rank 1's shard"):
+        line.evaluate(X, y)
+    with pytest.raises(ValueError, match="Cannot predict with this path"):
+        line.predict_proba(X)

@@ -56,6 +56,7 @@ from ..evaluation import (
     evaluate_path,
     path_length,
     path_statistics,
+    shard_barriers,
 )
 from ..fitting import FitSettings
 from ..models import default_model_factory
@@ -608,6 +609,8 @@ class _BaseConnector(TransformerMixin, BaseEstimator):
 
     def _evaluate(self, X: object, y: object, lengths: bool = True) -> PathEvaluation:
         data = self._data(X, y)
+        if self.path_.shard is not None and not lengths:  # barriers across the ranks
+            return shard_barriers(self.path_, data, batch_size=self._eval_batch_size())
         return evaluate_path(
             self.path_, data, None, batch_size=self._eval_batch_size(), lengths=lengths
         )

@@ -205,7 +205,8 @@ class GeodesicConnector(_BaseConnector):
         ``path_.save(file)`` — on every rank — writes one file per rank and an index
         (Hugging Face's layout), which ``ModelPath.load`` reads as the whole path in
         any number of processes. The lengths and the energy are measured on the
-        whole path once, at the end of the fit; ``evaluate``, ``score`` and the
+        whole path once, at the end of the fit. ``score``, called on every rank,
+        evaluates each rank's points and gathers their losses; ``evaluate`` and the
         predictions refuse a shard (load the saved path to evaluate it).
     curve : {"chain", "bezier", "polychain"}, default="bezier"
         ``"chain"``: the ``n_points`` networks above are free, and the energy is
