@@ -506,9 +506,16 @@ def _read_index(index: Path) -> tuple[dict[str, Tensor], dict, list[Path]]:
     if sorted(f.name for f in files) != sorted(f.name for f in shard_files(index, world_size)):
         raise ValueError(f"{index} names files that are not its {world_size} shards.")
     pieces = [read_file(f, "path") for f in files]
+    architecture = pieces[0][1].get("architecture")
     for f, (_, header) in zip(files, pieces):
-        if header.get("shard", {}).get("n_points") != n_points:
+        record = header.get("shard")
+        if not isinstance(record, dict) or record.get("n_points") != n_points:
             raise ValueError(f"{f} is not a shard of the {n_points}-point path {index} indexes.")
+        if header.get("architecture") != architecture or record.get("world_size") != world_size:
+            raise ValueError(
+                f"{f} is a shard of another path than {files[0].name} (another architecture "
+                f"or number of ranks): the shards {index} indexes must be one fit's."
+            )
     return (*_whole_tensors(pieces, n_points), files)
 
 

@@ -512,6 +512,12 @@ def test_a_shard_missing_or_of_another_path_is_named(tmp_path):
         ValueError, match=r"p-00002-of-00002\.safetensors is not a shard of the 7-point"
     ):
         ModelPath.load(index, template=pair.model_a)
+    wider = random_pair((4, 9, 3), n_samples=32, seed=5)
+    other = ModelPath.linear(wider.model_a, wider.model_b, 7)
+    PathGroup(rank=1, world_size=2).keep_block(other).save(tmp_path / "r.safetensors")
+    (tmp_path / "r-00002-of-00002.safetensors").replace(tmp_path / "p-00002-of-00002.safetensors")
+    with pytest.raises(ValueError, match=r"p-00002-of-00002\.safetensors is a shard of another"):
+        ModelPath.load(index, template=pair.model_a)
     (tmp_path / "p-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="p-00002-of-00002"):
         ModelPath.load(index, template=pair.model_a)
