@@ -9,7 +9,8 @@ processes (ranks)::
     a ─ 1 ─ 2 ─ 3 ═══ 4 ─ 5 ─ 6 ─ 7 ═══ 8 ─ 9 ─ 10 ─ b
         └ block 0 ┘     └─ block 1 ──┘     └ block 2 ┘
 
-Rank r optimises a contiguous block of the interior points. Every rank draws the
+Rank r holds and optimises a contiguous block of the interior points, with the two
+ends (:meth:`PathGroup.keep_block`: a shard of the path). Every rank draws the
 same batches (the same ``random_state``). At each step every rank evaluates its
 block's first and last points, and the ranks exchange those logits — two
 (batch × classes) tensors per rank, whatever the model's size; then each rank
@@ -17,9 +18,10 @@ differentiates the segments that touch its block, the segment ``═`` that strad
 a boundary on both sides, each with the other side's logits detached, so each rank
 gets exactly its own points' gradient. After each epoch the segment sums are added
 up across ranks (so every rank records the same energy and stops at the same
-epoch) and each block's parameters are broadcast from its owner, so that every rank
-holds the whole path; gradients, optimiser moments and activations stay with the
-block. On the CPU the ranks talk over gloo, on GPUs over NCCL.
+epoch). At each coarse-to-fine level and at the end the blocks are broadcast from
+their owners (:meth:`PathGroup.whole_path`), so that every rank holds the whole
+path then; the block's starting copy, gradients, optimiser moments and activations
+never leave it. On the CPU the ranks talk over gloo, on GPUs over NCCL.
 
 **A curve is data-parallel** (the continuous geodesic, ``CurveConnector``): every
 rank holds the bends; a step takes one batch of the shared batch order per rank,
