@@ -282,26 +282,18 @@ class PathGroup:
         """
         if shard.shard is None:
             raise ValueError("whole_path needs a shard (PathGroup.keep_block's).")
-        n_points, where = shard.shard.n_points, slice(1 + shard.shard.start, 1 + shard.shard.stop)
+        n_points, points = shard.shard.n_points, shard.shard.points
 
         def whole(stacks: dict[str, Tensor]) -> dict[str, Tensor]:
             out = {}
             for name, local in stacks.items():
                 out[name] = local.new_empty((n_points, *local.shape[1:]))
-                out[name][[0, -1]] = local[[0, -1]]
-                out[name][where] = local[1:-1]
+                out[name][points] = local  # the ends and this rank's block
             self.share_points(out, n_points - 2)
             return out
 
-        path = ModelPath(
-            shard.template,
-            whole(shard.params),
-            whole(shard.batchnorm_buffers),
-            strategy=shard.strategy,
-            frozen=shard.frozen,
-            output=shard.output,
-        )
-        path.alignment, path.metadata = dict(shard.alignment), dict(shard.metadata)
+        path = shard.holding(whole(shard.params), whole(shard.batchnorm_buffers))
+        path.metadata = dict(shard.metadata)
         return path
 
     @torch.no_grad()

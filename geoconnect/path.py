@@ -341,10 +341,30 @@ class ModelPath:
             a, b = stack[low.to(device)], stack[(low + 1).to(device)]
             params[name] = torch.where(w == 0, a, torch.where(w == 1, b, torch.lerp(a, b, w)))
         bn = {k: v[nearest.to(device)].clone() for k, v in self.batchnorm_buffers.items()}
+        return self.holding(params, bn)
+
+    def holding(
+        self,
+        params: dict[str, Tensor],
+        batchnorm_buffers: dict[str, Tensor],
+        t: np.ndarray | None = None,
+    ) -> ModelPath:
+        """A path of this one's architecture, settings and :attr:`alignment` holding
+        other stacks of points (``t`` their positions, default evenly spaced).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geoconnect import ModelPath
+        >>> path = ModelPath.linear(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 5)
+        >>> len(path.holding({k: v[:3] for k, v in path.params.items()}, {}))
+        3
+        """
         path = ModelPath(
             self.template,
             params,
-            bn,
+            batchnorm_buffers,
+            t=t,
             strategy=self.strategy,
             frozen=self.frozen,
             output=self.output,
@@ -396,16 +416,12 @@ class ModelPath:
         [0.0, 0.5, 1.0]
         """
         index = torch.as_tensor(list(points), dtype=torch.long, device=self.device)
-        path = ModelPath(
-            self.template,
+        path = self.holding(
             {k: v.index_select(0, index) for k, v in self.params.items()},
             {k: v.index_select(0, index) for k, v in self.batchnorm_buffers.items()},
             t=self.t_[index.cpu().numpy()],
-            strategy=self.strategy,
-            frozen=self.frozen,
-            output=self.output,
         )
-        path.alignment, path.metadata, path.shard = dict(self.alignment), dict(self.metadata), shard
+        path.metadata, path.shard = dict(self.metadata), shard
         return path
 
     def take_points(self, other: ModelPath) -> None:
